@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# The local stack without Docker: real PostgreSQL (Debian's package) and Apache Kafka 4 in KRaft mode
+# (the official broker jars from Maven Central), plus the four services.
+#
+#   scripts/stack.sh up           install what is missing, start PostgreSQL, Kafka and the services
+#   scripts/stack.sh deps         only PostgreSQL and Kafka (what the tests need)
+#   scripts/stack.sh down         stop everything this script started
+#   scripts/stack.sh status       what runs, and where
+#   scripts/stack.sh kafka-stop   stop the broker (chaos: the outbox keeps filling, rows turn X)
+#   scripts/stack.sh kafka-start  start it again
+#   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
+#   scripts/stack.sh migrate      apply sql/ migrations to DATABASE_URL's database
+#
+# Every subcommand is idempotent. State lives in $OUTBOX_STACK_DIR (default /var/tmp/outbox-stack), shared by
+# every clone on the machine, so a second checkout finds the same broker instead of fighting it.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+STACK_DIR=${OUTBOX_STACK_DIR:-/var/tmp/outbox-stack}
+KAFKA_VERSION=${KAFKA_VERSION:-4.1.1}
+KAFKA_HOME=${KAFKA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}/kafka-$KAFKA_VERSION
+KAFKA_HEAP=${KAFKA_HEAP:-512m}
+PG_PORT=${PG_PORT:-5432}
+PG_DB=${PG_DB:-outbox}
+PG_DATA=$STACK_DIR/postgres
+KAFKA_DATA=$STACK_DIR/kafka
+LOGS=$STACK_DIR/logs
+SERVICES=(producer relay consumer notifier)
+
+log() { printf '\033[1m[stack]\033[0m %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() { # wait_for <what> <seconds> <command...>
+  local what=$1 secs=$2; shift 2
+  local start=$SECONDS
+  until "$@"; do
+    if (( SECONDS - start >= secs )); then die "$what did not come up within ${secs}s (logs: $LOGS)"; fi
+    sleep 0.5
+  done
+  log "$what is up ($(( SECONDS - start ))s)"
+}
+
+apt_install() {
+  log "installing Debian packages: $*"
+  if [ ! -f "$STACK_DIR/.apt-updated" ]; then apt-get update -qq && mkdir -p "$STACK_DIR" && touch "$STACK_DIR/.apt-updated"; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+pg_bin() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+  [ -n "$dir" ] || return 1
+  echo "$dir"
+}
+
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_install() {
+  pg_bin >/dev/null || apt_install postgresql postgresql-contrib
+  # Debian's package may start its own cluster on 5432; ours is configured for this product.
+  if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q " $PG_PORT online"; then
+    if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+      log "stopping Debian's default cluster on port $PG_PORT (the stack runs its own)"
+      pg_lsclusters -h | awk -v p="$PG_PORT" '$3==p && $4=="online" {print $1, $2}' | while read -r v c; do pg_ctlcluster "$v" "$c" stop || true; done
+    fi
+  fi
+}
+
+pg_start() {
+  if port_open "$PG_PORT" && pg_ready; then log "PostgreSQL already answers on $PG_PORT"; pg_create_db; return; fi
+  pg_install
+  local bin; bin=$(pg_bin)
+  mkdir -p "$STACK_DIR" "$LOGS"
+  if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+    log "initialising PostgreSQL cluster in $PG_DATA"
+    mkdir -p "$PG_DATA"; [ "$(id -u)" = 0 ] && chown postgres: "$PG_DATA" "$STACK_DIR"
+    chmod 700 "$PG_DATA"
+    as_postgres "$bin/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 >/dev/null
+    cat >>"$PG_DATA/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '/tmp'
+max_connections = 400
+shared_buffers = 256MB
+wal_level = logical
+EOF
+  fi
+  [ "$(id -u)" = 0 ] && chown postgres: "$STACK_DIR" && touch "$LOGS/postgres.log" && chown postgres: "$LOGS/postgres.log"
+  as_postgres "$bin/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t 60 start >/dev/null
+  wait_for "PostgreSQL on 127.0.0.1:$PG_PORT" 60 pg_ready
+  pg_create_db
+}
+
+pg_ready() { psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; }
+
+pg_create_db() {
+  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc "select 1 from pg_database where datname='$PG_DB'" | grep -q 1; then
+    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "create database \"$PG_DB\"" >/dev/null
+    log "created database $PG_DB"
+  fi
+}
+
+pg_stop() {
+  if [ -f "$PG_DATA/postmaster.pid" ]; then
+    as_postgres "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null && log "PostgreSQL stopped"
+  else
+    log "PostgreSQL is not running from $PG_DATA"
+  fi
+}
+
+# ---------------------------------------------------------------- Kafka
+kafka_fetch() {
+  if [ -f "$KAFKA_HOME/.complete" ]; then return; fi
+  command -v java >/dev/null || apt_install openjdk-17-jre-headless
+  command -v mvn >/dev/null || apt_install maven
+  log "fetching Apache Kafka $KAFKA_VERSION broker jars from Maven Central into $KAFKA_HOME"
+  mkdir -p "$KAFKA_HOME"
+  cat >"$KAFKA_HOME/pom.xml" <<EOF
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.outbox</groupId><artifactId>kafka-broker</artifactId><version>$KAFKA_VERSION</version>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$KAFKA_VERSION</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$KAFKA_VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>2.24.3</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>2.24.3</version></dependency>
+  </dependencies>
+</project>
+EOF
+  (cd "$KAFKA_HOME" && mvn -B -q dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime) \
+    || die "could not fetch Kafka from Maven Central"
+  cat >"$KAFKA_HOME/log4j2.properties" <<'EOF'
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = ${sys:kafka.logs.dir}/kafka.log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = WARN
+logger.apache.name = org.apache.kafka
+logger.apache.level = WARN
+EOF
+  touch "$KAFKA_HOME/.complete"
+}
+
+kafka_java() { # kafka_java <main class> <args...>
+  java -Xms128m -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -Dkafka.logs.dir="$LOGS" \
+    -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" -cp "$KAFKA_HOME/libs/*" "$@"
+}
+
+kafka_config() {
+  mkdir -p "$KAFKA_DATA"
+  cat >"$KAFKA_DATA/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:9093
+listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
+advertised.listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DATA/data
+num.partitions=6
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=6
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=24
+EOF
+}
+
+kafka_ready() { port_open 9092 && kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list >/dev/null 2>&1; }
+
+kafka_start() {
+  if port_open 9092; then log "Kafka already answers on 127.0.0.1:9092"; return; fi
+  kafka_fetch
+  mkdir -p "$LOGS"
+  kafka_config
+  if [ ! -f "$KAFKA_DATA/data/meta.properties" ]; then
+    local id; id=$(kafka_java kafka.tools.StorageTool random-uuid)
+    log "formatting Kafka storage (cluster id $id)"
+    kafka_java kafka.tools.StorageTool format --standalone -t "$id" -c "$KAFKA_DATA/server.properties" >/dev/null
+  fi
+  log "starting Kafka $KAFKA_VERSION (KRaft, heap $KAFKA_HEAP)"
+  nohup java -Xms256m -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -Dkafka.logs.dir="$LOGS" \
+    -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" -cp "$KAFKA_HOME/libs/*" \
+    kafka.Kafka "$KAFKA_DATA/server.properties" >"$LOGS/kafka.out" 2>&1 &
+  echo $! >"$STACK_DIR/kafka.pid"
+  wait_for "Kafka on 127.0.0.1:9092" 90 kafka_ready
+}
+
+kafka_stop() {
+  local pid
+  pid=$(cat "$STACK_DIR/kafka.pid" 2>/dev/null || true)
+  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+    pid=$(pgrep -f 'kafka\.Kafka .*server.properties' | head -n1 || true)
+  fi
+  if [ -z "$pid" ]; then log "Kafka is not running"; return; fi
+  kill "$pid"
+  for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  rm -f "$STACK_DIR/kafka.pid"
+  log "Kafka stopped"
+}
+
+# ---------------------------------------------------------------- services
+services_start() {
+  log "building the services (cargo build --release)"
+  (cd "$ROOT" && cargo build --release --bins)
+  mkdir -p "$LOGS"
+  set -a
+  [ -f "$ROOT/.env" ] && . "$ROOT/.env"
+  set +a
+  export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB}
+  export ALLOW_PRIVATE_ENDPOINTS=${ALLOW_PRIVATE_ENDPOINTS:-true}
+  export WEBHOOK_SECRET=${WEBHOOK_SECRET:-$(local_secret)}
+  export ENDPOINTS_FILE=${ENDPOINTS_FILE:-$STACK_DIR/endpoints.json}
+  cat >"$ENDPOINTS_FILE" <<EOF
+[{"id": "notifier-logger", "url": "http://127.0.0.1:8083/webhooks/logger", "event_types": ["*"],
+  "description": "local stack: the notifier's logger", "secret": "${WEBHOOK_SECRET%%,*}"}]
+EOF
+  for s in "${SERVICES[@]}"; do
+    if [ -f "$STACK_DIR/$s.pid" ] && kill -0 "$(cat "$STACK_DIR/$s.pid")" 2>/dev/null; then
+      log "$s already runs (pid $(cat "$STACK_DIR/$s.pid"))"; continue
+    fi
+    nohup "$ROOT/target/release/$s" >>"$LOGS/$s.log" 2>&1 &
+    echo $! >"$STACK_DIR/$s.pid"
+  done
+  for s in "${SERVICES[@]}"; do
+    local port; port=$(service_port "$s")
+    wait_for "$s on :$port" 60 curl -fsS -o /dev/null "http://127.0.0.1:$port/health"
+  done
+}
+
+service_port() { case $1 in producer) echo 8080;; relay) echo 8081;; consumer) echo 8082;; notifier) echo 8083;; esac; }
+
+# A stable secret for the local stack, so the notifier and the consumer agree across restarts.
+local_secret() {
+  local f=$STACK_DIR/webhook-secret
+  [ -f "$f" ] || echo "whsec_$(head -c 32 /dev/urandom | base64)" >"$f"
+  cat "$f"
+}
+
+services_stop() {
+  for s in "${SERVICES[@]}"; do
+    local f=$STACK_DIR/$s.pid
+    if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then
+      kill "$(cat "$f")"; log "$s stopped"
+    fi
+    rm -f "$f"
+  done
+}
+
+status() {
+  local s port
+  printf '%-11s %-8s %s\n' component state where
+  if pg_ready; then printf '%-11s %-8s %s\n' postgres up "127.0.0.1:$PG_PORT/$PG_DB"; else printf '%-11s %-8s\n' postgres down; fi
+  if port_open 9092; then printf '%-11s %-8s %s\n' kafka up 127.0.0.1:9092; else printf '%-11s %-8s\n' kafka down; fi
+  for s in "${SERVICES[@]}"; do
+    port=$(service_port "$s")
+    if curl -fsS -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null; then
+      printf '%-11s %-8s %s\n' "$s" up "http://127.0.0.1:$port"
+    else
+      printf '%-11s %-8s\n' "$s" down
+    fi
+  done
+  echo "logs: $LOGS"
+}
+
+cmd=${1:-help}
+case $cmd in
+  up) pg_start; kafka_start; services_start; status ;;
+  deps) pg_start; kafka_start ;;
+  down) services_stop; kafka_stop; pg_stop ;;
+  status) status ;;
+  kafka-stop) kafka_stop ;;
+  kafka-start) kafka_start ;;
+  pg-stop) pg_stop ;;
+  pg-start) pg_start ;;
+  migrate) (cd "$ROOT" && cargo run -q --release --bin producer -- migrate) ;;
+  help|-h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown subcommand '$cmd' (try: up, deps, down, status, kafka-stop, kafka-start)" ;;
+esac
