@@ -1,1 +1,19 @@
-pub fn placeholder() {}
+//! What the outbox pipeline's four services share.
+//!
+//! Each module is one noun of the product: [`envelope`] (the event JSON), [`outbox`] (row states),
+//! [`signature`] (sign and verify webhooks), [`breaker`] (the circuit breaker and its persistence),
+//! [`schedule`] (retry delays), [`config`] (environment parsing), [`db`] (pool and migrations),
+//! [`kafka`] (client settings), [`telemetry`] (logs and metrics), [`http`] (the routes and error
+//! shape every service has) and [`shutdown`].
+
+pub mod breaker;
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod http;
+pub mod kafka;
+pub mod outbox;
+pub mod schedule;
+pub mod shutdown;
+pub mod signature;
+pub mod telemetry;

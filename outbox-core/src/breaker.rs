@@ -1,0 +1,353 @@
+//! The circuit breaker (design semantics): CLOSED → OPEN after `failures` consecutive failures;
+//! OPEN admits nothing for `open_for`; then HALF_OPEN admits one probe at a time; `successes`
+//! successes → CLOSED, any failure → OPEN again.
+//!
+//! [`Breaker`] is the pure state machine. [`store`] keeps it in PostgreSQL so that every instance
+//! of a service shares one breaker per endpoint (or per channel).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// The breaker's state, spelled as the admin API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "CLOSED",
+            BreakerState::Open => "OPEN",
+            BreakerState::HalfOpen => "HALF_OPEN",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "CLOSED" => Some(BreakerState::Closed),
+            "OPEN" => Some(BreakerState::Open),
+            "HALF_OPEN" => Some(BreakerState::HalfOpen),
+            _ => None,
+        }
+    }
+
+    /// Every state, for 0/1 gauges labelled by state.
+    pub const ALL: [BreakerState; 3] = [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen];
+
+    /// The metric label (`closed`, `open`, `half_open`).
+    pub fn label(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// The thresholds (`BREAKER_FAILURES`, `BREAKER_OPEN_FOR`, `BREAKER_SUCCESSES`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerPolicy {
+    pub failures_to_open: u32,
+    pub open_for: Duration,
+    pub successes_to_close: u32,
+    /// How long one HALF_OPEN probe may take before another is let through (a crashed prober
+    /// must not hold the breaker half-open forever).
+    pub probe_timeout: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failures_to_open: 5,
+            open_for: Duration::from_secs(60),
+            successes_to_close: 2,
+            probe_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One breaker's state and counters.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Breaker {
+    pub state: BreakerState,
+    /// Consecutive failures (CLOSED), reset by a success.
+    pub failure_count: u32,
+    /// Successful probes so far (HALF_OPEN).
+    pub success_count: u32,
+    pub opened_at: Option<DateTime<Utc>>,
+    /// While a HALF_OPEN probe is in flight: when its slot frees up again.
+    pub probe_until: Option<DateTime<Utc>>,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            state: BreakerState::Closed,
+            failure_count: 0,
+            success_count: 0,
+            opened_at: None,
+            probe_until: None,
+        }
+    }
+}
+
+/// Whether a call may go through now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// CLOSED: go ahead.
+    Allowed,
+    /// HALF_OPEN: go ahead as the one probe; report its outcome.
+    Probe,
+    /// OPEN, or a probe is already in flight: wait until this time and ask again.
+    Rejected { retry_at: DateTime<Utc> },
+}
+
+fn chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Breaker {
+    /// Asks to make a call at `now`, moving OPEN → HALF_OPEN when the cool-down has passed.
+    pub fn admit(&mut self, policy: &BreakerPolicy, now: DateTime<Utc>) -> Admission {
+        if self.state == BreakerState::Open {
+            let reopen = self.opened_at.unwrap_or(now) + chrono(policy.open_for);
+            if now < reopen {
+                return Admission::Rejected { retry_at: reopen };
+            }
+            self.state = BreakerState::HalfOpen;
+            self.success_count = 0;
+            self.probe_until = None;
+        }
+        match self.state {
+            BreakerState::Closed => Admission::Allowed,
+            _ => match self.probe_until {
+                Some(until) if now < until => Admission::Rejected { retry_at: until },
+                _ => {
+                    self.probe_until = Some(now + chrono(policy.probe_timeout));
+                    Admission::Probe
+                }
+            },
+        }
+    }
+
+    /// Records a successful call.
+    pub fn on_success(&mut self, policy: &BreakerPolicy) {
+        match self.state {
+            BreakerState::Closed => self.failure_count = 0,
+            BreakerState::HalfOpen => {
+                self.success_count += 1;
+                self.probe_until = None;
+                if self.success_count >= policy.successes_to_close {
+                    *self = Breaker::default();
+                }
+            }
+            // A call admitted before the breaker opened elsewhere: it does not close it.
+            BreakerState::Open => {}
+        }
+    }
+
+    /// Records a failed call.
+    pub fn on_failure(&mut self, policy: &BreakerPolicy, now: DateTime<Utc>) {
+        match self.state {
+            BreakerState::Closed => {
+                self.failure_count += 1;
+                if self.failure_count >= policy.failures_to_open {
+                    self.open(now);
+                }
+            }
+            BreakerState::HalfOpen => self.open(now),
+            BreakerState::Open => {}
+        }
+    }
+
+    fn open(&mut self, now: DateTime<Utc>) {
+        self.state = BreakerState::Open;
+        self.opened_at = Some(now);
+        self.success_count = 0;
+        self.probe_until = None;
+    }
+}
+
+pub mod store {
+    //! Breakers in the `circuit_breakers` table, keyed by (scope, name). Every change happens in a
+    //! transaction holding the row lock, so instances never overwrite each other's counts.
+
+    use super::*;
+    use tokio_postgres::{GenericClient, Row};
+
+    /// One breaker as stored.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct StoredBreaker {
+        pub name: String,
+        #[serde(flatten)]
+        pub breaker: Breaker,
+        pub updated_at: DateTime<Utc>,
+    }
+
+    fn from_row(row: &Row) -> StoredBreaker {
+        let state: String = row.get("state");
+        StoredBreaker {
+            name: row.get("name"),
+            breaker: Breaker {
+                state: BreakerState::parse(&state).unwrap_or(BreakerState::Closed),
+                failure_count: row.get::<_, i32>("failure_count").max(0) as u32,
+                success_count: row.get::<_, i32>("success_count").max(0) as u32,
+                opened_at: row.get("opened_at"),
+                probe_until: row.get("probe_until"),
+            },
+            updated_at: row.get("updated_at"),
+        }
+    }
+
+    const COLUMNS: &str = "name, state, failure_count, success_count, opened_at, probe_until, updated_at";
+
+    /// Every breaker of a scope, by name.
+    pub async fn list(db: &impl GenericClient, scope: &str) -> Result<Vec<StoredBreaker>, tokio_postgres::Error> {
+        let sql = format!("select {COLUMNS} from circuit_breakers where scope = $1 order by name");
+        Ok(db.query(&sql, &[&scope]).await?.iter().map(from_row).collect())
+    }
+
+    /// One breaker; a breaker never written is CLOSED with zero counts.
+    pub async fn get(db: &impl GenericClient, scope: &str, name: &str) -> Result<Breaker, tokio_postgres::Error> {
+        let sql = format!("select {COLUMNS} from circuit_breakers where scope = $1 and name = $2");
+        Ok(db
+            .query_opt(&sql, &[&scope, &name])
+            .await?
+            .map(|row| from_row(&row).breaker)
+            .unwrap_or_default())
+    }
+
+    /// Loads the breaker under a row lock, applies `change`, and writes it back, in one transaction.
+    pub async fn update<T>(
+        client: &mut deadpool_postgres::Object,
+        scope: &str,
+        name: &str,
+        change: impl FnOnce(&mut Breaker) -> T,
+    ) -> Result<(T, Breaker), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        tx.execute(
+            "insert into circuit_breakers (scope, name) values ($1, $2) on conflict do nothing",
+            &[&scope, &name],
+        )
+        .await?;
+        let sql = format!("select {COLUMNS} from circuit_breakers where scope = $1 and name = $2 for update");
+        let row = tx.query_one(&sql, &[&scope, &name]).await?;
+        let mut breaker = from_row(&row).breaker;
+        let before = breaker.clone();
+        let result = change(&mut breaker);
+        if breaker != before {
+            tx.execute(
+                "update circuit_breakers set state = $3, failure_count = $4, success_count = $5,
+                        opened_at = $6, probe_until = $7, updated_at = now()
+                  where scope = $1 and name = $2",
+                &[
+                    &scope,
+                    &name,
+                    &breaker.state.as_str(),
+                    &(breaker.failure_count as i32),
+                    &(breaker.success_count as i32),
+                    &breaker.opened_at,
+                    &breaker.probe_until,
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((result, breaker))
+    }
+
+    /// Puts a breaker back to CLOSED with zero counts.
+    pub async fn reset(db: &impl GenericClient, scope: &str, name: &str) -> Result<(), tokio_postgres::Error> {
+        db.execute(
+            "insert into circuit_breakers (scope, name) values ($1, $2)
+             on conflict (scope, name) do update set state = 'CLOSED', failure_count = 0,
+                 success_count = 0, opened_at = null, probe_until = null, updated_at = now()",
+            &[&scope, &name],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> BreakerPolicy {
+        BreakerPolicy {
+            failures_to_open: 5,
+            open_for: Duration::from_secs(60),
+            successes_to_close: 2,
+            probe_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn opens_after_five_consecutive_failures() {
+        let p = policy();
+        let mut b = Breaker::default();
+        for _ in 0..4 {
+            assert_eq!(b.admit(&p, at(0)), Admission::Allowed);
+            b.on_failure(&p, at(0));
+        }
+        b.on_success(&p);
+        assert_eq!(b.failure_count, 0, "a success resets the consecutive count");
+        for _ in 0..5 {
+            b.on_failure(&p, at(1));
+        }
+        assert_eq!(b.state, BreakerState::Open);
+        assert_eq!(b.admit(&p, at(30)), Admission::Rejected { retry_at: at(61) });
+    }
+
+    #[test]
+    fn half_open_lets_one_probe_and_closes_after_two_successes() {
+        let p = policy();
+        let mut b = Breaker::default();
+        for _ in 0..5 {
+            b.on_failure(&p, at(0));
+        }
+        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        assert_eq!(b.state, BreakerState::HalfOpen);
+        assert_eq!(b.admit(&p, at(61)), Admission::Rejected { retry_at: at(70) }, "one probe at a time");
+        b.on_success(&p);
+        assert_eq!(b.state, BreakerState::HalfOpen);
+        assert_eq!(b.admit(&p, at(62)), Admission::Probe);
+        b.on_success(&p);
+        assert_eq!(b, Breaker::default());
+    }
+
+    #[test]
+    fn a_failed_probe_opens_again() {
+        let p = policy();
+        let mut b = Breaker::default();
+        for _ in 0..5 {
+            b.on_failure(&p, at(0));
+        }
+        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        b.on_failure(&p, at(61));
+        assert_eq!(b.state, BreakerState::Open);
+        assert_eq!(b.opened_at, Some(at(61)));
+        assert!(matches!(b.admit(&p, at(100)), Admission::Rejected { .. }));
+    }
+
+    #[test]
+    fn a_lost_probe_frees_its_slot_after_the_probe_timeout() {
+        let p = policy();
+        let mut b = Breaker::default();
+        for _ in 0..5 {
+            b.on_failure(&p, at(0));
+        }
+        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        assert_eq!(b.admit(&p, at(70)), Admission::Probe);
+    }
+}

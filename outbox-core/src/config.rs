@@ -1,0 +1,90 @@
+//! Environment configuration helpers shared by every service's `clap` definition.
+
+use std::time::Duration;
+
+/// The default `DATABASE_URL` of every service (contract).
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/outbox";
+/// The default `KAFKA_BROKERS` (contract).
+pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:9092";
+
+/// `DATABASE_URL`, shared by all four services.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Largest number of PostgreSQL connections this process opens.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
+    pub database_pool_size: usize,
+}
+
+/// `KAFKA_BROKERS`, shared by the services that talk to Kafka.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = DEFAULT_KAFKA_BROKERS)]
+    pub kafka_brokers: String,
+}
+
+/// Parses a duration written like `250ms`, `60s`, `5m`, `2h`, `30d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 250ms, 60s, 5m, 2h or 30d"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        other => return Err(format!("unknown duration unit '{other}' in '{text}' (use ms, s, m, h or d)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("'{text}' is not a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back, for `--help` defaults and logs.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".into(),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_every_unit() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn formatting_round_trips() {
+        for text in ["0s", "250ms", "60s", "5m", "2h"] {
+            let d = parse_duration(text).unwrap();
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+    }
+}

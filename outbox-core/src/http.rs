@@ -1,0 +1,174 @@
+//! What every service's HTTP side shares: `/health`, `/ready`, `/metrics`, the JSON error shape,
+//! a JSON body extractor whose rejections use that shape, and serving with graceful shutdown.
+
+use std::future::Future;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The one error shape of every API: `{"error": "human sentence", "code": "machine_code"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+    pub fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), code = self.code, error = %self.message, "request failed");
+        }
+        (self.status, Json(json!({"error": self.message, "code": self.code}))).into_response()
+    }
+}
+
+/// PostgreSQL errors: connection trouble is a 503 (retry later); anything else a 500.
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        if error.is_closed() || error.as_db_error().is_none() {
+            ApiError::unavailable(format!("PostgreSQL is unavailable: {error}"))
+        } else {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "database_error", format!("database error: {error}"))
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        ApiError::unavailable(format!("PostgreSQL is unavailable: {error}"))
+    }
+}
+
+/// A JSON request body; malformed JSON, a wrong content type or wrong field types answer with
+/// the shared error shape instead of axum's plain-text rejections.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let detail = rejection.body_text();
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a body with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("malformed_json", detail),
+        JsonRejection::JsonDataError(_) => ApiError::unprocessable("invalid_body", detail),
+        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
+        }
+        other => ApiError::new(other.status(), "bad_request", detail),
+    }
+}
+
+/// The answer of `GET /ready`: whether each dependency answers.
+#[derive(Debug, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Readiness {
+    /// Ready when every named check passed.
+    pub fn of(checks: &[(&str, bool)]) -> Self {
+        Readiness {
+            ready: checks.iter().all(|(_, ok)| *ok),
+            checks: checks.iter().map(|(n, ok)| (n.to_string(), (*ok).into())).collect(),
+        }
+    }
+}
+
+/// What a service's state offers to the shared operational routes.
+pub trait Operational: Clone + Send + Sync + 'static {
+    fn registry(&self) -> &prometheus::Registry;
+    fn readiness(&self) -> impl Future<Output = Readiness> + Send;
+}
+
+/// `GET /health` (the process is alive), `GET /ready` (its dependencies answer: 200, else 503)
+/// and `GET /metrics` (Prometheus text).
+pub fn operational_routes<S: Operational>() -> Router<S> {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready::<S>))
+        .route("/metrics", get(metrics::<S>))
+}
+
+async fn ready<S: Operational>(State(state): State<S>) -> Response {
+    let readiness = state.readiness().await;
+    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(readiness)).into_response()
+}
+
+async fn metrics<S: Operational>(State(state): State<S>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::encode(state.registry()),
+    )
+        .into_response()
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
+        .await
+}
+
+/// Binds `addr`, with a message that names the setting when the port is taken.
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set LISTEN_ADDR to another address)"))
+}

@@ -1,0 +1,47 @@
+-- Producer side: the domain table, the transactional outbox and idempotency keys.
+
+create table messages (
+    id             uuid primary key,
+    content        text        not null,
+    aggregate_id   text        not null,
+    event_type     text        not null,
+    event_id       text        not null unique,
+    data           jsonb,
+    correlation_id text        not null,
+    created_at     timestamptz not null default now()
+);
+create index messages_created on messages (created_at desc, id desc);
+
+-- States (contract): P pending, E sent, X error (retried at next_attempt_at), D dead (replayable).
+create table outbox (
+    id              bigint generated always as identity primary key,
+    event_id        text        not null unique,
+    event_type      text        not null,
+    aggregate_id    text        not null,
+    topic           text        not null,
+    payload         jsonb       not null,
+    headers         jsonb       not null default '{}'::jsonb,
+    state           char(1)     not null default 'P' check (state in ('P', 'E', 'X', 'D')),
+    attempts        integer     not null default 0,
+    last_error      text,
+    next_attempt_at timestamptz not null default now(),
+    kafka_partition integer,
+    kafka_offset    bigint,
+    created_at      timestamptz not null default now(),
+    sent_at         timestamptz
+);
+-- Finding due rows stays cheap however many sent rows pile up: only unsent rows are indexed.
+create index outbox_unsent on outbox (id) include (next_attempt_at, aggregate_id) where state in ('P', 'X');
+-- Per-key order: "is there an older unsent row with this key?" is one index probe.
+create index outbox_unsent_key on outbox (aggregate_id, id) where state in ('P', 'X');
+create index outbox_dead on outbox (id) where state = 'D';
+-- Retention deletes old sent rows in small batches by this index.
+create index outbox_sent_at on outbox (sent_at) where state = 'E';
+
+create table idempotency_keys (
+    key           text primary key,
+    request_hash  text        not null,
+    response_code integer     not null,
+    response_body jsonb       not null,
+    created_at    timestamptz not null default now()
+);
