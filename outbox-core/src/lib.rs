@@ -14,6 +14,9 @@ pub mod http;
 pub mod kafka;
 pub mod outbox;
 pub mod schedule;
+pub mod service;
 pub mod shutdown;
 pub mod signature;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;

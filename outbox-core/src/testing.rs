@@ -1,0 +1,176 @@
+//! Test support (feature `testing`): every integration test gets its own database and its own
+//! topic names against the real PostgreSQL and Kafka, so tests run in parallel and can be re-run.
+//!
+//! `TEST_DATABASE_URL` names the server (default: the local stack's), `TEST_KAFKA_BROKERS` the
+//! broker (default `127.0.0.1:9092`).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+use tokio_postgres::NoTls;
+
+use crate::db::{self, PgPool};
+
+/// The server tests create their databases on.
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The broker tests use.
+pub fn kafka_brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| crate::config::DEFAULT_KAFKA_BROKERS.into())
+}
+
+/// A fresh, migrated database of its own.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// Creates `test_<random>` on the test server and applies every migration.
+    pub async fn create() -> TestDb {
+        let server = server_url();
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) = tokio_postgres::connect(&server, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {server} is not reachable ({e}); run scripts/test.sh, or scripts/stack.sh deps first"));
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .expect("create test database");
+        let url = with_database(&server, &name);
+        let pool = db::pool(&url, 16).expect("pool");
+        db::migrate(&pool).await.expect("migrations apply to a fresh database");
+        TestDb { url, name, pool }
+    }
+
+    /// A client from the pool.
+    pub async fn client(&self) -> db::Client {
+        self.pool.get().await.expect("test database connection")
+    }
+
+    /// The first column of the first row of `sql`, as i64 (for counts).
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+}
+
+/// Replaces the database name of a `postgres://` URL.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let slash = base.rfind('/').filter(|&i| i > "postgres://".len()).unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..slash], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A topic name nobody else uses.
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates a topic with `partitions` partitions on the test broker.
+pub async fn create_topic(name: &str, partitions: i32) {
+    crate::kafka::ensure_topics(&kafka_brokers(), &[name.to_owned()], partitions)
+        .await
+        .unwrap_or_else(|e| panic!("Kafka at {} is not usable ({e}); run scripts/test.sh", kafka_brokers()));
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).expect("record value is JSON")
+    }
+}
+
+/// Reads a topic from the beginning until `expected` records arrived (or `timeout` passed), and
+/// then a little longer so that extra records (duplicates) are seen too.
+pub async fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+    use rdkafka::message::Headers;
+    let consumer: StreamConsumer = crate::kafka::base_config(&kafka_brokers(), "test-reader")
+        .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut grace: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let until = grace.unwrap_or(deadline).min(deadline);
+        if now >= until {
+            break;
+        }
+        match tokio::time::timeout(until - now, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                                (h.key.to_owned(), value)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+                if records.len() >= expected && grace.is_none() {
+                    grace = Some(Instant::now() + Duration::from_millis(500));
+                }
+            }
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    records
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need and runs them: PostgreSQL and Kafka (scripts/stack.sh deps,
+# installing them when missing), the Python tools some tests use as independent peers (an SMTP
+# server, a Standard Webhooks verifier), then the whole Rust test suite.
+#
+#   scripts/test.sh                 everything
+#   scripts/test.sh -p relay        extra arguments go to `cargo test`
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+log() { printf '\033[1m[test]\033[0m %s\n' "$*" >&2; }
+
+scripts/stack.sh deps
+
+# Leftover databases of earlier runs: each test creates its own, named test_<uuid>.
+psql -h 127.0.0.1 -U postgres -d postgres -Atqc "select datname from pg_database where datname like 'test\_%'" |
+  while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists \"$db\" with (force)" >/dev/null; done
+
+VENV=${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay/test-venv
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import aiosmtpd, standardwebhooks' 2>/dev/null; then
+  log "installing Python test peers into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r scripts/test-requirements.txt
+fi
+export TEST_PYTHON=$VENV/bin/python
+export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+export TEST_KAFKA_BROKERS=${TEST_KAFKA_BROKERS:-127.0.0.1:9092}
+export TEST_STACK_SCRIPT=$ROOT/scripts/stack.sh
+export RUST_LOG=${RUST_LOG:-warn}
+
+log "running the test suite"
+cargo test --workspace "$@"
