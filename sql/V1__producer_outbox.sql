@@ -33,7 +33,7 @@ create table outbox (
 -- Finding due rows stays cheap however many sent rows pile up: only unsent rows are indexed.
 create index outbox_unsent on outbox (id) include (next_attempt_at, aggregate_id) where state in ('P', 'X');
 -- Per-key order: "is there an older unsent row with this key?" is one index probe.
-create index outbox_unsent_key on outbox (aggregate_id, id) where state in ('P', 'X');
+create index outbox_unsent_key on outbox (aggregate_id, id) include (next_attempt_at) where state in ('P', 'X');
 create index outbox_dead on outbox (id) where state = 'D';
 -- Retention deletes old sent rows in small batches by this index.
 create index outbox_sent_at on outbox (sent_at) where state = 'E';

@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod http;
 pub mod kafka;
 pub mod outbox;
+pub mod routing;
 pub mod schedule;
 pub mod service;
 pub mod shutdown;
