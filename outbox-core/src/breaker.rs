@@ -38,7 +38,11 @@ impl BreakerState {
     }
 
     /// Every state, for 0/1 gauges labelled by state.
-    pub const ALL: [BreakerState; 3] = [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen];
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
 
     /// The metric label (`closed`, `open`, `half_open`).
     pub fn label(self) -> &'static str {
@@ -179,7 +183,8 @@ pub mod store {
     //! transaction holding the row lock, so instances never overwrite each other's counts.
 
     use super::*;
-    use tokio_postgres::{GenericClient, Row};
+    use deadpool_postgres::GenericClient;
+    use tokio_postgres::Row;
 
     /// One breaker as stored.
     #[derive(Debug, Clone, Serialize)]
@@ -205,16 +210,29 @@ pub mod store {
         }
     }
 
-    const COLUMNS: &str = "name, state, failure_count, success_count, opened_at, probe_until, updated_at";
+    const COLUMNS: &str =
+        "name, state, failure_count, success_count, opened_at, probe_until, updated_at";
 
     /// Every breaker of a scope, by name.
-    pub async fn list(db: &impl GenericClient, scope: &str) -> Result<Vec<StoredBreaker>, tokio_postgres::Error> {
+    pub async fn list(
+        db: &impl GenericClient,
+        scope: &str,
+    ) -> Result<Vec<StoredBreaker>, tokio_postgres::Error> {
         let sql = format!("select {COLUMNS} from circuit_breakers where scope = $1 order by name");
-        Ok(db.query(&sql, &[&scope]).await?.iter().map(from_row).collect())
+        Ok(db
+            .query(&sql, &[&scope])
+            .await?
+            .iter()
+            .map(from_row)
+            .collect())
     }
 
     /// One breaker; a breaker never written is CLOSED with zero counts.
-    pub async fn get(db: &impl GenericClient, scope: &str, name: &str) -> Result<Breaker, tokio_postgres::Error> {
+    pub async fn get(
+        db: &impl GenericClient,
+        scope: &str,
+        name: &str,
+    ) -> Result<Breaker, tokio_postgres::Error> {
         let sql = format!("select {COLUMNS} from circuit_breakers where scope = $1 and name = $2");
         Ok(db
             .query_opt(&sql, &[&scope, &name])
@@ -236,7 +254,9 @@ pub mod store {
             &[&scope, &name],
         )
         .await?;
-        let sql = format!("select {COLUMNS} from circuit_breakers where scope = $1 and name = $2 for update");
+        let sql = format!(
+            "select {COLUMNS} from circuit_breakers where scope = $1 and name = $2 for update"
+        );
         let row = tx.query_one(&sql, &[&scope, &name]).await?;
         let mut breaker = from_row(&row).breaker;
         let before = breaker.clone();
@@ -263,7 +283,11 @@ pub mod store {
     }
 
     /// Puts a breaker back to CLOSED with zero counts.
-    pub async fn reset(db: &impl GenericClient, scope: &str, name: &str) -> Result<(), tokio_postgres::Error> {
+    pub async fn reset(
+        db: &impl GenericClient,
+        scope: &str,
+        name: &str,
+    ) -> Result<(), tokio_postgres::Error> {
         db.execute(
             "insert into circuit_breakers (scope, name) values ($1, $2)
              on conflict (scope, name) do update set state = 'CLOSED', failure_count = 0,
@@ -306,7 +330,10 @@ mod tests {
             b.on_failure(&p, at(1));
         }
         assert_eq!(b.state, BreakerState::Open);
-        assert_eq!(b.admit(&p, at(30)), Admission::Rejected { retry_at: at(61) });
+        assert_eq!(
+            b.admit(&p, at(30)),
+            Admission::Rejected { retry_at: at(61) }
+        );
     }
 
     #[test]
@@ -318,7 +345,11 @@ mod tests {
         }
         assert_eq!(b.admit(&p, at(60)), Admission::Probe);
         assert_eq!(b.state, BreakerState::HalfOpen);
-        assert_eq!(b.admit(&p, at(61)), Admission::Rejected { retry_at: at(70) }, "one probe at a time");
+        assert_eq!(
+            b.admit(&p, at(61)),
+            Admission::Rejected { retry_at: at(70) },
+            "one probe at a time"
+        );
         b.on_success(&p);
         assert_eq!(b.state, BreakerState::HalfOpen);
         assert_eq!(b.admit(&p, at(62)), Admission::Probe);

@@ -26,6 +26,17 @@ pub struct KafkaArgs {
     pub kafka_brokers: String,
 }
 
+/// A service configuration read from the environment alone, with the defaults for everything
+/// unset: what tests start from before overriding fields.
+pub fn from_env<T: clap::Args>() -> Result<T, clap::Error> {
+    #[derive(clap::Parser)]
+    struct Wrapper<T: clap::Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    <Wrapper<T> as clap::Parser>::try_parse_from(["service"]).map(|w| w.inner)
+}
+
 /// Parses a duration written like `250ms`, `60s`, `5m`, `2h`, `30d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -42,7 +53,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86_400.0,
-        other => return Err(format!("unknown duration unit '{other}' in '{text}' (use ms, s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit '{other}' in '{text}' (use ms, s, m, h or d)"
+            ))
+        }
     };
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(format!("'{text}' is not a non-negative duration"));

@@ -24,9 +24,17 @@ pub enum DbError {
 
 /// The migrations, in order. Each runs once, in a transaction, recorded in `schema_migrations`.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "producer_outbox", include_str!("../../sql/V1__producer_outbox.sql")),
+    (
+        1,
+        "producer_outbox",
+        include_str!("../../sql/V1__producer_outbox.sql"),
+    ),
     (2, "consumer", include_str!("../../sql/V2__consumer.sql")),
-    (3, "breakers_notifier", include_str!("../../sql/V3__breakers_notifier.sql")),
+    (
+        3,
+        "breakers_notifier",
+        include_str!("../../sql/V3__breakers_notifier.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
@@ -61,7 +69,8 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
 pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
     tx.batch_execute(
         "create table if not exists schema_migrations (
             version integer primary key,
@@ -119,5 +128,8 @@ pub async fn is_reachable(pool: &Pool) -> bool {
         let client = pool.get().await.ok()?;
         client.query_one("select 1", &[]).await.ok()
     };
-    matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Some(_)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Some(_))
+    )
 }

@@ -78,14 +78,31 @@ mod tests {
             environment: "dev".into(),
             correlation_id: "req_1".into(),
         };
-        let e = Envelope::new("message.created", "agg-1", serde_json::json!({"a": 1}), meta);
+        let e = Envelope::new(
+            "message.created",
+            "agg-1",
+            serde_json::json!({"a": 1}),
+            meta,
+        );
         let v = serde_json::to_value(&e).unwrap();
-        for field in ["id", "event", "version", "idempotency_key", "timestamp", "data", "metadata"] {
+        for field in [
+            "id",
+            "event",
+            "version",
+            "idempotency_key",
+            "timestamp",
+            "data",
+            "metadata",
+        ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert!(e.id.starts_with("evt_"));
         assert!(e.idempotency_key.starts_with("message.created-agg-1-"));
-        assert!(e.timestamp.ends_with('Z') && e.timestamp.len() == 24, "{}", e.timestamp);
+        assert!(
+            e.timestamp.ends_with('Z') && e.timestamp.len() == 24,
+            "{}",
+            e.timestamp
+        );
         assert_ne!(new_event_id(), new_event_id());
     }
 }

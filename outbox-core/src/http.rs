@@ -37,7 +37,11 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
@@ -55,7 +59,11 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = self.status.as_u16(), code = self.code, error = %self.message, "request failed");
         }
-        (self.status, Json(json!({"error": self.message, "code": self.code}))).into_response()
+        (
+            self.status,
+            Json(json!({"error": self.message, "code": self.code})),
+        )
+            .into_response()
     }
 }
 
@@ -65,7 +73,11 @@ impl From<tokio_postgres::Error> for ApiError {
         if error.is_closed() || error.as_db_error().is_none() {
             ApiError::unavailable(format!("PostgreSQL is unavailable: {error}"))
         } else {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "database_error", format!("database error: {error}"))
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "database_error",
+                format!("database error: {error}"),
+            )
         }
     }
 }
@@ -106,7 +118,11 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("malformed_json", detail),
         JsonRejection::JsonDataError(_) => ApiError::unprocessable("invalid_body", detail),
         JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is too large",
+            )
         }
         other => ApiError::new(other.status(), "bad_request", detail),
     }
@@ -124,7 +140,10 @@ impl Readiness {
     pub fn of(checks: &[(&str, bool)]) -> Self {
         Readiness {
             ready: checks.iter().all(|(_, ok)| *ok),
-            checks: checks.iter().map(|(n, ok)| (n.to_string(), (*ok).into())).collect(),
+            checks: checks
+                .iter()
+                .map(|(n, ok)| (n.to_string(), (*ok).into()))
+                .collect(),
         }
     }
 }
@@ -146,20 +165,31 @@ pub fn operational_routes<S: Operational>() -> Router<S> {
 
 async fn ready<S: Operational>(State(state): State<S>) -> Response {
     let readiness = state.readiness().await;
-    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(readiness)).into_response()
 }
 
 async fn metrics<S: Operational>(State(state): State<S>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         crate::telemetry::encode(state.registry()),
     )
         .into_response()
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
         .await

@@ -25,12 +25,19 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
 /// The idempotent producer (acks=all, ordered per partition, no duplicates from its own retries).
 /// `message_timeout` bounds how long a record may wait for the broker before its delivery report
 /// fails: short, so rows turn X promptly during an outage (librdkafka's default is 5 minutes).
-pub fn idempotent_producer_config(brokers: &str, client_id: &str, message_timeout: Duration) -> ClientConfig {
+pub fn idempotent_producer_config(
+    brokers: &str,
+    client_id: &str,
+    message_timeout: Duration,
+) -> ClientConfig {
     let mut config = base_config(brokers, client_id);
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", message_timeout.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            message_timeout.as_millis().to_string(),
+        )
         .set("linger.ms", "2")
         .set("batch.num.messages", "10000")
         .set("batch.size", "1000000")
@@ -42,7 +49,11 @@ pub fn idempotent_producer_config(brokers: &str, client_id: &str, message_timeou
 
 /// Creates the topics that are missing, with `partitions` partitions and replication factor 1
 /// (a single-node cluster; raise it on a real one). Existing topics are left as they are.
-pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> Result<(), String> {
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &[String],
+    partitions: i32,
+) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = base_config(brokers, "outbox-admin")
         .create()
         .map_err(|e| format!("cannot create Kafka admin client: {e}"))?;

@@ -1,7 +1,7 @@
 //! Outbox rows: their states (contract) and how a service writes one inside its own transaction.
 
+use deadpool_postgres::GenericClient;
 use serde::Serialize;
-use tokio_postgres::GenericClient;
 
 use crate::envelope::{Envelope, HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 
@@ -71,10 +71,18 @@ pub async fn insert_event(
         .query_one(
             "insert into outbox (event_id, event_type, aggregate_id, topic, payload, headers)
              values ($1, $2, $3, $4, $5, $6) returning id",
-            &[&envelope.id, &envelope.event, &aggregate_id, &topic, &payload, &headers],
+            &[
+                &envelope.id,
+                &envelope.event,
+                &aggregate_id,
+                &topic,
+                &payload,
+                &headers,
+            ],
         )
         .await?;
     // NOTIFY is delivered at commit, and only if the transaction commits.
-    tx.execute("select pg_notify($1, '')", &[&NOTIFY_CHANNEL]).await?;
+    tx.execute("select pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+        .await?;
     Ok(row.get(0))
 }

@@ -19,7 +19,9 @@ impl TopicRoutes {
                 .ok_or_else(|| format!("topic route '{rule}' is not pattern=topic"))?;
             let (pattern, topic) = (pattern.trim(), topic.trim());
             if pattern.is_empty() || !valid_topic(topic) {
-                return Err(format!("topic route '{rule}' needs an event type pattern and a valid topic name"));
+                return Err(format!(
+                    "topic route '{rule}' needs an event type pattern and a valid topic name"
+                ));
             }
             rules.push((pattern.to_owned(), topic.to_owned()));
         }
@@ -64,16 +66,21 @@ pub fn valid_topic(name: &str) -> bool {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// An event type is dot-separated lowercase words, e.g. `message.created`.
 pub fn valid_event_type(name: &str) -> bool {
     name.len() <= 128
         && name.split('.').count() >= 2
-        && name
-            .split('.')
-            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        })
 }
 
 #[cfg(test)]

@@ -88,7 +88,10 @@ mod tests {
     fn jitter_stays_within_bounds() {
         for _ in 0..1000 {
             let d = with_jitter(Duration::from_secs(100), 0.2);
-            assert!(d >= Duration::from_secs(80) && d <= Duration::from_secs(120), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(80) && d <= Duration::from_secs(120),
+                "{d:?}"
+            );
         }
         assert_eq!(with_jitter(Duration::ZERO, 0.2), Duration::ZERO);
     }

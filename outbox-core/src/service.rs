@@ -35,11 +35,18 @@ where
         return Ok(());
     }
     let listener = crate::http::bind(listen_addr).await?;
-    tracing::info!(service = name, listen_addr, version = env!("CARGO_PKG_VERSION"), "starting");
+    tracing::info!(
+        service = name,
+        listen_addr,
+        version = env!("CARGO_PKG_VERSION"),
+        "starting"
+    );
     let result = run(listener, crate::shutdown::on_signal()).await;
     match &result {
         Ok(()) => tracing::info!(service = name, "stopped"),
-        Err(error) => tracing::error!(service = name, error = %format!("{error:#}"), "stopped with an error"),
+        Err(error) => {
+            tracing::error!(service = name, error = %format!("{error:#}"), "stopped with an error")
+        }
     }
     result
 }

@@ -78,7 +78,9 @@ impl Secret {
     /// Parses a `whsec_…` secret.
     pub fn parse(text: &str) -> Result<Self, SecretError> {
         let text = text.trim();
-        let encoded = text.strip_prefix(SECRET_PREFIX).ok_or(SecretError::Prefix)?;
+        let encoded = text
+            .strip_prefix(SECRET_PREFIX)
+            .ok_or(SecretError::Prefix)?;
         let key = BASE64.decode(encoded).map_err(|_| SecretError::Base64)?;
         if !(24..=64).contains(&key.len()) {
             return Err(SecretError::Length(key.len()));
@@ -116,7 +118,12 @@ impl Secret {
 
 /// The headers of a signed webhook request (contract), one signature per secret: during a rotation
 /// both the new and the previous secret sign, space-separated.
-pub fn sign_headers(secrets: &[&Secret], id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+pub fn sign_headers(
+    secrets: &[&Secret],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Vec<(&'static str, String)> {
     let macs: Vec<[u8; 32]> = secrets.iter().map(|s| s.mac(id, timestamp, body)).collect();
     let v1 = macs
         .iter()
@@ -174,7 +181,12 @@ impl Verifier {
 
     /// Checks either header convention (Standard Webhooks first) against `now` (Unix seconds).
     /// Any one of several space-separated signatures may match any one of the secrets.
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<Verified, VerifyError> {
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<Verified, VerifyError> {
         let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let (id, ts, signatures, standard) = match (
             get("webhook-id"),
@@ -248,7 +260,10 @@ mod tests {
         let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let body = br#"{"test": 2432232314}"#;
         let headers = sign_headers(&[&secret], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
-        assert_eq!(headers[2].1, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert_eq!(
+            headers[2].1,
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
     }
 
     #[test]
@@ -270,12 +285,27 @@ mod tests {
         let signed = sign_headers(&[&secret], "evt_1", 1_000, body);
         let verifier = Verifier::new(vec![secret], Duration::from_secs(300));
         let h = headers_of(signed.clone(), STANDARD);
-        assert_eq!(verifier.verify(&h, b"{\"a\":2}", 1_000), Err(VerifyError::BadSignature));
-        assert_eq!(verifier.verify(&h, body, 1_301), Err(VerifyError::Stale(301)));
-        assert_eq!(verifier.verify(&h, body, 699), Err(VerifyError::Stale(-301)));
-        assert_eq!(verifier.verify(&HeaderMap::new(), body, 1_000), Err(VerifyError::MissingHeaders));
+        assert_eq!(
+            verifier.verify(&h, b"{\"a\":2}", 1_000),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            verifier.verify(&h, body, 1_301),
+            Err(VerifyError::Stale(301))
+        );
+        assert_eq!(
+            verifier.verify(&h, body, 699),
+            Err(VerifyError::Stale(-301))
+        );
+        assert_eq!(
+            verifier.verify(&HeaderMap::new(), body, 1_000),
+            Err(VerifyError::MissingHeaders)
+        );
         let other = Verifier::new(vec![Secret::generate()], Duration::from_secs(300));
-        assert_eq!(other.verify(&h, body, 1_000), Err(VerifyError::BadSignature));
+        assert_eq!(
+            other.verify(&h, body, 1_000),
+            Err(VerifyError::BadSignature)
+        );
     }
 
     #[test]
@@ -300,6 +330,11 @@ mod tests {
         assert_eq!(Secret::parse("whsec_AAAA"), Err(SecretError::Length(3)));
         let s = Secret::generate();
         assert_eq!(Secret::parse(s.as_str()).unwrap(), s);
-        assert_eq!(Secret::parse_list(&format!("{},{}", s.as_str(), s.as_str())).unwrap().len(), 2);
+        assert_eq!(
+            Secret::parse_list(&format!("{},{}", s.as_str(), s.as_str()))
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

@@ -7,8 +7,9 @@ use tracing_subscriber::{fmt, EnvFilter};
 /// correlation id of the request or batch being handled, appear on every line inside the span.
 /// Safe to call more than once (tests start several services in one process).
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn,hyper=warn,reqwest=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn,hyper=warn,reqwest=warn")
+    });
     let _ = fmt()
         .json()
         .with_env_filter(filter)
@@ -30,7 +31,10 @@ pub fn encode(registry: &Registry) -> String {
 }
 
 /// Registers a collector, panicking only on a programming error (a name registered twice).
-pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> C {
     registry
         .register(Box::new(collector.clone()))
         .expect("each metric is registered once per registry");

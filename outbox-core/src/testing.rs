@@ -15,12 +15,14 @@ use crate::db::{self, PgPool};
 
 /// The server tests create their databases on.
 pub fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// The broker tests use.
 pub fn kafka_brokers() -> String {
-    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| crate::config::DEFAULT_KAFKA_BROKERS.into())
+    std::env::var("TEST_KAFKA_BROKERS")
+        .unwrap_or_else(|_| crate::config::DEFAULT_KAFKA_BROKERS.into())
 }
 
 /// A fresh, migrated database of its own.
@@ -45,7 +47,9 @@ impl TestDb {
             .expect("create test database");
         let url = with_database(&server, &name);
         let pool = db::pool(&url, 16).expect("pool");
-        db::migrate(&pool).await.expect("migrations apply to a fresh database");
+        db::migrate(&pool)
+            .await
+            .expect("migrations apply to a fresh database");
         TestDb { url, name, pool }
     }
 
@@ -56,7 +60,12 @@ impl TestDb {
 
     /// The first column of the first row of `sql`, as i64 (for counts).
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
     }
 }
 
@@ -66,7 +75,10 @@ pub fn with_database(url: &str, name: &str) -> String {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
     };
-    let slash = base.rfind('/').filter(|&i| i > "postgres://".len()).unwrap_or(base.len());
+    let slash = base
+        .rfind('/')
+        .filter(|&i| i > "postgres://".len())
+        .unwrap_or(base.len());
     let mut out = format!("{}/{}", &base[..slash], name);
     if let Some(q) = query {
         out.push('?');
@@ -84,7 +96,12 @@ pub fn unique_topic(prefix: &str) -> String {
 pub async fn create_topic(name: &str, partitions: i32) {
     crate::kafka::ensure_topics(&kafka_brokers(), &[name.to_owned()], partitions)
         .await
-        .unwrap_or_else(|e| panic!("Kafka at {} is not usable ({e}); run scripts/test.sh", kafka_brokers()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "Kafka at {} is not usable ({e}); run scripts/test.sh",
+                kafka_brokers()
+            )
+        });
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
@@ -117,7 +134,10 @@ pub struct Record {
 
 impl Record {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.value).expect("record value is JSON")
@@ -129,7 +149,10 @@ impl Record {
 pub async fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
     use rdkafka::message::Headers;
     let consumer: StreamConsumer = crate::kafka::base_config(&kafka_brokers(), "test-reader")
-        .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4().simple()))
+        .set(
+            "group.id",
+            format!("test-reader-{}", uuid::Uuid::new_v4().simple()),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
@@ -151,7 +174,10 @@ pub async fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<
                     .map(|h| {
                         h.iter()
                             .map(|h| {
-                                let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                                let value = h
+                                    .value
+                                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                                    .unwrap_or_default();
                                 (h.key.to_owned(), value)
                             })
                             .collect()

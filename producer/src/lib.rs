@@ -1,1 +1,92 @@
-pub fn placeholder() {}
+//! The producer: an HTTP API whose `POST /messages` writes the message row and its outbox event in
+//! one PostgreSQL transaction, so an event exists if and only if its message does.
+
+mod metrics;
+mod openapi;
+mod routes;
+mod store;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use outbox_core::config::DatabaseArgs;
+use outbox_core::db::{self, PgPool};
+use outbox_core::http::{Operational, Readiness};
+use outbox_core::routing::TopicRoutes;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+
+/// The producer's configuration, from the environment (see `.env.example`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: String,
+    /// Topic of `message.*` events.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "messages")]
+    pub kafka_topic: String,
+    /// Further event type → topic rules, first match wins: `order.*=orders,user.deleted=gdpr`.
+    #[arg(long, env = "TOPIC_ROUTES", default_value = "")]
+    pub topic_routes: String,
+    /// Written into every envelope's `metadata.environment`.
+    #[arg(long, env = "ENVIRONMENT", default_value = "dev")]
+    pub environment: String,
+    /// Bearer token required by the admin routes (`POST /outbox/{id}/retry`); unset: open.
+    #[arg(long, env = "ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Handles shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub routes: Arc<TopicRoutes>,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+}
+
+impl Operational for AppState {
+    fn registry(&self) -> &prometheus::Registry {
+        &self.metrics.registry
+    }
+
+    async fn readiness(&self) -> Readiness {
+        Readiness::of(&[("postgres", db::is_reachable(&self.pool).await)])
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled. Migrations are applied in the
+/// background, so the API starts (and reports not-ready) while PostgreSQL is still down.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let routes = TopicRoutes::parse(&config.topic_routes, &config.kafka_topic)
+        .map_err(anyhow::Error::msg)?;
+    let pool = db::pool(
+        &config.database.database_url,
+        config.database.database_pool_size,
+    )?;
+    let state = AppState {
+        pool: pool.clone(),
+        routes: Arc::new(routes),
+        metrics: Metrics::new(),
+        config: Arc::new(config.clone()),
+    };
+    let migrations = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { db::migrate_until_done(&pool, &shutdown).await })
+    };
+    let app = routes::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes));
+    let served = outbox_core::http::serve(listener, app, shutdown).await;
+    migrations.abort();
+    Ok(served?)
+}

@@ -1,0 +1,347 @@
+//! The HTTP API: handlers validate input, then call `store`.
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use outbox_core::envelope::new_correlation_id;
+use outbox_core::http::{operational_routes, ApiError, JsonBody};
+use outbox_core::outbox::OutboxState;
+use outbox_core::routing::valid_event_type;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::store::{self, Created, Idempotency, NewMessage};
+use crate::AppState;
+
+/// Longest accepted `content`, in bytes.
+pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
+const MAX_KEY_BYTES: usize = 256;
+const MAX_HEADER_ID_BYTES: usize = 128;
+
+pub fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/outbox", get(list_outbox))
+        .route("/outbox/{id}/retry", post(retry_outbox))
+        .route("/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/messages", post(create_message).get(list_messages))
+        .route("/messages/{id}", get(get_message))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
+        .merge(admin)
+        .merge(operational_routes::<AppState>())
+        .fallback(|| async { ApiError::not_found("route") })
+        .route_layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
+        .with_state(state)
+}
+
+/// The body of `POST /messages`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMessage {
+    /// The message text; required, not empty, at most 64 KiB.
+    pub content: String,
+    /// Aggregate id: events with the same key reach Kafka in order. Default: the message id.
+    pub key: Option<String>,
+    /// Event type, default `message.created`.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// Extra JSON carried in the event's `data.data`.
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+}
+
+/// Takes `X-Correlation-Id` when it is a sane token, else makes one.
+fn correlation_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_HEADER_ID_BYTES
+                && v.chars().all(|c| c.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(new_correlation_id)
+}
+
+fn validate(request: &CreateMessage) -> Result<(), ApiError> {
+    if request.content.trim().is_empty() {
+        return Err(ApiError::unprocessable(
+            "empty_content",
+            "content must not be empty",
+        ));
+    }
+    if request.content.len() > MAX_CONTENT_BYTES {
+        return Err(ApiError::unprocessable(
+            "content_too_long",
+            format!(
+                "content is {} bytes; at most {MAX_CONTENT_BYTES} are accepted",
+                request.content.len()
+            ),
+        ));
+    }
+    // PostgreSQL text cannot hold NUL; refuse it here rather than fail mid-transaction.
+    if request.content.contains('\0')
+        || request
+            .data
+            .as_ref()
+            .is_some_and(|d| d.to_string().contains("\\u0000"))
+    {
+        return Err(ApiError::unprocessable(
+            "nul_character",
+            "content and data must not contain NUL characters",
+        ));
+    }
+    if let Some(key) = &request.key {
+        if key.trim().is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
+            return Err(ApiError::unprocessable(
+                "invalid_key",
+                format!("key must be 1 to {MAX_KEY_BYTES} bytes"),
+            ));
+        }
+    }
+    if let Some(event_type) = &request.event_type {
+        if !valid_event_type(event_type) {
+            return Err(ApiError::unprocessable(
+                "invalid_type",
+                "type must be dot-separated lowercase words, like message.created",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates a message and its event in one transaction.
+#[utoipa::path(
+    post, path = "/messages", request_body = CreateMessage,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe key: the same key and body return the first response"),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Carried into the event; generated when absent"),
+    ),
+    responses(
+        (status = 201, description = "Message and outbox event committed (state P)", body = Object),
+        (status = 400, description = "Malformed JSON"),
+        (status = 413, description = "Body too large"),
+        (status = 415, description = "Not application/json"),
+        (status = 422, description = "Invalid fields, or an Idempotency-Key reused with another body"),
+        (status = 503, description = "PostgreSQL unavailable; nothing was written"),
+    )
+)]
+pub async fn create_message(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let correlation_id = correlation_id(&headers);
+    let span = tracing::info_span!("create_message", correlation_id = %correlation_id);
+    let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
+    let request: CreateMessage = serde_json::from_value(body)
+        .map_err(|e| ApiError::unprocessable("invalid_body", format!("invalid message: {e}")))?;
+    validate(&request)?;
+    let event_type = request
+        .event_type
+        .unwrap_or_else(|| "message.created".into());
+    let topic = state.routes.topic_for(&event_type).ok_or_else(|| {
+        ApiError::unprocessable(
+            "no_topic_route",
+            format!("no topic is configured for event type '{event_type}' (see TOPIC_ROUTES)"),
+        )
+    })?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_idempotency_key",
+                        "Idempotency-Key must be 1 to 255 visible characters",
+                    )
+                })?,
+        ),
+    };
+    let new = NewMessage {
+        content: request.content,
+        aggregate_id: request.key,
+        event_type,
+        topic: topic.to_owned(),
+        data: request.data,
+        correlation_id: correlation_id.clone(),
+        environment: state.config.environment.clone(),
+    };
+    let idempotency = idempotency_key.map(|key| Idempotency { key, request_hash });
+    let outcome = async {
+        let mut client = state.pool.get().await?;
+        store::create_message(&mut client, new, idempotency).await
+    }
+    .instrument(span.clone())
+    .await?;
+    let _entered = span.enter();
+    let (status, body, replayed) = match outcome {
+        Created::New(body) => {
+            state.metrics.messages_created.inc();
+            tracing::info!(event_id = %body["event_id"], message_id = %body["id"], "message created");
+            (StatusCode::CREATED, body, false)
+        }
+        Created::Replayed(body) => {
+            state.metrics.idempotent_replays.inc();
+            (StatusCode::CREATED, body, true)
+        }
+        Created::KeyReused => {
+            return Err(ApiError::unprocessable(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request body",
+            ))
+        }
+    };
+    let mut response = (status, Json(body)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
+        headers.insert("x-correlation-id", value);
+    }
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct MessagePage {
+    /// At most this many (1–500, default 50).
+    limit: Option<i64>,
+    /// Only messages older than this message id (the `next_before` of the previous page).
+    before: Option<Uuid>,
+}
+
+fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(50) {
+        l @ 1..=500 => Ok(l),
+        _ => Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be between 1 and 500",
+        )),
+    }
+}
+
+/// Lists messages, newest first.
+#[utoipa::path(get, path = "/messages", params(MessagePage), responses((status = 200, body = Object)))]
+pub async fn list_messages(
+    State(state): State<AppState>,
+    Query(page): Query<MessagePage>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(page.limit)?;
+    let client = state.pool.get().await?;
+    let items = store::list_messages(&client, limit, page.before).await?;
+    let next = (items.len() as i64 == limit)
+        .then(|| items.last().map(|m| m.id))
+        .flatten();
+    Ok(Json(json!({"items": items, "next_before": next})))
+}
+
+/// One message with its event's state, attempts, last error and Kafka position.
+#[utoipa::path(get, path = "/messages/{id}", params(("id" = Uuid, Path, description = "Message id")),
+    responses((status = 200, body = store::MessageView), (status = 404, description = "No such message")))]
+pub async fn get_message(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<store::MessageView>, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request("invalid_id", "message ids are UUIDs"))?;
+    let client = state.pool.get().await?;
+    store::get_message(&client, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("message"))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct OutboxPage {
+    /// P, E, X or D.
+    state: Option<String>,
+    /// Only rows with a larger id (the `next_after` of the previous page).
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// Outbox rows in id order, optionally of one state.
+#[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = Object)))]
+pub async fn list_outbox(
+    State(state): State<AppState>,
+    Query(page): Query<OutboxPage>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(page.limit)?;
+    let filter = match page.state.as_deref() {
+        None => None,
+        Some(code) => Some(OutboxState::parse(code).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_state",
+                "state must be P (pending), E (sent), X (retry) or D (dead)",
+            )
+        })?),
+    };
+    let client = state.pool.get().await?;
+    let items = store::list_outbox(&client, filter, page.after.unwrap_or(0), limit).await?;
+    let next = (items.len() as i64 == limit)
+        .then(|| items.last().map(|r| r.id))
+        .flatten();
+    Ok(Json(json!({"items": items, "next_after": next})))
+}
+
+/// Counts by state and the age of the oldest unsent row.
+#[utoipa::path(get, path = "/stats", responses((status = 200, body = Object)))]
+pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(Json(store::stats(&client).await?))
+}
+
+/// Sends a dead (D) row again: it becomes P with its attempts reset.
+#[utoipa::path(post, path = "/outbox/{id}/retry", params(("id" = i64, Path, description = "Outbox row id")),
+    responses((status = 200, body = store::OutboxRow), (status = 404), (status = 409, description = "The row is not dead")))]
+pub async fn retry_outbox(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<store::OutboxRow>, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "outbox ids are integers"))?;
+    let mut client = state.pool.get().await?;
+    let row = store::retry_dead(&mut client, id).await?;
+    tracing::info!(outbox_id = id, event_id = %row.event_id, "dead outbox row queued again");
+    Ok(Json(row))
+}
+
+/// With `ADMIN_TOKEN` set, admin routes need `Authorization: Bearer <token>`.
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.config.admin_token {
+        let offered = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if offered != Some(token.as_str()) {
+            return ApiError::unauthorized(
+                "unauthorized",
+                "this admin route needs Authorization: Bearer <ADMIN_TOKEN>",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}

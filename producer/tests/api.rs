@@ -1,0 +1,422 @@
+//! The producer's HTTP API against a real PostgreSQL (a fresh database per test).
+
+use std::net::SocketAddr;
+
+use outbox_core::testing::TestDb;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+struct App {
+    base: String,
+    db: TestDb,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn spawn_app_with(
+    db: TestDb,
+    database_url: &str,
+    tweak: impl FnOnce(&mut producer::Config),
+) -> App {
+    let mut config: producer::Config = outbox_core::config::from_env().expect("defaults parse");
+    config.database.database_url = database_url.to_owned();
+    config.kafka_topic = "messages-test".into();
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(producer::run(config, listener, shutdown.clone()));
+    App {
+        base: format!("http://{addr}"),
+        db,
+        http: reqwest::Client::new(),
+        shutdown,
+    }
+}
+
+async fn spawn_app() -> App {
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    spawn_app_with(db, &url, |_| {}).await
+}
+
+impl App {
+    async fn post(&self, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}/messages", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+    async fn rows(&self) -> (i64, i64) {
+        (
+            self.db.count("select count(*) from messages").await,
+            self.db.count("select count(*) from outbox").await,
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_message_and_its_event_are_written_together() {
+    let app = spawn_app().await;
+    let r = app
+        .http
+        .post(format!("{}/messages", app.base))
+        .header("x-correlation-id", "req_test_1")
+        .json(&json!({"content": "hello", "key": "customer-7", "data": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["x-correlation-id"], "req_test_1");
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["state"], "P");
+    assert_eq!(created["topic"], "messages-test");
+    let event_id = created["event_id"].as_str().unwrap().to_owned();
+    assert!(event_id.starts_with("evt_"));
+
+    let (status, message) = app
+        .get(&format!("/messages/{}", created["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(message["state"], "P");
+    assert_eq!(message["event_id"], event_id.as_str());
+    assert_eq!(message["key"], "customer-7");
+
+    let row = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "select payload, headers, aggregate_id, topic, state::text from outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    let envelope: Value = row.get(0);
+    assert_eq!(envelope["id"], event_id.as_str());
+    assert_eq!(envelope["event"], "message.created");
+    assert_eq!(envelope["version"], "1.0");
+    assert_eq!(envelope["data"]["content"], "hello");
+    assert_eq!(envelope["data"]["data"]["n"], 1);
+    assert_eq!(envelope["metadata"]["correlation_id"], "req_test_1");
+    assert_eq!(envelope["metadata"]["source"], "producer");
+    let headers: Value = row.get(1);
+    assert_eq!(headers["event_id"], event_id.as_str());
+    assert_eq!(headers["correlation_id"], "req_test_1");
+    assert_eq!(row.get::<_, String>(2), "customer-7");
+    assert_eq!(row.get::<_, String>(4), "P");
+    assert_eq!(app.rows().await, (1, 1));
+
+    let (_, stats) = app.get("/stats").await;
+    assert_eq!(stats["outbox"]["P"], 1);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_first_answer_and_refuses_another_body() {
+    let app = spawn_app().await;
+    let send = |body: Value| {
+        app.http
+            .post(format!("{}/messages", app.base))
+            .header("idempotency-key", "order-42")
+            .json(&body)
+            .send()
+    };
+    let first = send(json!({"content": "once"})).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    let again = send(json!({"content": "once"})).await.unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    let other = send(json!({"content": "twice"})).await.unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        other.json::<Value>().await.unwrap()["code"],
+        "idempotency_key_reused"
+    );
+    assert_eq!(app.rows().await, (1, 1));
+
+    // Racing requests with one new key: exactly one write, every one answered 201.
+    let key2 = (0..8).map(|_| {
+        app.http
+            .post(format!("{}/messages", app.base))
+            .header("idempotency-key", "race-1")
+            .json(&json!({"content": "race"}))
+            .send()
+    });
+    let answers = futures::future::join_all(key2).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.as_ref().unwrap().status() == StatusCode::CREATED));
+    assert_eq!(app.rows().await, (2, 2));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_json_error_and_writes_nothing() {
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let app = spawn_app_with(db, &url, |c| c.max_body_bytes = 1024).await;
+    let url = format!("{}/messages", app.base);
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{not json"),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "text/plain")
+                .body("{\"content\":\"x\"}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            app.http.post(&url).json(&json!({})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            app.http.post(&url).json(&json!({"content": "  "})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_content",
+        ),
+        (
+            app.http.post(&url).json(&json!({"content": 5})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            app.http
+                .post(&url)
+                .json(&json!({"content": "x", "type": "Bad Type"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_type",
+        ),
+        (
+            app.http
+                .post(&url)
+                .json(&json!({"content": "x", "type": "order.created"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no_topic_route",
+        ),
+        (
+            app.http
+                .post(&url)
+                .json(&json!({"content": "x", "extra": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            app.http.post(&url).json(&json!({"content": "nul\u{0}"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "nul_character",
+        ),
+        (
+            app.http
+                .post(&url)
+                .json(&json!({"content": "x".repeat(2000)})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status, "expected {code}");
+        let body: Value = response.json().await.expect("a JSON error body");
+        assert_eq!(body["code"], code, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    assert_eq!(app.rows().await, (0, 0));
+    let (status, body) = app.get("/messages/not-a-uuid").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_id"))
+    );
+    let (status, _) = app
+        .get(&format!("/messages/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.get("/outbox?state=Q").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_failed_insert_on_either_side_leaves_no_row_on_the_other() {
+    let app = spawn_app().await;
+    // Real constraint failures inside the transaction, one on each table.
+    app.db
+        .client()
+        .await
+        .batch_execute(
+            "create function refuse() returns trigger language plpgsql as $$
+               begin raise exception 'refused by test trigger'; end $$;
+             create trigger refuse_outbox before insert on outbox for each row
+               when (new.payload->'data'->>'content' = 'fail-outbox') execute function refuse();
+             create trigger refuse_message before insert on messages for each row
+               when (new.content = 'fail-message') execute function refuse();",
+        )
+        .await
+        .unwrap();
+    let (status, _) = app.post(json!({"content": "fail-outbox"})).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        app.rows().await,
+        (0, 0),
+        "outbox insert failed: the message row must not exist"
+    );
+    let (status, _) = app.post(json!({"content": "fail-message"})).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        app.rows().await,
+        (0, 0),
+        "message insert failed: no outbox row"
+    );
+    let (status, _) = app.post(json!({"content": "fine"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(app.rows().await, (1, 1));
+}
+
+#[tokio::test]
+async fn postgres_down_answers_503_and_the_service_stays_up() {
+    // A port nothing listens on stands in for a stopped PostgreSQL.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let db = TestDb::create().await;
+    let app = spawn_app_with(
+        db,
+        &format!("postgres://postgres@127.0.0.1:{port}/nowhere"),
+        |_| {},
+    )
+    .await;
+    let (status, body) = app.post(json!({"content": "hello"})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], "unavailable");
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["postgres"], false);
+    let (status, _) = app.get("/health").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn dead_rows_can_be_retried_and_admin_routes_need_the_token() {
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let app = spawn_app_with(db, &url, |c| c.admin_token = Some("s3cret".into())).await;
+    let (_, created) = app.post(json!({"content": "x"})).await;
+    let id: i64 = created["outbox_id"].as_i64().unwrap();
+    app.db
+        .client()
+        .await
+        .execute(
+            "update outbox set state = 'D', attempts = 5, last_error = 'too large' where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let retry = format!("{}/outbox/{id}/retry", app.base);
+    let r = app.http.post(&retry).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = app
+        .http
+        .post(&retry)
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let row: Value = r.json().await.unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["attempts"].as_i64()),
+        (Some("P"), Some(0))
+    );
+    let r = app
+        .http
+        .post(&retry)
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let r = app
+        .http
+        .get(format!("{}/outbox?state=P", app.base))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn pages_openapi_and_metrics() {
+    let app = spawn_app().await;
+    for i in 0..5 {
+        app.post(json!({"content": format!("m{i}")})).await;
+    }
+    let (_, page) = app.get("/messages?limit=3").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    assert_eq!(page["items"][0]["content"], "m4", "newest first");
+    let next = page["next_before"].as_str().unwrap();
+    let (_, rest) = app.get(&format!("/messages?limit=3&before={next}")).await;
+    let contents: Vec<&str> = rest["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents, ["m1", "m0"]);
+    assert!(rest["next_before"].is_null());
+
+    let (_, doc) = app.get("/openapi.json").await;
+    assert!(doc["paths"]["/messages"]["post"].is_object());
+    assert!(doc["paths"]["/messages/{id}"]["get"].is_object());
+
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("producer_messages_created_total 5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "producer_http_requests_total{method=\"POST\",route=\"/messages\",status=\"201\"} 5"
+    ));
+}
