@@ -11,6 +11,8 @@
 #   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
 #   scripts/stack.sh migrate      apply sql/ migrations to DATABASE_URL's database
 #
+# KAFKA_PORT / KAFKA_CONTROLLER_PORT with another OUTBOX_STACK_DIR run a second, separate broker
+# (the chaos tests stop and start their own so that other tests keep theirs).
 # Every subcommand is idempotent. State lives in $OUTBOX_STACK_DIR (default /var/tmp/outbox-stack), shared by
 # every clone on the machine, so a second checkout finds the same broker instead of fighting it.
 set -euo pipefail
@@ -21,6 +23,8 @@ KAFKA_VERSION=${KAFKA_VERSION:-4.1.1}
 KAFKA_HOME=${KAFKA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}/kafka-$KAFKA_VERSION
 KAFKA_HEAP=${KAFKA_HEAP:-512m}
 PG_PORT=${PG_PORT:-5432}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 PG_DB=${PG_DB:-outbox}
 PG_DATA=$STACK_DIR/postgres
 KAFKA_DATA=$STACK_DIR/kafka
@@ -159,9 +163,9 @@ kafka_config() {
   cat >"$KAFKA_DATA/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:9093
-listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
-advertised.listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
@@ -179,10 +183,10 @@ log.retention.hours=24
 EOF
 }
 
-kafka_ready() { port_open 9092 && kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list >/dev/null 2>&1; }
+kafka_ready() { port_open "$KAFKA_PORT" && kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list >/dev/null 2>&1; }
 
 kafka_start() {
-  if port_open 9092; then log "Kafka already answers on 127.0.0.1:9092"; return; fi
+  if port_open "$KAFKA_PORT"; then log "Kafka already answers on 127.0.0.1:$KAFKA_PORT"; return; fi
   kafka_fetch
   mkdir -p "$LOGS"
   kafka_config
@@ -196,14 +200,14 @@ kafka_start() {
     -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" -cp "$KAFKA_HOME/libs/*" \
     kafka.Kafka "$KAFKA_DATA/server.properties" >"$LOGS/kafka.out" 2>&1 &
   echo $! >"$STACK_DIR/kafka.pid"
-  wait_for "Kafka on 127.0.0.1:9092" 90 kafka_ready
+  wait_for "Kafka on 127.0.0.1:$KAFKA_PORT" 90 kafka_ready
 }
 
 kafka_stop() {
   local pid
   pid=$(cat "$STACK_DIR/kafka.pid" 2>/dev/null || true)
   if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
-    pid=$(pgrep -f 'kafka\.Kafka .*server.properties' | head -n1 || true)
+    pid=$(pgrep -f "kafka\\.Kafka $KAFKA_DATA/server.properties" | head -n1 || true)
   fi
   if [ -z "$pid" ]; then log "Kafka is not running"; return; fi
   kill "$pid"
@@ -265,7 +269,7 @@ status() {
   local s port
   printf '%-11s %-8s %s\n' component state where
   if pg_ready; then printf '%-11s %-8s %s\n' postgres up "127.0.0.1:$PG_PORT/$PG_DB"; else printf '%-11s %-8s\n' postgres down; fi
-  if port_open 9092; then printf '%-11s %-8s %s\n' kafka up 127.0.0.1:9092; else printf '%-11s %-8s\n' kafka down; fi
+  if port_open "$KAFKA_PORT"; then printf '%-11s %-8s %s\n' kafka up "127.0.0.1:$KAFKA_PORT"; else printf '%-11s %-8s\n' kafka down; fi
   for s in "${SERVICES[@]}"; do
     port=$(service_port "$s")
     if curl -fsS -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null; then
@@ -288,6 +292,6 @@ case $cmd in
   pg-stop) pg_stop ;;
   pg-start) pg_start ;;
   migrate) (cd "$ROOT" && cargo run -q --release --bin producer -- migrate) ;;
-  help|-h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
+  help|-h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" ;;
   *) die "unknown subcommand '$cmd' (try: up, deps, down, status, kafka-stop, kafka-start)" ;;
 esac

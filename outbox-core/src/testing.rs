@@ -147,8 +147,13 @@ impl Record {
 /// Reads a topic from the beginning until `expected` records arrived (or `timeout` passed), and
 /// then a little longer so that extra records (duplicates) are seen too.
 pub async fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+    read_topic_from(&kafka_brokers(), topic, expected, timeout).await
+}
+
+/// [`read_topic`] on another broker.
+pub async fn read_topic_from(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
     use rdkafka::message::Headers;
-    let consumer: StreamConsumer = crate::kafka::base_config(&kafka_brokers(), "test-reader")
+    let consumer: StreamConsumer = crate::kafka::base_config(brokers, "test-reader")
         .set(
             "group.id",
             format!("test-reader-{}", uuid::Uuid::new_v4().simple()),

@@ -1,1 +1,150 @@
-pub fn placeholder() {}
+//! The relay: moves outbox rows into Kafka. One instance leads (a PostgreSQL advisory lock); the
+//! others stand by and take over within about `RELAY_STANDBY_POLL` when the leader's session ends.
+//!
+//! A row is marked `E` only after Kafka acknowledged it (acks=all, idempotent producer), so a crash
+//! at any point re-sends rather than loses; consumers deduplicate by event id.
+
+mod leader;
+mod metrics;
+mod publish;
+mod retention;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use outbox_core::config::{parse_duration, DatabaseArgs, KafkaArgs};
+use outbox_core::db::{self, PgPool};
+use outbox_core::http::{operational_routes, Operational, Readiness};
+use outbox_core::routing::TopicRoutes;
+use rdkafka::producer::Producer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+pub use publish::Publisher;
+
+/// The relay's configuration, from the environment (see `.env.example`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Address of the health and metrics endpoints.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
+    pub listen_addr: String,
+    /// Topic of `message.*` events (created at start-up when missing).
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "messages")]
+    pub kafka_topic: String,
+    /// Further event type → topic rules, as the producer has them (their topics are created too).
+    #[arg(long, env = "TOPIC_ROUTES", default_value = "")]
+    pub topic_routes: String,
+    /// Partitions of the topics the relay creates.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub topic_partitions: i32,
+    /// Outbox rows claimed and published per batch.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2000)]
+    pub batch_size: i64,
+    /// Fallback poll interval; NOTIFY wakes the relay sooner.
+    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Attempts before a row failing with a non-transient error (e.g. record too large) turns D.
+    /// Transient errors (Kafka down) never make a row dead.
+    #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: i32,
+    /// How long a record may wait for Kafka's acknowledgement before its row turns X.
+    #[arg(long, env = "RELAY_SEND_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
+    /// First retry delay of an X row; doubles per attempt, with jitter.
+    #[arg(long, env = "RELAY_RETRY_BASE", default_value = "500ms", value_parser = parse_duration)]
+    pub retry_base: Duration,
+    /// Longest retry delay: bounds how long after Kafka's return an X row waits.
+    #[arg(long, env = "RELAY_RETRY_MAX", default_value = "5s", value_parser = parse_duration)]
+    pub retry_max: Duration,
+    /// Sent rows older than this are deleted.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// How often retention runs.
+    #[arg(long, env = "RELAY_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub retention_interval: Duration,
+    /// How often a standby asks for the leader lock.
+    #[arg(long, env = "RELAY_STANDBY_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub standby_poll: Duration,
+    /// Advisory lock key that elects the leader; relays of one outbox share it.
+    #[arg(long, env = "RELAY_LOCK_KEY", default_value_t = 0x6f75_7462_6f78_0002)]
+    pub lock_key: i64,
+}
+
+/// Handles shared by the HTTP side and the workers.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub publisher: Arc<Publisher>,
+    pub metrics: Metrics,
+}
+
+impl Operational for AppState {
+    fn registry(&self) -> &prometheus::Registry {
+        &self.metrics.registry
+    }
+
+    async fn readiness(&self) -> Readiness {
+        let (postgres, kafka) = tokio::join!(
+            db::is_reachable(&self.pool),
+            self.publisher.kafka_reachable()
+        );
+        Readiness::of(&[("postgres", postgres), ("kafka", kafka)])
+    }
+}
+
+/// Runs the relay until `shutdown`: the health/metrics server, the backlog gauges, and the
+/// leader election loop that publishes while it holds the lock. On shutdown the batch in flight
+/// is finished and marked before the lock is released.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let routes = TopicRoutes::parse(&config.topic_routes, &config.kafka_topic)
+        .map_err(anyhow::Error::msg)?;
+    let pool = db::pool(
+        &config.database.database_url,
+        config.database.database_pool_size,
+    )?;
+    let metrics = Metrics::new();
+    let publisher = Arc::new(Publisher::new(
+        &config,
+        routes.topics(),
+        pool.clone(),
+        metrics.clone(),
+    )?);
+    let state = AppState {
+        pool: pool.clone(),
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+    };
+    let app: Router = operational_routes::<AppState>().with_state(state);
+    let server = tokio::spawn(outbox_core::http::serve(listener, app, shutdown.clone()));
+    let gauges = tokio::spawn(metrics::refresh_backlog(
+        pool.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    if db::migrate_until_done(&pool, &shutdown).await {
+        leader::elect_and_publish(&config, publisher.clone(), shutdown.clone()).await;
+    }
+
+    gauges.abort();
+    publisher.flush();
+    server.await??;
+    Ok(())
+}
+
+impl Publisher {
+    /// Waits (bounded) for records still queued in librdkafka.
+    pub fn flush(&self) {
+        let _ = self.producer().flush(Duration::from_secs(5));
+    }
+}

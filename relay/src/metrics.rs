@@ -1,0 +1,155 @@
+//! The relay's metrics (names in docs/metrics.md) and the task that keeps the backlog gauges fresh.
+
+use std::time::Duration;
+
+use outbox_core::db::PgPool;
+use outbox_core::telemetry::register;
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub is_leader: IntGauge,
+    pub rows: GaugeVec,
+    pub oldest_unsent_age: Gauge,
+    pub published: IntCounterVec,
+    pub failures: IntCounterVec,
+    pub dead: IntCounter,
+    pub batch_size: Histogram,
+    pub commit_to_ack: Histogram,
+    pub retention_deleted: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        Metrics {
+            is_leader: register(
+                r,
+                IntGauge::new(
+                    "relay_is_leader",
+                    "1 while this instance holds the leader lock",
+                )
+                .expect("metric"),
+            ),
+            rows: register(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "relay_outbox_rows",
+                        "Outbox rows by state (E is an estimate)",
+                    ),
+                    &["state"],
+                )
+                .expect("metric"),
+            ),
+            oldest_unsent_age: register(
+                r,
+                Gauge::new(
+                    "relay_outbox_oldest_unsent_age_seconds",
+                    "Age of the oldest P or X row",
+                )
+                .expect("metric"),
+            ),
+            published: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relay_events_published_total",
+                        "Records acknowledged by Kafka",
+                    ),
+                    &["topic"],
+                )
+                .expect("metric"),
+            ),
+            failures: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relay_publish_failures_total",
+                        "Failed sends, by transient or permanent error",
+                    ),
+                    &["kind"],
+                )
+                .expect("metric"),
+            ),
+            dead: register(
+                r,
+                IntCounter::new("relay_events_dead_total", "Rows turned D").expect("metric"),
+            ),
+            batch_size: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("relay_batch_size_events", "Rows per claimed batch")
+                        .buckets(vec![
+                            1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+                        ]),
+                )
+                .expect("metric"),
+            ),
+            commit_to_ack: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "relay_commit_to_ack_seconds",
+                        "Outbox row creation to Kafka acknowledgement",
+                    )
+                    .buckets(vec![
+                        0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        30.0, 60.0,
+                    ]),
+                )
+                .expect("metric"),
+            ),
+            retention_deleted: register(
+                r,
+                IntCounter::new("relay_retention_deleted_total", "Old sent rows deleted")
+                    .expect("metric"),
+            ),
+            registry,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// Counting sent rows exactly would scan the whole table; the planner's estimate is enough for E.
+const BACKLOG: &str = "
+    select count(*) filter (where state = 'P')::float8,
+           count(*) filter (where state = 'X')::float8,
+           (select count(*) from outbox where state = 'D')::float8,
+           (select greatest(reltuples, 0)::float8 from pg_class where oid = 'outbox'::regclass),
+           (select extract(epoch from now() - created_at)::float8 from outbox
+             where state in ('P', 'X') order by id limit 1)
+      from outbox where state in ('P', 'X')";
+
+/// Refreshes the backlog gauges every few seconds, on every instance (standbys too).
+pub async fn refresh_backlog(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        if let Ok(client) = pool.get().await {
+            if let Ok(row) = client.query_one(BACKLOG, &[]).await {
+                let (p, x, d, total): (f64, f64, f64, f64) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                metrics.rows.with_label_values(&["P"]).set(p);
+                metrics.rows.with_label_values(&["X"]).set(x);
+                metrics.rows.with_label_values(&["D"]).set(d);
+                metrics
+                    .rows
+                    .with_label_values(&["E"])
+                    .set((total - p - x - d).max(0.0));
+                metrics
+                    .oldest_unsent_age
+                    .set(row.get::<_, Option<f64>>(4).unwrap_or(0.0));
+            }
+        }
+        crate::leader::sleep_or_cancel(Duration::from_secs(5), &shutdown).await;
+    }
+}

@@ -1,0 +1,443 @@
+//! Claiming due outbox rows, publishing them with the idempotent producer, and marking the batch
+//! from the delivery reports: one statement for the sent rows, one for the failed ones.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::db::PgPool;
+use outbox_core::envelope::{HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
+use outbox_core::kafka;
+use outbox_core::schedule::exponential_backoff;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::leader::sleep_or_cancel;
+use crate::{Config, Metrics};
+
+/// Due `P`/`X` rows in id order, never a row whose key has an older unsent row that is not due
+/// (that row would then be overtaken). Older due rows of the same key are in the same batch,
+/// before it, and the idempotent producer keeps their order within the partition.
+const CLAIM_DUE_ROWS: &str = "
+    select o.id, o.topic, o.aggregate_id, o.payload::text, o.headers, o.attempts, o.created_at
+      from outbox o
+     where o.state in ('P', 'X') and o.next_attempt_at <= now()
+       and not exists (
+             select 1 from outbox older
+              where older.aggregate_id = o.aggregate_id and older.state in ('P', 'X')
+                and older.id < o.id and older.next_attempt_at > now())
+     order by o.id
+     limit $1";
+
+const MARK_SENT: &str = "
+    update outbox o
+       set state = 'E', kafka_partition = u.partition, kafka_offset = u.kafka_offset,
+           sent_at = now(), attempts = o.attempts + 1, last_error = null
+      from unnest($1::bigint[], $2::int[], $3::bigint[]) as u(id, partition, kafka_offset)
+     where o.id = u.id and o.state in ('P', 'X')";
+
+const MARK_FAILED: &str = "
+    update outbox o
+       set state = u.state, attempts = o.attempts + 1, last_error = u.error,
+           next_attempt_at = now() + u.delay_ms * interval '1 millisecond'
+      from unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) as u(id, state, error, delay_ms)
+     where o.id = u.id and o.state in ('P', 'X')";
+
+/// When the next unsent row falls due (to sleep exactly that long when nothing is due now).
+const NEXT_DUE: &str = "select min(next_attempt_at) from outbox where state in ('P', 'X')";
+
+struct Claimed {
+    id: i64,
+    topic: String,
+    key: String,
+    payload: String,
+    headers: Value,
+    attempts: i32,
+    created_at: DateTime<Utc>,
+}
+
+/// Errors that will not go away by waiting: the row counts towards `RELAY_MAX_ATTEMPTS` and then
+/// turns dead. Everything else (timeouts, broker down, leader changes) is transient and retried
+/// for as long as it takes.
+fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | InvalidMessage
+                | MessageBatchTooLarge
+                | TopicAuthorizationFailed
+                | InvalidTopic
+                | PolicyViolation
+        )
+    )
+}
+
+/// The relay's Kafka side and its batch loop.
+pub struct Publisher {
+    producer: Mutex<FutureProducer>,
+    brokers: String,
+    send_timeout: Duration,
+    pool: PgPool,
+    metrics: Metrics,
+    configured_topics: Vec<String>,
+    known_topics: Mutex<HashSet<String>>,
+    partitions: i32,
+    batch_size: i64,
+    poll_interval: Duration,
+    max_attempts: i32,
+    retry_base: Duration,
+    retry_max: Duration,
+}
+
+impl Publisher {
+    pub fn new(
+        config: &Config,
+        topics: Vec<String>,
+        pool: PgPool,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        let producer = Self::create_producer(&config.kafka.kafka_brokers, config.send_timeout)?;
+        Ok(Publisher {
+            producer: Mutex::new(producer),
+            brokers: config.kafka.kafka_brokers.clone(),
+            send_timeout: config.send_timeout,
+            pool,
+            metrics,
+            configured_topics: topics,
+            known_topics: Mutex::new(HashSet::new()),
+            partitions: config.topic_partitions,
+            batch_size: config.batch_size.max(1),
+            poll_interval: config.poll_interval,
+            max_attempts: config.max_attempts.max(1),
+            retry_base: config.retry_base,
+            retry_max: config.retry_max,
+        })
+    }
+
+    fn create_producer(brokers: &str, send_timeout: Duration) -> anyhow::Result<FutureProducer> {
+        Ok(kafka::idempotent_producer_config(brokers, "outbox-relay", send_timeout).create()?)
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.lock().expect("producer lock").clone()
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// True when the cluster answers a metadata request within two seconds.
+    pub async fn kafka_reachable(&self) -> bool {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Publishes batches while `leadership` and `shutdown` hold; sleeps until NOTIFY, the next due
+    /// row or the poll interval when nothing is due.
+    pub async fn lead(
+        &self,
+        wake: &Notify,
+        leadership: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) {
+        self.ensure_topics(&self.configured_topics).await;
+        let mut db_backoff = Duration::from_millis(100);
+        while !leadership.is_cancelled() && !shutdown.is_cancelled() {
+            match self.publish_batch().await {
+                Ok(0) => {
+                    let wait = self.until_next_due().await;
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = leadership.cancelled() => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+                Ok(_) => db_backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
+                    sleep_or_cancel(db_backoff, leadership).await;
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn until_next_due(&self) -> Duration {
+        let next: Option<DateTime<Utc>> = match self.pool.get().await {
+            Ok(client) => client
+                .query_one(NEXT_DUE, &[])
+                .await
+                .ok()
+                .and_then(|r| r.get(0)),
+            Err(_) => None,
+        };
+        match next {
+            Some(at) => (at - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::from_millis(5))
+                .clamp(Duration::from_millis(5), self.poll_interval),
+            None => self.poll_interval,
+        }
+    }
+
+    /// Creates the topics not yet known to exist. A failure (Kafka down) is logged; the sends then
+    /// fail transiently and their rows turn X until Kafka is back.
+    async fn ensure_topics(&self, topics: &[String]) {
+        let missing: Vec<String> = {
+            let known = self.known_topics.lock().expect("topics lock");
+            topics
+                .iter()
+                .filter(|t| !known.contains(*t))
+                .cloned()
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let created = tokio::time::timeout(
+            self.send_timeout,
+            kafka::ensure_topics(&self.brokers, &missing, self.partitions),
+        )
+        .await;
+        match created {
+            Ok(Ok(())) => self
+                .known_topics
+                .lock()
+                .expect("topics lock")
+                .extend(missing),
+            Ok(Err(error)) => tracing::warn!(%error, "topics not created yet"),
+            Err(_) => tracing::warn!(topics = ?missing, "topic creation timed out (is Kafka up?)"),
+        }
+    }
+
+    /// Claims one batch, publishes it and marks every row: E with its partition and offset, or X/D
+    /// with the error and the next attempt time. Returns how many rows the batch had.
+    pub async fn publish_batch(&self) -> Result<usize, BatchError> {
+        let rows: Vec<Claimed> = {
+            let client = self.pool.get().await?;
+            client
+                .query(CLAIM_DUE_ROWS, &[&self.batch_size])
+                .await?
+                .iter()
+                .map(|r| Claimed {
+                    id: r.get(0),
+                    topic: r.get(1),
+                    key: r.get(2),
+                    payload: r.get(3),
+                    headers: r.get(4),
+                    attempts: r.get(5),
+                    created_at: r.get(6),
+                })
+                .collect()
+        };
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        self.metrics.batch_size.observe(rows.len() as f64);
+        let batch_topics: Vec<String> = rows
+            .iter()
+            .map(|r| r.topic.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        self.ensure_topics(&batch_topics).await;
+
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            pending.push(self.enqueue(&producer, row).await);
+        }
+        let mut sent = Sent::default();
+        let mut failed = Failed::default();
+        for (row, delivery) in rows.iter().zip(pending) {
+            let outcome = match delivery {
+                Ok(future) => match future.await {
+                    Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+                    Ok(Err((error, _))) => Err(error),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok((partition, offset)) => {
+                    sent.ids.push(row.id);
+                    sent.partitions.push(partition);
+                    sent.offsets.push(offset);
+                    *sent.per_topic.entry(row.topic.as_str()).or_default() += 1;
+                    let latency = (Utc::now() - row.created_at)
+                        .num_microseconds()
+                        .unwrap_or(0) as f64
+                        / 1e6;
+                    self.metrics.commit_to_ack.observe(latency.max(0.0));
+                }
+                Err(error) => {
+                    let permanent = is_permanent(&error);
+                    let attempts = row.attempts + 1;
+                    let dead = permanent && attempts >= self.max_attempts;
+                    let delay =
+                        exponential_backoff(attempts as u32, self.retry_base, self.retry_max);
+                    failed.ids.push(row.id);
+                    failed.states.push(if dead { "D" } else { "X" }.to_owned());
+                    failed.errors.push(error.to_string());
+                    failed.delays_ms.push(delay.as_millis() as i64);
+                    self.metrics
+                        .failures
+                        .with_label_values(&[if permanent { "permanent" } else { "transient" }])
+                        .inc();
+                    if dead {
+                        self.metrics.dead.inc();
+                        tracing::error!(outbox_id = row.id, attempts, %error, "row is dead: non-transient error after the last attempt");
+                    }
+                }
+            }
+        }
+        let total = rows.len();
+        self.mark(&sent, &failed).await?;
+        for (topic, n) in &sent.per_topic {
+            self.metrics
+                .published
+                .with_label_values(&[topic])
+                .inc_by(*n);
+        }
+        if !failed.ids.is_empty() {
+            tracing::warn!(sent = sent.ids.len(), failed = failed.ids.len(), first_error = %failed.errors[0], "batch partly failed; failed rows turned X (or D)");
+        } else {
+            tracing::debug!(sent = total, "batch published");
+        }
+        self.replace_producer_if_fatal();
+        Ok(total)
+    }
+
+    async fn enqueue(
+        &self,
+        producer: &FutureProducer,
+        row: &Claimed,
+    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+        let header = |name: &str| {
+            row.headers
+                .get(name)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (event_id, event_type, correlation_id) = (
+            header(HEADER_EVENT_ID),
+            header(HEADER_EVENT_TYPE),
+            header(HEADER_CORRELATION_ID),
+        );
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: HEADER_EVENT_ID,
+                value: Some(&event_id),
+            })
+            .insert(Header {
+                key: HEADER_EVENT_TYPE,
+                value: Some(&event_type),
+            })
+            .insert(Header {
+                key: HEADER_CORRELATION_ID,
+                value: Some(&correlation_id),
+            });
+        let mut record = FutureRecord::to(&row.topic)
+            .key(&row.key)
+            .payload(&row.payload)
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(future) => return Ok(future),
+                // librdkafka's local queue is full: wait for deliveries to drain it.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    async fn mark(&self, sent: &Sent<'_>, failed: &Failed) -> Result<(), BatchError> {
+        let client = self.pool.get().await?;
+        if !sent.ids.is_empty() {
+            client
+                .execute(MARK_SENT, &[&sent.ids, &sent.partitions, &sent.offsets])
+                .await?;
+        }
+        if !failed.ids.is_empty() {
+            client
+                .execute(
+                    MARK_FAILED,
+                    &[
+                        &failed.ids,
+                        &failed.states,
+                        &failed.errors,
+                        &failed.delays_ms,
+                    ],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A fatal idempotent-producer error poisons the instance: drop it and start a new one. The
+    /// rows of its purged records were marked X above and will be sent again.
+    fn replace_producer_if_fatal(&self) {
+        let producer = self.producer();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::error!(
+                ?code,
+                reason,
+                "fatal Kafka producer error; recreating the producer"
+            );
+            match Self::create_producer(&self.brokers, self.send_timeout) {
+                Ok(fresh) => *self.producer.lock().expect("producer lock") = fresh,
+                Err(error) => tracing::error!(%error, "cannot recreate the Kafka producer"),
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Sent<'a> {
+    ids: Vec<i64>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    per_topic: HashMap<&'a str, u64>,
+}
+
+#[derive(Default)]
+struct Failed {
+    ids: Vec<i64>,
+    states: Vec<String>,
+    errors: Vec<String>,
+    delays_ms: Vec<i64>,
+}
+
+/// Why a batch could not be claimed or marked. Its rows stay as they were and are sent again.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("PostgreSQL is unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}

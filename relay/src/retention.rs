@@ -1,0 +1,62 @@
+//! Deletes sent rows older than `OUTBOX_RETENTION`, a small batch at a time, so the delete never
+//! holds many row locks or competes with publishing for long.
+
+use std::time::Duration;
+
+use outbox_core::db::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::leader::sleep_or_cancel;
+use crate::Metrics;
+
+const BATCH: i64 = 1000;
+
+const DELETE_OLD_SENT: &str = "
+    delete from outbox where id in (
+        select id from outbox
+         where state = 'E' and sent_at < now() - ($1::bigint * interval '1 millisecond')
+         order by sent_at limit $2)";
+
+/// Runs until `stop` (leadership ends): every `interval`, deletes old sent rows in batches.
+pub async fn run(
+    pool: PgPool,
+    retention: Duration,
+    interval: Duration,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
+    while !stop.is_cancelled() {
+        loop {
+            let deleted = match pool.get().await {
+                Ok(client) => {
+                    client
+                        .execute(DELETE_OLD_SENT, &[&retention_ms, &BATCH])
+                        .await
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "retention skipped: PostgreSQL unavailable");
+                    break;
+                }
+            };
+            match deleted {
+                Ok(n) => {
+                    metrics.retention_deleted.inc_by(n);
+                    if n > 0 {
+                        tracing::info!(deleted = n, "retention deleted old sent rows");
+                    }
+                    if (n as i64) < BATCH || stop.is_cancelled() {
+                        break;
+                    }
+                    // Let publishing have the database between batches.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "retention delete failed");
+                    break;
+                }
+            }
+        }
+        sleep_or_cancel(interval, &stop).await;
+    }
+}

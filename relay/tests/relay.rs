@@ -1,0 +1,233 @@
+//! The relay against a real PostgreSQL and the local Kafka broker.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox_core::testing::{eventually, kafka_brokers, read_topic};
+use support::{contents_by_key, id_counts, message, Pipeline};
+
+#[tokio::test]
+async fn a_thousand_concurrent_posts_each_reach_the_topic_once() {
+    let p = Pipeline::start(&kafka_brokers(), |_| {}).await;
+    let bodies = (0..1000).map(|i| message(format!("m{i}"), None)).collect();
+    let ids = p.post_many(bodies, 64).await;
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 1000);
+    p.all_sent(1000, Duration::from_secs(60)).await;
+
+    let records = read_topic(&p.topic, 1000, Duration::from_secs(30)).await;
+    let counts = id_counts(&records);
+    assert_eq!(records.len(), 1000, "each event once");
+    assert_eq!(
+        counts.keys().collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>()
+    );
+    for r in records.iter().take(20) {
+        let envelope = r.json();
+        assert_eq!(r.header("event_id"), envelope["id"].as_str());
+        assert_eq!(r.header("event_type"), Some("message.created"));
+        assert_eq!(
+            r.header("correlation_id"),
+            envelope["metadata"]["correlation_id"].as_str()
+        );
+        assert_eq!(r.key.as_deref(), envelope["data"]["key"].as_str());
+    }
+    // Rows carry where Kafka put them.
+    let unplaced = p
+        .db
+        .count("select count(*) from outbox where kafka_offset is null or kafka_partition is null or sent_at is null")
+        .await;
+    assert_eq!(unplaced, 0);
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "relay_events_published_total{{topic=\"{}\"}} 1000",
+            p.topic
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("relay_is_leader 1"));
+}
+
+#[tokio::test]
+async fn events_of_one_key_keep_their_order() {
+    let p = Pipeline::start(&kafka_brokers(), |c| c.batch_size = 7).await;
+    let keys = ["k1", "k2", "k3", "k4"];
+    let per_key = 30;
+    // Each key's messages are posted in sequence; keys interleave.
+    futures::future::join_all(keys.iter().map(|key| {
+        let p = &p;
+        async move {
+            for i in 0..per_key {
+                p.post(message(format!("{i:03}"), Some(key))).await;
+            }
+        }
+    }))
+    .await;
+    p.all_sent((keys.len() * per_key) as i64, Duration::from_secs(60))
+        .await;
+    let records = read_topic(&p.topic, keys.len() * per_key, Duration::from_secs(30)).await;
+    let by_key = contents_by_key(&records);
+    for key in keys {
+        let expected: Vec<String> = (0..per_key).map(|i| format!("{i:03}")).collect();
+        assert_eq!(by_key[key], expected, "order of key {key}");
+    }
+}
+
+#[tokio::test]
+async fn an_older_row_waiting_for_retry_holds_back_newer_rows_of_its_key() {
+    let p = Pipeline::start(&kafka_brokers(), |_| {}).await;
+    // Stop the relay so the rows can be arranged before it sees them.
+    p.relay_stop.cancel();
+    let _ = p.relay.as_ref().map(|h| h.abort());
+    let first = p.post(message("first", Some("held"))).await;
+    p.post(message("second", Some("held"))).await;
+    p.post(message("other", Some("free"))).await;
+    p.db.client()
+        .await
+        .execute(
+            "update outbox set state = 'X', attempts = 1, next_attempt_at = now() + interval '2 seconds' where event_id = $1",
+            &[&first],
+        )
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = support::relay_config(&p.db, &kafka_brokers(), &p.topic);
+    let _relay = support::start_relay(config, stop.clone()).await;
+    eventually(
+        "the free key's row sent",
+        Duration::from_secs(10),
+        || async { (p.count_state("E").await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        p.db.count("select count(*) from outbox where aggregate_id = 'held' and state = 'E'")
+            .await,
+        0,
+        "the newer 'held' row must wait for the older one"
+    );
+    p.all_sent(3, Duration::from_secs(15)).await;
+    let records = read_topic(&p.topic, 3, Duration::from_secs(20)).await;
+    assert_eq!(contents_by_key(&records)["held"], ["first", "second"]);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_record_kafka_refuses_turns_dead_after_the_configured_attempts_and_others_flow() {
+    let brokers = kafka_brokers();
+    let topic = outbox_core::testing::unique_topic("relay-small");
+    // A topic whose records may hold at most 2000 bytes: larger ones are refused for good.
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            outbox_core::kafka::base_config(&brokers, "test-admin")
+                .create()
+                .unwrap();
+        let topic =
+            NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "2000");
+        admin
+            .create_topics(&[topic], &AdminOptions::new())
+            .await
+            .unwrap();
+    }
+    let db = outbox_core::testing::TestDb::create().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
+    let mut config = support::relay_config(&db, &brokers, &topic);
+    config.max_attempts = 2;
+    let (relay_url, _relay) = support::start_relay(config, stop.clone()).await;
+    let http = reqwest::Client::new();
+    // Random text does not compress below the limit.
+    let big: String = (0..200)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    for content in ["small-1", big.as_str(), "small-2"] {
+        let r = http
+            .post(format!("{producer_url}/messages"))
+            .json(&serde_json::json!({"content": content, "key": content.len().to_string()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    eventually(
+        "the large row dead, the small ones sent",
+        Duration::from_secs(30),
+        || async {
+            let dead = db
+                .count("select count(*) from outbox where state = 'D'")
+                .await;
+            let sent = db
+                .count("select count(*) from outbox where state = 'E'")
+                .await;
+            (dead == 1 && sent == 2).then_some(())
+        },
+    )
+    .await;
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "select attempts, last_error from outbox where state = 'D'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    let error: String = row.get(1);
+    assert!(error.to_lowercase().contains("too large"), "{error}");
+    let metrics = http
+        .get(format!("{relay_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("relay_events_dead_total 1"), "{metrics}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn retention_deletes_old_sent_rows_only() {
+    let p = Pipeline::start(&kafka_brokers(), |c| {
+        c.retention = Duration::from_secs(3600);
+        c.retention_interval = Duration::from_millis(100);
+    })
+    .await;
+    let ids = p
+        .post_many((0..6).map(|i| message(format!("r{i}"), None)).collect(), 6)
+        .await;
+    p.all_sent(6, Duration::from_secs(30)).await;
+    p.db.client()
+        .await
+        .execute(
+            "update outbox set sent_at = now() - interval '2 hours' where event_id = any($1)",
+            &[&ids[..4].to_vec()],
+        )
+        .await
+        .unwrap();
+    eventually("old sent rows deleted", Duration::from_secs(10), || async {
+        (p.db.count("select count(*) from outbox").await == 2).then_some(())
+    })
+    .await;
+    // A message whose outbox row is gone still reads as sent.
+    let id: uuid::Uuid =
+        p.db.client()
+            .await
+            .query_one("select id from messages where event_id = $1", &[&ids[0]])
+            .await
+            .unwrap()
+            .get(0);
+    let view: serde_json::Value = p
+        .http
+        .get(format!("{}/messages/{id}", p.producer_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "E");
+}
