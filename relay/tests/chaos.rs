@@ -1,0 +1,252 @@
+//! Stopping things: the Kafka broker under load, and the leading relay process.
+//!
+//! The outage test runs its own broker (port 19092, state in /var/tmp/outbox-chaos) through
+//! `scripts/stack.sh kafka-stop` / `kafka-start`, so other tests keep the shared one.
+
+mod support;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox_core::testing::{eventually, kafka_brokers, read_topic, read_topic_from};
+use support::{contents_by_key, id_counts, message, Pipeline};
+
+const CHAOS_BROKER: &str = "127.0.0.1:19092";
+
+fn chaos_stack(subcommand: &str) {
+    let script = std::env::var("TEST_STACK_SCRIPT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh").to_owned());
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(subcommand)
+        .env("OUTBOX_STACK_DIR", "/var/tmp/outbox-chaos")
+        .env("KAFKA_PORT", "19092")
+        .env("KAFKA_CONTROLLER_PORT", "19093")
+        .env("KAFKA_HEAP", "384m")
+        .status()
+        .expect("run scripts/stack.sh");
+    assert!(status.success(), "scripts/stack.sh {subcommand} failed");
+}
+
+#[tokio::test]
+async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
+    chaos_stack("kafka-start");
+    let p = Pipeline::start(CHAOS_BROKER, |c| {
+        c.send_timeout = Duration::from_secs(1);
+        c.retry_max = Duration::from_millis(500);
+        c.batch_size = 50;
+    })
+    .await;
+    let keys = ["a", "b", "c", "d"];
+    let post_round = |round: std::ops::Range<usize>| {
+        let p = &p;
+        futures::future::join_all(keys.iter().map(move |key| {
+            let round = round.clone();
+            async move {
+                let mut ids = Vec::new();
+                for i in round {
+                    ids.push(p.post(message(format!("{i:03}"), Some(key))).await);
+                }
+                ids
+            }
+        }))
+    };
+    let mut ids: Vec<String> = post_round(0..5).await.into_iter().flatten().collect();
+    p.all_sent(20, Duration::from_secs(30)).await;
+
+    chaos_stack("kafka-stop");
+    ids.extend(post_round(5..20).await.into_iter().flatten());
+    eventually(
+        "rows turn X while Kafka is down",
+        Duration::from_secs(30),
+        || async { (p.count_state("X").await > 0).then_some(()) },
+    )
+    .await;
+    let ready = p
+        .http
+        .get(format!("{}/ready", p.relay_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "the relay reports not-ready while Kafka is down"
+    );
+    assert_eq!(
+        p.count_state("D").await,
+        0,
+        "an outage never makes a row dead"
+    );
+    assert!(
+        !p.relay.as_ref().unwrap().is_finished(),
+        "the relay keeps running"
+    );
+
+    chaos_stack("kafka-start");
+    let back = Instant::now();
+    p.all_sent(80, Duration::from_secs(60)).await;
+    eprintln!(
+        "all rows sent {:?} after Kafka answered again",
+        back.elapsed()
+    );
+    assert!(!p.relay.as_ref().unwrap().is_finished());
+
+    let records = read_topic_from(CHAOS_BROKER, &p.topic, 80, Duration::from_secs(30)).await;
+    let counts = id_counts(&records);
+    let expected: HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        counts.keys().collect::<HashSet<_>>(),
+        expected,
+        "no event lost, none unexpected"
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "each event in the topic once: {counts:?}"
+    );
+    let by_key = contents_by_key(&records);
+    for key in keys {
+        let in_order: Vec<String> = (0..20).map(|i| format!("{i:03}")).collect();
+        assert_eq!(
+            by_key[key], in_order,
+            "order of key {key} through the outage"
+        );
+    }
+    p.relay_stop.cancel();
+    chaos_stack("kafka-stop");
+}
+
+struct RelayProcess {
+    child: Child,
+    url: String,
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_relay_process(database_url: &str, topic: &str, lock_key: i64) -> RelayProcess {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .env("DATABASE_URL", database_url)
+        .env("KAFKA_BROKERS", kafka_brokers())
+        .env("KAFKA_TOPIC", topic)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("RELAY_LOCK_KEY", lock_key.to_string())
+        .env("RELAY_STANDBY_POLL", "200ms")
+        .env("RELAY_POLL_INTERVAL", "200ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the relay binary");
+    RelayProcess {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn is_leader(http: &reqwest::Client, relay: &RelayProcess) -> Option<bool> {
+    let text = http
+        .get(format!("{}/metrics", relay.url))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(text.lines().any(|l| l == "relay_is_leader 1"))
+}
+
+#[tokio::test]
+async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
+    let db = outbox_core::testing::TestDb::create().await;
+    let topic = outbox_core::testing::unique_topic("relay-failover");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
+    let lock_key = (uuid::Uuid::new_v4().as_u128() as i64).abs();
+    let http = reqwest::Client::new();
+
+    let first = spawn_relay_process(&db.url, &topic, lock_key);
+    eventually("the first relay leads", Duration::from_secs(20), || async {
+        is_leader(&http, &first).await.filter(|&l| l)
+    })
+    .await;
+    let second = spawn_relay_process(&db.url, &topic, lock_key);
+    eventually(
+        "the second relay stands by",
+        Duration::from_secs(20),
+        || async { is_leader(&http, &second).await.filter(|&l| !l) },
+    )
+    .await;
+
+    let total = 600;
+    let post = |i: usize| {
+        let http = &http;
+        let producer_url = &producer_url;
+        async move {
+            let r = http
+                .post(format!("{producer_url}/messages"))
+                .json(&message(format!("f{i}"), None))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<serde_json::Value>().await.unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let mut ids = Vec::new();
+    let mut first = Some(first);
+    let mut killed_at = None;
+    for i in 0..total {
+        ids.push(post(i).await);
+        if i == total / 3 {
+            // SIGKILL: no graceful step-down; PostgreSQL ends its session and frees the lock.
+            drop(first.take());
+            killed_at = Some(Instant::now());
+        }
+    }
+    let takeover = eventually(
+        "the standby takes over",
+        Duration::from_secs(20),
+        || async { is_leader(&http, &second).await.filter(|&l| l).map(|_| ()) },
+    )
+    .await;
+    let _ = takeover;
+    eprintln!(
+        "standby leads {:?} after the leader was killed",
+        killed_at.unwrap().elapsed()
+    );
+    eventually("every row sent", Duration::from_secs(60), || async {
+        (db.count("select count(*) from outbox where state = 'E'")
+            .await
+            == total as i64)
+            .then_some(())
+    })
+    .await;
+
+    let records = read_topic(&topic, total, Duration::from_secs(30)).await;
+    let counts = id_counts(&records);
+    let missing = ids.iter().filter(|id| !counts.contains_key(*id)).count();
+    let unexpected = counts.keys().filter(|id| !ids.contains(id)).count();
+    let duplicates: usize = counts.values().map(|&n| n - 1).sum();
+    eprintln!("failover: {total} acknowledged, {} received, {missing} missing, {unexpected} unexpected, {duplicates} duplicates", records.len());
+    assert_eq!(missing, 0, "no acknowledged event may be lost");
+    assert_eq!(unexpected, 0);
+    stop.cancel();
+    drop(second);
+}
