@@ -6,6 +6,7 @@ create table messages (
     aggregate_id   text        not null,
     event_type     text        not null,
     event_id       text        not null unique,
+    outbox_id      bigint      not null,
     data           jsonb,
     correlation_id text        not null,
     created_at     timestamptz not null default now()
@@ -15,21 +16,30 @@ create index messages_created on messages (created_at desc, id desc);
 -- States (contract): P pending, E sent, X error (retried at next_attempt_at), D dead (replayable).
 create table outbox (
     id              bigint generated always as identity primary key,
-    event_id        text        not null unique,
+    -- Unique by construction (UUIDv7); not indexed, because every mark would have to update
+    -- that index too. Messages find their row by outbox_id.
+    event_id        text        not null,
     event_type      text        not null,
     aggregate_id    text        not null,
     topic           text        not null,
-    payload         jsonb       not null,
+    payload         json        not null,
     headers         jsonb       not null default '{}'::jsonb,
     state           char(1)     not null default 'P' check (state in ('P', 'E', 'X', 'D')),
     attempts        integer     not null default 0,
     last_error      text,
+    -- transient or permanent: a row that last failed permanently is retried alone, so that a
+    -- record Kafka refuses cannot take its batch-mates down with it.
+    last_error_kind text check (last_error_kind in ('transient', 'permanent')),
     next_attempt_at timestamptz not null default now(),
     kafka_partition integer,
     kafka_offset    bigint,
     created_at      timestamptz not null default now(),
     sent_at         timestamptz
 );
+-- Keep the envelope out of line (TOAST, uncompressed): marking a row sent then writes a small
+-- tuple instead of copying the whole payload, which is what bounds the relay's drain rate.
+alter table outbox alter column payload set storage external;
+alter table outbox set (toast_tuple_target = 128);
 -- Finding due rows stays cheap however many sent rows pile up: only unsent rows are indexed.
 create index outbox_unsent on outbox (id) include (next_attempt_at, aggregate_id) where state in ('P', 'X');
 -- Per-key order: "is there an older unsent row with this key?" is one index probe.

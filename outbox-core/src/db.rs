@@ -42,7 +42,22 @@ const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78_0001;
 
 /// Builds a pool. It connects lazily, so a service starts even while PostgreSQL is down.
 pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
+    build_pool(url, size, None)
+}
+
+/// A pool whose commits do not wait for the WAL flush (`synchronous_commit = off`). Only for
+/// writes that are safe to lose in a PostgreSQL crash because they are redone: the relay's
+/// "marked sent" updates (a lost mark means the row is sent again, a duplicate the consumers drop).
+/// Never for writes that acknowledge something to a client.
+pub fn pool_without_flush_wait(url: &str, size: usize) -> Result<Pool, DbError> {
+    build_pool(url, size, Some("-c synchronous_commit=off"))
+}
+
+fn build_pool(url: &str, size: usize, options: Option<&str>) -> Result<Pool, DbError> {
     let mut config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    if let Some(options) = options {
+        config.options(options);
+    }
     config.connect_timeout(Duration::from_secs(5));
     config.keepalives_idle(Duration::from_secs(30));
     if config.get_application_name().is_none() {

@@ -89,23 +89,24 @@ pub async fn create_message(
             correlation_id: new.correlation_id.clone(),
         },
     );
+    let outbox_id = outbox::insert_event(&tx, &envelope, &aggregate_id, &new.topic).await?;
     let row = tx
         .query_one(
-            "insert into messages (id, content, aggregate_id, event_type, event_id, data, correlation_id)
-             values ($1, $2, $3, $4, $5, $6, $7) returning created_at",
+            "insert into messages (id, content, aggregate_id, event_type, event_id, outbox_id, data, correlation_id)
+             values ($1, $2, $3, $4, $5, $6, $7, $8) returning created_at",
             &[
                 &id,
                 &new.content,
                 &aggregate_id,
                 &new.event_type,
                 &envelope.id,
+                &outbox_id,
                 &new.data,
                 &new.correlation_id,
             ],
         )
         .await?;
     let created_at: DateTime<Utc> = row.get(0);
-    let outbox_id = outbox::insert_event(&tx, &envelope, &aggregate_id, &new.topic).await?;
     let body = json!({
         "id": id,
         "event_id": envelope.id,
@@ -154,7 +155,7 @@ const MESSAGE_VIEW: &str = "
     select m.id, m.content, m.aggregate_id, m.event_type, m.event_id, m.data, m.correlation_id,
            m.created_at, o.state, coalesce(o.attempts, 0) as attempts, o.last_error, o.topic,
            o.kafka_partition, o.kafka_offset, o.sent_at
-      from messages m left join outbox o on o.event_id = m.event_id";
+      from messages m left join outbox o on o.id = m.outbox_id";
 
 fn message_view(row: &Row) -> MessageView {
     let state: Option<String> = row.get("state");

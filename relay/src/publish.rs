@@ -25,7 +25,8 @@ use crate::{Config, Metrics};
 /// (that row would then be overtaken). Older due rows of the same key are in the same batch,
 /// before it, and the idempotent producer keeps their order within the partition.
 const CLAIM_DUE_ROWS: &str = "
-    select o.id, o.topic, o.aggregate_id, o.payload::text, o.headers, o.attempts, o.created_at
+    select o.id, o.topic, o.aggregate_id, o.payload::text, o.headers, o.attempts, o.created_at,
+           o.last_error_kind = 'permanent' as solo
       from outbox o
      where o.state in ('P', 'X') and o.next_attempt_at <= now()
        and not exists (
@@ -38,15 +39,16 @@ const CLAIM_DUE_ROWS: &str = "
 const MARK_SENT: &str = "
     update outbox o
        set state = 'E', kafka_partition = u.partition, kafka_offset = u.kafka_offset,
-           sent_at = now(), attempts = o.attempts + 1, last_error = null
+           sent_at = now(), attempts = o.attempts + 1, last_error = null, last_error_kind = null
       from unnest($1::bigint[], $2::int[], $3::bigint[]) as u(id, partition, kafka_offset)
      where o.id = u.id and o.state in ('P', 'X')";
 
 const MARK_FAILED: &str = "
     update outbox o
-       set state = u.state, attempts = o.attempts + 1, last_error = u.error,
+       set state = u.state, attempts = o.attempts + 1, last_error = u.error, last_error_kind = u.kind,
            next_attempt_at = now() + u.delay_ms * interval '1 millisecond'
-      from unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) as u(id, state, error, delay_ms)
+      from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+           as u(id, state, error, kind, delay_ms)
      where o.id = u.id and o.state in ('P', 'X')";
 
 /// When the next unsent row falls due (to sleep exactly that long when nothing is due now).
@@ -60,6 +62,8 @@ struct Claimed {
     headers: Value,
     attempts: i32,
     created_at: DateTime<Utc>,
+    /// Last failed permanently: sent alone, after everything before it was acknowledged.
+    solo: bool,
 }
 
 /// Errors that will not go away by waiting: the row counts towards `RELAY_MAX_ATTEMPTS` and then
@@ -234,6 +238,7 @@ impl Publisher {
     /// Claims one batch, publishes it and marks every row: E with its partition and offset, or X/D
     /// with the error and the next attempt time. Returns how many rows the batch had.
     pub async fn publish_batch(&self) -> Result<usize, BatchError> {
+        let claim_started = std::time::Instant::now();
         let rows: Vec<Claimed> = {
             let client = self.pool.get().await?;
             client
@@ -248,6 +253,7 @@ impl Publisher {
                     headers: r.get(4),
                     attempts: r.get(5),
                     created_at: r.get(6),
+                    solo: r.get::<_, Option<bool>>(7).unwrap_or(false),
                 })
                 .collect()
         };
@@ -263,22 +269,13 @@ impl Publisher {
             .collect();
         self.ensure_topics(&batch_topics).await;
 
+        let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
+        let send_started = std::time::Instant::now();
         let producer = self.producer();
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
-            pending.push(self.enqueue(&producer, row).await);
-        }
+        let outcomes = self.send_in_order(&producer, &rows).await;
         let mut sent = Sent::default();
         let mut failed = Failed::default();
-        for (row, delivery) in rows.iter().zip(pending) {
-            let outcome = match delivery {
-                Ok(future) => match future.await {
-                    Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-                    Ok(Err((error, _))) => Err(error),
-                    Err(_) => Err(KafkaError::Canceled),
-                },
-                Err(error) => Err(error),
-            };
+        for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
                 Ok((partition, offset)) => {
                     sent.ids.push(row.id);
@@ -294,12 +291,17 @@ impl Publisher {
                 Err(error) => {
                     let permanent = is_permanent(&error);
                     let attempts = row.attempts + 1;
-                    let dead = permanent && attempts >= self.max_attempts;
+                    // A batch-mate's refusal can fail a good record, so only a failure of the
+                    // record sent alone counts as the last one.
+                    let dead = permanent && row.solo && attempts >= self.max_attempts;
                     let delay =
                         exponential_backoff(attempts as u32, self.retry_base, self.retry_max);
                     failed.ids.push(row.id);
                     failed.states.push(if dead { "D" } else { "X" }.to_owned());
                     failed.errors.push(error.to_string());
+                    failed
+                        .kinds
+                        .push(if permanent { "permanent" } else { "transient" }.to_owned());
                     failed.delays_ms.push(delay.as_millis() as i64);
                     self.metrics
                         .failures
@@ -313,7 +315,16 @@ impl Publisher {
             }
         }
         let total = rows.len();
+        let send_ms = send_started.elapsed().as_secs_f64() * 1000.0;
+        let mark_started = std::time::Instant::now();
         self.mark(&sent, &failed).await?;
+        tracing::debug!(
+            rows = total,
+            claim_ms,
+            send_ms,
+            mark_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
+            "batch timing"
+        );
         for (topic, n) in &sent.per_topic {
             self.metrics
                 .published
@@ -327,6 +338,46 @@ impl Publisher {
         }
         self.replace_producer_if_fatal();
         Ok(total)
+    }
+
+    /// Sends the rows in id order and returns each one's outcome. Rows flagged `solo` are sent
+    /// alone: everything before them is acknowledged first, and they are acknowledged before
+    /// anything after them is sent, so per-key order holds around them too.
+    async fn send_in_order(
+        &self,
+        producer: &FutureProducer,
+        rows: &[Claimed],
+    ) -> Vec<Result<(i32, i64), KafkaError>> {
+        let mut outcomes = Vec::with_capacity(rows.len());
+        let mut pending = Vec::new();
+        for row in rows {
+            if row.solo {
+                outcomes.extend(Self::acknowledged(std::mem::take(&mut pending)).await);
+                let alone = vec![self.enqueue(producer, row).await];
+                outcomes.extend(Self::acknowledged(alone).await);
+            } else {
+                pending.push(self.enqueue(producer, row).await);
+            }
+        }
+        outcomes.extend(Self::acknowledged(pending).await);
+        outcomes
+    }
+
+    async fn acknowledged(
+        pending: Vec<Result<rdkafka::producer::DeliveryFuture, KafkaError>>,
+    ) -> Vec<Result<(i32, i64), KafkaError>> {
+        let mut outcomes = Vec::with_capacity(pending.len());
+        for delivery in pending {
+            outcomes.push(match delivery {
+                Ok(future) => match future.await {
+                    Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+                    Ok(Err((error, _))) => Err(error),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(error) => Err(error),
+            });
+        }
+        outcomes
     }
 
     async fn enqueue(
@@ -391,6 +442,7 @@ impl Publisher {
                         &failed.ids,
                         &failed.states,
                         &failed.errors,
+                        &failed.kinds,
                         &failed.delays_ms,
                     ],
                 )
@@ -430,6 +482,7 @@ struct Failed {
     ids: Vec<i64>,
     states: Vec<String>,
     errors: Vec<String>,
+    kinds: Vec<String>,
     delays_ms: Vec<i64>,
 }
 

@@ -28,6 +28,7 @@ impl Drop for Pipeline {
 }
 
 pub fn relay_config(db: &TestDb, brokers: &str, topic: &str) -> relay::Config {
+    outbox_core::telemetry::init_logging();
     let mut config: relay::Config = outbox_core::config::from_env().expect("relay defaults");
     config.database.database_url = db.url.clone();
     config.kafka.kafka_brokers = brokers.to_owned();
