@@ -157,7 +157,7 @@ def check_dashboard(path, known, uids, rules):
                 "record": f"dashboard:{uid}:{p.get('id')}:{t.get('refId')}".replace("-", "_"),
                 "expr": expr.replace("$__rate_interval", "5m").replace("$endpoint", ".*"),
             })
-    print(f"  ok-checked {where}: uid={uid} panels={len(ids)} targets={n_targets}")
+    print(f"  checked {where}: uid={uid} panels={len(ids)} targets={n_targets}")
 
 
 def check_alerts(path, known):
@@ -181,7 +181,7 @@ def check_alerts(path, known):
             for a in ("summary", "description"):
                 if not r.get("annotations", {}).get(a):
                     error(aw, f"no {a} annotation")
-    print(f"  ok-checked {where}: {n} alerts")
+    print(f"  checked {where}: {n} alerts")
 
 
 def main():
