@@ -205,7 +205,7 @@ async fn retention_deletes_old_sent_rows_only() {
     p.db.client()
         .await
         .execute(
-            "update outbox set sent_at = now() - interval '2 hours' where event_id = any($1)",
+            "update outbox set created_at = now() - interval '3 hours', sent_at = now() - interval '2 hours' where event_id = any($1)",
             &[&ids[..4].to_vec()],
         )
         .await
