@@ -113,6 +113,13 @@ pub async fn run(
         config.database.database_pool_size,
     )?;
     let metrics = Metrics::new();
+    // Series exist from the start at 0, so rate() and increase() see the first failure.
+    for kind in ["transient", "permanent"] {
+        metrics.failures.with_label_values(&[kind]);
+    }
+    for topic in routes.topics() {
+        metrics.published.with_label_values(&[&topic]);
+    }
     let publisher = Arc::new(Publisher::new(
         &config,
         routes.topics(),
