@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "breakers_notifier",
         include_str!("../../sql/V3__breakers_notifier.sql"),
     ),
+    (5, "notifier", include_str!("../../sql/V5__notifier.sql")),
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
