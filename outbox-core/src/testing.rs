@@ -35,7 +35,12 @@ pub struct TestDb {
 impl TestDb {
     /// Creates `test_<random>` on the test server and applies every migration.
     pub async fn create() -> TestDb {
-        let server = server_url();
+        Self::create_on(&server_url()).await
+    }
+
+    /// [`TestDb::create`] on another PostgreSQL server (`server` names its maintenance database).
+    pub async fn create_on(server: &str) -> TestDb {
+        let server = server.to_owned();
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let (client, connection) = tokio_postgres::connect(&server, NoTls)
             .await
@@ -151,7 +156,12 @@ pub async fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<
 }
 
 /// [`read_topic`] on another broker.
-pub async fn read_topic_from(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+pub async fn read_topic_from(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
     use rdkafka::message::Headers;
     let consumer: StreamConsumer = crate::kafka::base_config(brokers, "test-reader")
         .set(

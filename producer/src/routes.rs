@@ -197,7 +197,11 @@ pub async fn create_message(
     let (status, body, replayed) = match outcome {
         Created::New(body) => {
             state.metrics.messages_created.inc();
-            tracing::info!(event_id = %body["event_id"], message_id = %body["id"], "message created");
+            tracing::info!(
+                event_id = body["event_id"].as_str().unwrap_or_default(),
+                message_id = body["id"].as_str().unwrap_or_default(),
+                "message created"
+            );
             (StatusCode::CREATED, body, false)
         }
         Created::Replayed(body) => {

@@ -1,7 +1,8 @@
 //! Stopping things: the Kafka broker under load, and the leading relay process.
 //!
-//! The outage test runs its own broker (port 19092, state in /var/tmp/outbox-chaos) through
-//! `scripts/stack.sh kafka-stop` / `kafka-start`, so other tests keep the shared one.
+//! The outage tests run their own broker (port 19092) and PostgreSQL (port 15432), with state in
+//! /var/tmp/outbox-chaos, through `scripts/stack.sh kafka-stop` / `kafka-start` / `pg-stop` /
+//! `pg-start`, so other tests keep the shared ones.
 
 mod support;
 
@@ -24,6 +25,7 @@ fn chaos_stack(subcommand: &str) {
         .env("KAFKA_PORT", "19092")
         .env("KAFKA_CONTROLLER_PORT", "19093")
         .env("KAFKA_HEAP", "384m")
+        .env("PG_PORT", "15432")
         .status()
         .expect("run scripts/stack.sh");
     assert!(status.success(), "scripts/stack.sh {subcommand} failed");
@@ -249,4 +251,119 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
     assert_eq!(unexpected, 0);
     stop.cancel();
     drop(second);
+}
+
+#[tokio::test]
+async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_resumes() {
+    chaos_stack("pg-start");
+    let db =
+        outbox_core::testing::TestDb::create_on("postgres://postgres@127.0.0.1:15432/postgres")
+            .await;
+    let topic = outbox_core::testing::unique_topic("relay-pg-outage");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
+    let (relay_url, relay) = support::start_relay(
+        support::relay_config(&db, &kafka_brokers(), &topic),
+        stop.clone(),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let post = |content: String| {
+        let http = &http;
+        let producer_url = &producer_url;
+        async move {
+            http.post(format!("{producer_url}/messages"))
+                .json(&message(content, None))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let r = post(format!("before-{i}")).await;
+        assert_eq!(r.status(), 201);
+        ids.push(
+            r.json::<serde_json::Value>().await.unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    eventually("the first rows sent", Duration::from_secs(30), || async {
+        (db.count("select count(*) from outbox where state = 'E'")
+            .await
+            == 10)
+            .then_some(())
+    })
+    .await;
+
+    chaos_stack("pg-stop");
+    let r = post("during".into()).await;
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable");
+    let ready = http.get(format!("{relay_url}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        http.get(format!("{relay_url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        !relay.is_finished(),
+        "the relay keeps running while PostgreSQL is down"
+    );
+
+    chaos_stack("pg-start");
+    for i in 0..10 {
+        let r = eventually(
+            "the producer writes again",
+            Duration::from_secs(30),
+            || async {
+                let r = post(format!("after-{i}")).await;
+                (r.status() == 201).then_some(r)
+            },
+        )
+        .await;
+        ids.push(
+            r.json::<serde_json::Value>().await.unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    eventually(
+        "every row sent after PostgreSQL's return",
+        Duration::from_secs(30),
+        || async {
+            (db.count("select count(*) from outbox where state = 'E'")
+                .await
+                == 20)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        db.count("select count(*) from messages").await,
+        20,
+        "no half-written message"
+    );
+    assert_eq!(
+        db.count("select count(*) from outbox").await,
+        20,
+        "no half-written event"
+    );
+    let records = read_topic(&topic, 20, Duration::from_secs(30)).await;
+    let counts = id_counts(&records);
+    assert!(
+        ids.iter().all(|id| counts.contains_key(id)),
+        "no acknowledged event lost"
+    );
+    assert_eq!(counts.len(), 20, "nothing unexpected");
+    stop.cancel();
+    chaos_stack("pg-stop");
 }
