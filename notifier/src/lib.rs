@@ -1,1 +1,185 @@
-pub fn placeholder() {}
+//! The notifier: the reference webhook receiver. It verifies signatures (either header convention,
+//! any of several secrets), refuses stale timestamps and duplicates, stores the events it accepts,
+//! and for `POST /webhooks/notify` sends a notification by email (SMTP) and chat (Telegram Bot API
+//! style), each channel behind its own circuit breaker shared by every instance.
+
+mod channels;
+mod metrics;
+mod routes;
+mod store;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_core::breaker::BreakerPolicy;
+use outbox_core::config::{parse_duration, DatabaseArgs};
+use outbox_core::db::{self, PgPool};
+use outbox_core::http::{Operational, Readiness};
+use outbox_core::signature::{Secret, Verifier};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use channels::{Channel, ChannelError};
+pub use metrics::Metrics;
+
+/// One or more webhook secrets, as `WEBHOOK_SECRET` holds them (`whsec_…`, comma-separated).
+#[derive(Debug, Clone)]
+pub struct Secrets(pub Vec<Secret>);
+
+/// Parses `WEBHOOK_SECRET`; refuses an empty list, so the notifier never accepts unsigned webhooks.
+pub fn parse_secrets(text: &str) -> Result<Secrets, String> {
+    let secrets = Secret::parse_list(text).map_err(|e| e.to_string())?;
+    if secrets.is_empty() {
+        return Err("at least one whsec_… secret is required".into());
+    }
+    Ok(Secrets(secrets))
+}
+
+/// The notifier's configuration, from the environment (see `.env.example`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8083")]
+    pub listen_addr: String,
+    /// Webhook signing secrets, `whsec_…`, comma-separated; a webhook signed by any one is accepted
+    /// (list the new and the old secret while rotating).
+    #[arg(long, env = "WEBHOOK_SECRET", value_parser = parse_secrets, hide_env_values = true)]
+    pub webhook_secret: Secrets,
+    /// Largest accepted distance between a webhook's timestamp and now (anti-replay).
+    #[arg(long, env = "WEBHOOK_TOLERANCE", default_value = "5m", value_parser = parse_duration)]
+    pub webhook_tolerance: Duration,
+    /// Consecutive failures of a channel that open its circuit breaker.
+    #[arg(long, env = "BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker sends nothing before it lets one probe through.
+    #[arg(long, env = "BREAKER_OPEN_FOR", default_value = "60s", value_parser = parse_duration)]
+    pub breaker_open_for: Duration,
+    /// Successful probes that close a half-open breaker.
+    #[arg(long, env = "BREAKER_SUCCESSES", default_value_t = 2)]
+    pub breaker_successes: u32,
+    /// SMTP server for email notifications (plain SMTP, no TLS); unset: no email channel.
+    #[arg(long, env = "SMTP_HOST")]
+    pub smtp_host: Option<String>,
+    /// Port of the SMTP server.
+    #[arg(long, env = "SMTP_PORT", default_value_t = 25)]
+    pub smtp_port: u16,
+    /// Sender address of notification emails.
+    #[arg(
+        long,
+        env = "SMTP_FROM",
+        default_value = "Outbox notifier <notifier@localhost>"
+    )]
+    pub smtp_from: String,
+    /// Recipients of notification emails, comma-separated; required when SMTP_HOST is set.
+    #[arg(long, env = "SMTP_TO")]
+    pub smtp_to: Option<String>,
+    /// Base URL of the chat Bot API; messages go to POST {base}/bot{token}/sendMessage.
+    #[arg(long, env = "CHAT_API_URL", default_value = "https://api.telegram.org")]
+    pub chat_api_url: String,
+    /// Bot token of the chat channel; unset: no chat channel.
+    #[arg(long, env = "CHAT_BOT_TOKEN", hide_env_values = true)]
+    pub chat_bot_token: Option<String>,
+    /// Chat that receives the notifications; required when CHAT_BOT_TOKEN is set.
+    #[arg(long, env = "CHAT_ID")]
+    pub chat_id: Option<String>,
+    /// Longest time one notification (one SMTP session or one chat request) may take.
+    #[arg(long, env = "NOTIFY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub notify_timeout: Duration,
+    /// Largest accepted webhook body in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// The breaker thresholds. A probe may take as long as a notification plus its bookkeeping
+    /// before another instance may probe in its place.
+    pub fn breaker_policy(&self) -> BreakerPolicy {
+        BreakerPolicy {
+            failures_to_open: self.breaker_failures.max(1),
+            open_for: self.breaker_open_for,
+            successes_to_close: self.breaker_successes.max(1),
+            probe_timeout: self.notify_timeout * 2 + Duration::from_secs(5),
+        }
+    }
+}
+
+/// Handles shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub verifier: Arc<Verifier>,
+    /// The configured channels, email first.
+    pub channels: Arc<Vec<Channel>>,
+    pub policy: BreakerPolicy,
+    pub metrics: Metrics,
+    /// Set once the migrations are applied; until then the notifier is not ready.
+    pub migrated: Arc<AtomicBool>,
+    /// Bounds concurrent notifications: each holds two pooled connections (the dedupe row lock and
+    /// the bookkeeping), so without a bound a burst could take the whole pool and stall itself.
+    pub notify_slots: Arc<Semaphore>,
+}
+
+impl Operational for AppState {
+    fn registry(&self) -> &prometheus::Registry {
+        &self.metrics.registry
+    }
+
+    async fn readiness(&self) -> Readiness {
+        Readiness::of(&[
+            ("postgres", db::is_reachable(&self.pool).await),
+            ("migrations", self.migrated.load(Ordering::Acquire)),
+        ])
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight webhooks finish.
+/// Fails only on a configuration error; while PostgreSQL is down the notifier runs, answers 503
+/// and reports not-ready, and applies the migrations in the background once it is back.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let channels = channels::from_config(&config)?;
+    let pool = db::pool(
+        &config.database.database_url,
+        config.database.database_pool_size,
+    )?;
+    let metrics = Metrics::new();
+    let state = AppState {
+        pool: pool.clone(),
+        verifier: Arc::new(Verifier::new(
+            config.webhook_secret.0.clone(),
+            config.webhook_tolerance,
+        )),
+        channels: Arc::new(channels),
+        policy: config.breaker_policy(),
+        metrics: metrics.clone(),
+        migrated: Arc::new(AtomicBool::new(false)),
+        notify_slots: Arc::new(Semaphore::new(
+            (config.database.database_pool_size / 2).max(1),
+        )),
+    };
+    tracing::info!(
+        channels = ?state.channels.iter().map(Channel::name).collect::<Vec<_>>(),
+        "notification channels"
+    );
+    let background = {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if db::migrate_until_done(&state.pool, &shutdown).await {
+                state.migrated.store(true, Ordering::Release);
+            }
+            metrics::refresh_breaker_gauges(&state, &shutdown).await;
+        })
+    };
+    let app = routes::router(state, config.max_body_bytes);
+    let served = outbox_core::http::serve(listener, app, shutdown).await;
+    background.abort();
+    Ok(served?)
+}

@@ -1,0 +1,535 @@
+//! The HTTP API: the two webhook routes and the read/admin routes beside them.
+//!
+//! Every webhook is checked in the same order: the body's size, the signature over the raw body
+//! bytes (401, nothing stored), the body's JSON (400), then the dedupe record (200 duplicate).
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use outbox_core::breaker::{self, Admission, Breaker, BreakerState};
+use outbox_core::http::{operational_routes, ApiError};
+use outbox_core::signature::VerifyError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tracing::{field, Instrument, Span};
+
+use crate::channels::{self, Notice};
+use crate::metrics::{notified, received};
+use crate::store::{self, NewEvent, BREAKER_SCOPE};
+use crate::AppState;
+
+/// The route that stores events only.
+pub const LOGGER: &str = "/webhooks/logger";
+/// The route that stores events and notifies by every configured channel.
+pub const NOTIFY: &str = "/webhooks/notify";
+
+const MAX_CORRELATION_ID_BYTES: usize = 128;
+const MAX_EVENT_TYPE_CHARS: usize = 200;
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route(LOGGER, post(log_webhook))
+        .route(NOTIFY, post(notify_webhook))
+        .route("/webhooks/events", get(list_events))
+        .route("/notifications", get(list_notifications))
+        .route("/circuit-breaker", get(list_breakers))
+        .route("/circuit-breaker/reset", post(reset_breakers))
+        .merge(operational_routes::<AppState>())
+        .fallback(|| async { ApiError::not_found("route") })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// A webhook whose signature matched and whose body is JSON.
+struct Received {
+    webhook_id: String,
+    event_type: Option<String>,
+    correlation_id: Option<String>,
+    payload: Value,
+}
+
+impl Received {
+    fn as_new_event<'a>(&'a self, route: &'a str) -> NewEvent<'a> {
+        NewEvent {
+            route,
+            webhook_id: &self.webhook_id,
+            event_type: self.event_type.as_deref(),
+            payload: &self.payload,
+            correlation_id: self.correlation_id.as_deref(),
+        }
+    }
+}
+
+/// `X-Correlation-Id` when it is a sane token; anything else is ignored rather than logged.
+fn correlation_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_CORRELATION_ID_BYTES
+                && v.chars().all(|c| c.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+}
+
+fn webhook_span(route: &'static str, correlation_id: Option<&str>) -> Span {
+    tracing::info_span!(
+        "webhook",
+        route,
+        webhook_id = field::Empty,
+        correlation_id = correlation_id.unwrap_or(""),
+    )
+}
+
+/// Verifies and parses a webhook. Every refusal is counted and answered with a 4xx; nothing has
+/// been stored when it returns an error.
+fn receive(
+    state: &AppState,
+    route: &'static str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Received, ApiError> {
+    let body = body.map_err(|rejection| {
+        state.metrics.received(route, received::INVALID);
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the webhook body is too large",
+            )
+        } else {
+            ApiError::bad_request("unreadable_body", rejection.body_text())
+        }
+    })?;
+    // The signature covers the exact bytes sent, so it is checked before any parsing.
+    let verified = state
+        .verifier
+        .verify(headers, &body, Utc::now().timestamp())
+        .map_err(|error| {
+            let (outcome, code) = match error {
+                VerifyError::MissingHeaders => (received::BAD_SIGNATURE, "missing_signature"),
+                VerifyError::BadTimestamp => (received::BAD_SIGNATURE, "invalid_timestamp"),
+                VerifyError::BadSignature => (received::BAD_SIGNATURE, "invalid_signature"),
+                VerifyError::Stale(_) => (received::STALE, "stale_timestamp"),
+            };
+            state.metrics.received(route, outcome);
+            tracing::warn!(%error, code, "webhook refused");
+            ApiError::unauthorized(code, error.to_string())
+        })?;
+    Span::current().record("webhook_id", verified.id.as_str());
+    let invalid = |code: &'static str, message: String| {
+        state.metrics.received(route, received::INVALID);
+        tracing::warn!(code, error = %message, "webhook body refused");
+        ApiError::bad_request(code, message)
+    };
+    let payload: Value = serde_json::from_slice(&body)
+        .map_err(|e| invalid("malformed_json", format!("the body is not JSON: {e}")))?;
+    // PostgreSQL's jsonb cannot hold NUL characters.
+    if payload.to_string().contains("\\u0000") {
+        return Err(invalid(
+            "nul_character",
+            "the body must not contain NUL characters".into(),
+        ));
+    }
+    let event_type = payload
+        .get("event")
+        .and_then(Value::as_str)
+        .map(|t| t.chars().take(MAX_EVENT_TYPE_CHARS).collect());
+    Ok(Received {
+        webhook_id: verified.id,
+        event_type,
+        correlation_id: correlation_id(headers),
+        payload,
+    })
+}
+
+fn duplicate(state: &AppState, route: &str) -> Response {
+    state.metrics.received(route, received::DUPLICATE);
+    tracing::info!("duplicate webhook, already handled");
+    Json(json!({"duplicate": true})).into_response()
+}
+
+/// `POST /webhooks/logger`: verifies, deduplicates and stores the event.
+async fn log_webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let span = webhook_span(LOGGER, correlation_id(&headers).as_deref());
+    async move {
+        let event = receive(&state, LOGGER, &headers, body)?;
+        let client = state.pool.get().await?;
+        if !store::insert_event(&client, &event.as_new_event(LOGGER)).await? {
+            return Ok(duplicate(&state, LOGGER));
+        }
+        state.metrics.received(LOGGER, received::ACCEPTED);
+        tracing::info!(event_type = event.event_type.as_deref(), "webhook logged");
+        Ok(Json(json!({"received": true, "webhook_id": event.webhook_id})).into_response())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Why a notification webhook was not accepted (yet); the sender retries it later.
+#[derive(Debug, thiserror::Error)]
+enum NotifyError {
+    #[error("the circuit breaker of {channels} is open; retry after {retry_at}")]
+    BreakerOpen {
+        channels: String,
+        retry_at: DateTime<Utc>,
+    },
+    #[error("the notification failed on {channels}: {detail}")]
+    ChannelFailed { channels: String, detail: String },
+    #[error("{}", .0.message)]
+    Api(ApiError),
+}
+
+impl From<ApiError> for NotifyError {
+    fn from(error: ApiError) -> Self {
+        NotifyError::Api(error)
+    }
+}
+
+impl From<tokio_postgres::Error> for NotifyError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        NotifyError::Api(error.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for NotifyError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        NotifyError::Api(error.into())
+    }
+}
+
+impl IntoResponse for NotifyError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        match self {
+            NotifyError::BreakerOpen { retry_at, .. } => {
+                let seconds = (retry_at - Utc::now()).num_milliseconds().max(0) as u64;
+                let mut response = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "channel_unavailable",
+                    message,
+                )
+                .into_response();
+                // Whole seconds, rounded up: a sender retrying at once would only be refused again.
+                let retry_after = HeaderValue::from(seconds.div_ceil(1000).max(1));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, retry_after);
+                response
+            }
+            NotifyError::ChannelFailed { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "notification_failed", message)
+                    .into_response()
+            }
+            NotifyError::Api(error) => error.into_response(),
+        }
+    }
+}
+
+/// `POST /webhooks/notify`: verifies and deduplicates like the logger, then notifies by every
+/// configured channel. The event is recorded as received only once every channel has sent it;
+/// a channel that already sent it on an earlier attempt is skipped, so a retried webhook never
+/// sends a second email or chat message.
+async fn notify_webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = webhook_span(NOTIFY, correlation_id(&headers).as_deref());
+    async move {
+        let event = match receive(&state, NOTIFY, &headers, body) {
+            Ok(event) => event,
+            Err(error) => return error.into_response(),
+        };
+        // Detached from the connection: a sender that hangs up (or times out) must not cancel us
+        // between sending a notification and recording that it was sent.
+        let work = tokio::spawn(notify(state, event).instrument(Span::current()));
+        match work.await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => error.into_response(),
+            Err(join) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the notification task failed: {join}"),
+            )
+            .into_response(),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn notify(state: AppState, event: Received) -> Result<Response, NotifyError> {
+    let _slot =
+        state.notify_slots.acquire().await.map_err(|_| {
+            NotifyError::Api(ApiError::unavailable("the notifier is shutting down"))
+        })?;
+    // The event row, inserted in a transaction held open until every channel has sent, is the
+    // lock on the event: a concurrent delivery of the same webhook waits here, then sees it as a
+    // duplicate (we committed) or takes over (we rolled back, having recorded what was sent).
+    let mut lock = state.pool.get().await?;
+    let tx = lock.transaction().await?;
+    if !store::insert_event(&tx, &event.as_new_event(NOTIFY)).await? {
+        return Ok(duplicate(&state, NOTIFY));
+    }
+    // Notifications and breakers are written outside that transaction, so they last even when
+    // it rolls back.
+    let mut client = state.pool.get().await?;
+    let notice = Notice {
+        webhook_id: &event.webhook_id,
+        event_type: event.event_type.as_deref(),
+        correlation_id: event.correlation_id.as_deref(),
+        payload: &event.payload,
+    };
+    let policy = state.policy;
+    let mut outcomes = Map::new();
+    let mut open: Vec<&str> = Vec::new();
+    let mut retry_at: Option<DateTime<Utc>> = None;
+    let mut failed: Vec<(&str, String)> = Vec::new();
+    for channel in state.channels.iter() {
+        let name = channel.name();
+        if store::already_sent(&client, &event.webhook_id, name).await? {
+            outcomes.insert(name.into(), "already_sent".into());
+            continue;
+        }
+        let (admission, breaker) = breaker::store::update(&mut client, BREAKER_SCOPE, name, |b| {
+            b.admit(&policy, Utc::now())
+        })
+        .await?;
+        state.metrics.set_breaker(name, breaker.state);
+        if let Admission::Rejected { retry_at: at } = admission {
+            store::record_notification(
+                &client,
+                &event.webhook_id,
+                name,
+                notified::REJECTED_OPEN,
+                Some("circuit breaker open"),
+            )
+            .await?;
+            state.metrics.notified(name, notified::REJECTED_OPEN);
+            tracing::warn!(channel = name, retry_at = %at, "channel breaker open; not sent");
+            outcomes.insert(name.into(), notified::REJECTED_OPEN.into());
+            open.push(name);
+            retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+            continue;
+        }
+        let result = channel.send(&notice).await;
+        // The record first: once it says "sent", no retry sends again.
+        let (outcome, error) = match &result {
+            Ok(()) => (notified::SENT, None),
+            Err(e) => (notified::FAILED, Some(e.to_string())),
+        };
+        store::record_notification(&client, &event.webhook_id, name, outcome, error.as_deref())
+            .await?;
+        state.metrics.notified(name, outcome);
+        let ((), breaker) =
+            breaker::store::update(&mut client, BREAKER_SCOPE, name, |b| match &result {
+                Ok(()) => b.on_success(&policy),
+                Err(_) => b.on_failure(&policy, Utc::now()),
+            })
+            .await?;
+        state.metrics.set_breaker(name, breaker.state);
+        match error {
+            None => tracing::info!(channel = name, breaker = breaker.state.as_str(), "notified"),
+            Some(error) => {
+                tracing::warn!(channel = name, %error, breaker = breaker.state.as_str(), "notification failed");
+                failed.push((name, error));
+            }
+        }
+        outcomes.insert(name.into(), outcome.into());
+    }
+    if let Some(retry_at) = retry_at {
+        return Err(NotifyError::BreakerOpen {
+            channels: open.join(", "),
+            retry_at,
+        });
+    }
+    if !failed.is_empty() {
+        return Err(NotifyError::ChannelFailed {
+            channels: failed
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", "),
+            detail: failed
+                .iter()
+                .map(|(n, e)| format!("{n}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    tx.commit().await?;
+    state.metrics.received(NOTIFY, received::ACCEPTED);
+    tracing::info!(
+        event_type = event.event_type.as_deref(),
+        "webhook accepted and notified"
+    );
+    Ok(Json(json!({
+        "received": true,
+        "webhook_id": event.webhook_id,
+        "notifications": outcomes,
+    }))
+    .into_response())
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+}
+
+fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(DEFAULT_PAGE) {
+        n @ 1..=MAX_PAGE => Ok(n),
+        _ => Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_PAGE}"),
+        )),
+    }
+}
+
+/// Query of `GET /webhooks/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    limit: Option<i64>,
+    /// Only events older than this `seq` (the previous page's `next_before`).
+    before: Option<i64>,
+    /// Only events of this route, e.g. `/webhooks/logger`.
+    route: Option<String>,
+}
+
+/// `GET /webhooks/events`: received events, newest first; `next_before` fetches the next page.
+async fn list_events(
+    State(state): State<AppState>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let limit = page_size(q.limit)?;
+    let client = state.pool.get().await?;
+    let events = store::list_events(&client, q.route.as_deref(), q.before, limit).await?;
+    let next = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.seq))
+        .flatten();
+    Ok(Json(json!({"events": events, "next_before": next})))
+}
+
+/// Query of `GET /notifications`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotificationsQuery {
+    limit: Option<i64>,
+    /// Only attempts older than this id (the previous page's `next_before`).
+    before: Option<i64>,
+    webhook_id: Option<String>,
+    channel: Option<String>,
+}
+
+/// `GET /notifications`: every notification attempt and its outcome, newest first.
+async fn list_notifications(
+    State(state): State<AppState>,
+    q: Result<Query<NotificationsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let limit = page_size(q.limit)?;
+    let client = state.pool.get().await?;
+    let notifications = store::list_notifications(
+        &client,
+        q.webhook_id.as_deref(),
+        q.channel.as_deref(),
+        q.before,
+        limit,
+    )
+    .await?;
+    let next = (notifications.len() as i64 == limit)
+        .then(|| notifications.last().map(|n| n.id))
+        .flatten();
+    Ok(Json(
+        json!({"notifications": notifications, "next_before": next}),
+    ))
+}
+
+/// Both channels' breakers (configured or not), as stored, with when an open one lets a probe in.
+async fn breakers(state: &AppState) -> Result<Json<Value>, ApiError> {
+    let client = state.pool.get().await?;
+    let stored = breaker::store::list(&client, BREAKER_SCOPE).await?;
+    let open_for =
+        chrono::Duration::from_std(state.policy.open_for).unwrap_or(chrono::Duration::MAX);
+    let list: Vec<Value> = channels::ALL
+        .iter()
+        .map(|&name| {
+            let row = stored.iter().find(|b| b.name == name);
+            let breaker = row
+                .map(|b| b.breaker.clone())
+                .unwrap_or_else(Breaker::default);
+            state.metrics.set_breaker(name, breaker.state);
+            let probe_at = (breaker.state == BreakerState::Open)
+                .then(|| breaker.opened_at.map(|at| at + open_for))
+                .flatten();
+            json!({
+                "channel": name,
+                "enabled": state.channels.iter().any(|c| c.name() == name),
+                "state": breaker.state,
+                "failure_count": breaker.failure_count,
+                "success_count": breaker.success_count,
+                "opened_at": breaker.opened_at,
+                "probe_at": probe_at,
+                "probe_until": breaker.probe_until,
+                "updated_at": row.map(|b| b.updated_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "breakers": list })))
+}
+
+/// `GET /circuit-breaker`.
+async fn list_breakers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    breakers(&state).await
+}
+
+/// Query of `POST /circuit-breaker/reset`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetQuery {
+    /// `email` or `chat`; absent: both.
+    channel: Option<String>,
+}
+
+/// `POST /circuit-breaker/reset[?channel=chat]`: closes the breaker(s) with zero counts.
+async fn reset_breakers(
+    State(state): State<AppState>,
+    q: Result<Query<ResetQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let names: Vec<&str> = match q.channel.as_deref() {
+        None => channels::ALL.to_vec(),
+        Some(name) => match channels::ALL.iter().find(|&&c| c == name) {
+            Some(&c) => vec![c],
+            None => {
+                return Err(ApiError::bad_request(
+                    "unknown_channel",
+                    format!("channel must be one of {}", channels::ALL.join(", ")),
+                ))
+            }
+        },
+    };
+    let client = state.pool.get().await?;
+    for name in names {
+        breaker::store::reset(&client, BREAKER_SCOPE, name).await?;
+        tracing::info!(channel = name, "circuit breaker reset");
+    }
+    breakers(&state).await
+}

@@ -1,0 +1,167 @@
+//! The notifier's SQL: received events (the dedupe record) and notifications (every attempt).
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use serde_json::Value;
+use tokio_postgres::Row;
+
+/// The scope of the notifier's breakers in `circuit_breakers`; the names are the channel names.
+pub const BREAKER_SCOPE: &str = "channel";
+
+/// An event as received.
+pub struct NewEvent<'a> {
+    pub route: &'a str,
+    pub webhook_id: &'a str,
+    pub event_type: Option<&'a str>,
+    pub payload: &'a Value,
+    pub correlation_id: Option<&'a str>,
+}
+
+const INSERT_EVENT: &str = "insert into received_events
+        (route, webhook_id, event_type, payload, correlation_id)
+    values ($1, $2, $3, $4, $5)
+    on conflict (route, webhook_id) do nothing
+    returning seq";
+
+/// Records the event; `false` when this route already holds it (a duplicate). Inside a
+/// transaction, a concurrent insert of the same event waits for this one to commit (then it is
+/// a duplicate) or roll back (then it goes ahead): the row is also the lock on the event.
+pub async fn insert_event(
+    db: &impl GenericClient,
+    event: &NewEvent<'_>,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(db
+        .query_opt(
+            INSERT_EVENT,
+            &[
+                &event.route,
+                &event.webhook_id,
+                &event.event_type,
+                &event.payload,
+                &event.correlation_id,
+            ],
+        )
+        .await?
+        .is_some())
+}
+
+/// Whether `channel` already sent a notification for the event (on an earlier attempt).
+pub async fn already_sent(
+    db: &impl GenericClient,
+    webhook_id: &str,
+    channel: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(db
+        .query_opt(
+            "select 1 from notifications
+              where webhook_id = $1 and channel = $2 and outcome = 'sent' limit 1",
+            &[&webhook_id, &channel],
+        )
+        .await?
+        .is_some())
+}
+
+/// Records one notification attempt and its outcome.
+pub async fn record_notification(
+    db: &impl GenericClient,
+    webhook_id: &str,
+    channel: &str,
+    outcome: &str,
+    error: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "insert into notifications (webhook_id, channel, outcome, error) values ($1, $2, $3, $4)",
+        &[&webhook_id, &channel, &outcome, &error],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A received event as listed by `GET /webhooks/events`.
+#[derive(Debug, Serialize)]
+pub struct ReceivedEvent {
+    pub seq: i64,
+    pub webhook_id: String,
+    pub route: String,
+    pub event_type: Option<String>,
+    pub correlation_id: Option<String>,
+    pub payload: Value,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Up to `limit` events, newest first, older than `before` (a `seq`) when given.
+pub async fn list_events(
+    db: &impl GenericClient,
+    route: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<ReceivedEvent>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "select seq, webhook_id, route, event_type, correlation_id, payload, received_at
+               from received_events
+              where ($1::text is null or route = $1) and ($2::bigint is null or seq < $2)
+              order by seq desc
+              limit $3",
+            &[&route, &before, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ReceivedEvent {
+            seq: r.get("seq"),
+            webhook_id: r.get("webhook_id"),
+            route: r.get("route"),
+            event_type: r.get("event_type"),
+            correlation_id: r.get("correlation_id"),
+            payload: r.get("payload"),
+            received_at: r.get("received_at"),
+        })
+        .collect())
+}
+
+/// A notification attempt as listed by `GET /notifications`.
+#[derive(Debug, Serialize)]
+pub struct Notification {
+    pub id: i64,
+    pub webhook_id: String,
+    pub channel: String,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+fn notification(r: &Row) -> Notification {
+    Notification {
+        id: r.get("id"),
+        webhook_id: r.get("webhook_id"),
+        channel: r.get("channel"),
+        outcome: r.get("outcome"),
+        error: r.get("error"),
+        created_at: r.get("created_at"),
+    }
+}
+
+/// Up to `limit` notification attempts, newest first, older than `before` (an id) when given.
+pub async fn list_notifications(
+    db: &impl GenericClient,
+    webhook_id: Option<&str>,
+    channel: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Notification>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "select id, webhook_id, channel, outcome, error, created_at
+               from notifications
+              where ($1::text is null or webhook_id = $1)
+                and ($2::text is null or channel = $2)
+                and ($3::bigint is null or id < $3)
+              order by id desc
+              limit $4",
+            &[&webhook_id, &channel, &before, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(notification).collect())
+}
