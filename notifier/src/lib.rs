@@ -83,8 +83,9 @@ pub struct Config {
     /// Bot token of the chat channel; unset: no chat channel.
     #[arg(long, env = "CHAT_BOT_TOKEN", hide_env_values = true)]
     pub chat_bot_token: Option<String>,
-    /// Chat that receives the notifications; required when CHAT_BOT_TOKEN is set.
-    #[arg(long, env = "CHAT_ID")]
+    /// Chat that receives the notifications; required when CHAT_BOT_TOKEN is set. Group chats
+    /// have negative ids, so a leading '-' is part of the value.
+    #[arg(long, env = "CHAT_ID", allow_hyphen_values = true)]
     pub chat_id: Option<String>,
     /// Longest time one notification (one SMTP session or one chat request) may take.
     #[arg(long, env = "NOTIFY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

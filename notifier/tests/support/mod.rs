@@ -1,0 +1,387 @@
+//! What the notifier's tests start: the notifier itself on a random port against a fresh database,
+//! a real SMTP server (Python's aiosmtpd, writing a maildir) and a chat API that can be told to fail.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use clap::Parser;
+use outbox_core::signature::{sign_headers, Secret};
+use outbox_core::testing::{eventually, TestDb};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// The bot token and chat the notifier is configured with.
+pub const BOT_TOKEN: &str = "123456:test-token";
+pub const CHAT_ID: &str = "-10042";
+
+/// A real SMTP server in a child process; every accepted mail is one file in `<dir>/new`.
+pub struct SmtpServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl SmtpServer {
+    pub async fn start() -> SmtpServer {
+        let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            format!("{home}/.cache/outbox-relay/test-venv/bin/python")
+        });
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("notifier-mail-{}", uuid::Uuid::new_v4()));
+        let child = Command::new(&python)
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start aiosmtpd with {python} ({e}); run scripts/test.sh, which installs it")
+            });
+        let server = SmtpServer { port, dir, child };
+        eventually(
+            "the SMTP server accepts connections",
+            Duration::from_secs(15),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        server
+    }
+
+    /// The mails received so far, as raw text.
+    pub fn mails(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("new")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// What the chat API saw.
+#[derive(Default)]
+pub struct ChatLog {
+    /// Every request, failed or not.
+    pub attempts: AtomicUsize,
+    /// The messages it accepted: `{"path", "body"}`.
+    pub messages: Mutex<Vec<Value>>,
+    /// While set, every request is answered 500.
+    pub failing: AtomicBool,
+}
+
+/// A Telegram-style Bot API on a random port.
+pub struct ChatServer {
+    pub base: String,
+    pub log: Arc<ChatLog>,
+    shutdown: CancellationToken,
+}
+
+impl ChatServer {
+    pub async fn start() -> ChatServer {
+        async fn send_message(
+            State(log): State<Arc<ChatLog>>,
+            Path(bot): Path<String>,
+            Json(body): Json<Value>,
+        ) -> (StatusCode, Json<Value>) {
+            log.attempts.fetch_add(1, Ordering::SeqCst);
+            if log.failing.load(Ordering::SeqCst) {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(json!({"ok": false, "description": "Internal Server Error"})),
+                );
+            }
+            let mut messages = log.messages.lock().expect("chat log");
+            messages.push(json!({"bot": bot, "body": body}));
+            let id = messages.len();
+            (
+                StatusCode::OK,
+                Json(json!({"ok": true, "result": {"message_id": id}})),
+            )
+        }
+        let log = Arc::new(ChatLog::default());
+        let app = Router::new()
+            .route("/{bot}/sendMessage", post(send_message))
+            .with_state(log.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(outbox_core::http::serve(listener, app, shutdown.clone()));
+        ChatServer {
+            base: format!("http://{addr}"),
+            log,
+            shutdown,
+        }
+    }
+
+    pub fn fail(&self, failing: bool) {
+        self.log.failing.store(failing, Ordering::SeqCst);
+    }
+
+    pub fn attempts(&self) -> usize {
+        self.log.attempts.load(Ordering::SeqCst)
+    }
+
+    pub fn messages(&self) -> Vec<Value> {
+        self.log.messages.lock().expect("chat log").clone()
+    }
+}
+
+impl Drop for ChatServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The notifier's command line, as `main` parses it.
+#[derive(Parser)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: notifier::Config,
+}
+
+/// Which headers a test sender puts on a webhook.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Headers {
+    /// `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+    Standard,
+    /// `X-Webhook-Id`, `X-Webhook-Timestamp`, `X-Webhook-Signature`.
+    Older,
+}
+
+/// A running notifier.
+pub struct App {
+    pub base: String,
+    pub db: TestDb,
+    pub http: reqwest::Client,
+    pub secret: Secret,
+    shutdown: CancellationToken,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Starts the notifier with `args` (command-line flags, as an operator would pass them) on top of
+/// a fresh database and a new secret.
+pub async fn spawn_app(args: &[&str]) -> App {
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    spawn_app_on(db, &url, args).await
+}
+
+/// [`spawn_app`] with another `DATABASE_URL` (one that is down, say).
+pub async fn spawn_app_on(db: TestDb, database_url: &str, args: &[&str]) -> App {
+    let secret = Secret::generate();
+    let mut argv = vec![
+        "notifier",
+        "--webhook-secret",
+        secret.as_str(),
+        "--database-url",
+        database_url,
+    ];
+    // Short test durations unless the test chose its own.
+    for (flag, value) in [("--breaker-open-for", "800ms"), ("--notify-timeout", "3s")] {
+        if !args.contains(&flag) {
+            argv.extend([flag, value]);
+        }
+    }
+    argv.extend_from_slice(args);
+    let config = Cli::try_parse_from(argv)
+        .expect("configuration parses")
+        .config;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(notifier::run(config, listener, shutdown.clone()));
+    App {
+        base: format!("http://{addr}"),
+        db,
+        http: reqwest::Client::new(),
+        secret,
+        shutdown,
+    }
+}
+
+/// Flags that enable both channels against these servers.
+pub fn channel_args(smtp: &SmtpServer, chat: &ChatServer) -> Vec<String> {
+    vec![
+        "--smtp-host".into(),
+        "127.0.0.1".into(),
+        "--smtp-port".into(),
+        smtp.port.to_string(),
+        "--smtp-to".into(),
+        "ops@example.com".into(),
+        "--chat-api-url".into(),
+        chat.base.clone(),
+        "--chat-bot-token".into(),
+        BOT_TOKEN.into(),
+        "--chat-id".into(),
+        CHAT_ID.into(),
+    ]
+}
+
+/// An envelope as the consumer delivers it.
+pub fn envelope(id: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id,
+        "event": "message.created",
+        "version": "1.0",
+        "idempotency_key": format!("message.created-{id}"),
+        "timestamp": "2026-11-23T10:30:45.123Z",
+        "data": {"content": "hello"},
+        "metadata": {"source": "producer", "environment": "test", "correlation_id": "req_test"}
+    }))
+    .expect("JSON")
+}
+
+pub fn new_event_id() -> String {
+    format!("evt_{}", uuid::Uuid::now_v7().simple())
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+impl App {
+    /// Sends `body` to `route` signed by `secrets` as of `timestamp`, with the headers of
+    /// `convention`; answers the status and the JSON body.
+    pub async fn send_signed(
+        &self,
+        route: &str,
+        id: &str,
+        body: &[u8],
+        timestamp: i64,
+        secrets: &[&Secret],
+        convention: Headers,
+    ) -> (reqwest::StatusCode, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}{route}", self.base))
+            .header("content-type", "application/json")
+            .header("x-correlation-id", "req_test");
+        for (name, value) in sign_headers(secrets, id, timestamp, body) {
+            if name.starts_with("x-") == (convention == Headers::Older) {
+                request = request.header(name, value);
+            }
+        }
+        let response = request
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("notifier answers");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Sends a correctly signed envelope with the standard headers.
+    pub async fn deliver(&self, route: &str, id: &str) -> (reqwest::StatusCode, Value) {
+        self.send_signed(
+            route,
+            id,
+            &envelope(id),
+            now(),
+            &[&self.secret],
+            Headers::Standard,
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> (reqwest::StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("notifier answers");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str) -> (reqwest::StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("notifier answers");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("notifier answers")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of the sample of `name` whose labels include every one of `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.metrics().await.lines().find_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (label_text, value) = rest.split_once("} ")?;
+            labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|l| l == format!("{k}=\"{v}\"")))
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+    }
+
+    /// The state of a channel's breaker as `GET /circuit-breaker` shows it.
+    pub async fn breaker(&self, channel: &str) -> Value {
+        let (_, body) = self.get("/circuit-breaker").await;
+        body["breakers"]
+            .as_array()
+            .and_then(|list| list.iter().find(|b| b["channel"] == channel).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db.count(sql).await
+    }
+}

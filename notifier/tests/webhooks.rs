@@ -1,0 +1,476 @@
+//! The notifier as a sender and an operator see it: real PostgreSQL (a fresh database per test),
+//! a real SMTP server and a chat API that can be told to fail.
+
+mod support;
+
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+use outbox_core::signature::Secret;
+use outbox_core::testing::{eventually, TestDb};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::*;
+
+const NOTIFY: &str = "/webhooks/notify";
+const LOGGER: &str = "/webhooks/logger";
+
+#[tokio::test]
+async fn a_signed_webhook_notifies_once_by_email_and_chat_and_its_duplicate_not_at_all() {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let args = channel_args(&smtp, &chat);
+    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let id = new_event_id();
+
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["received"], true);
+    assert_eq!(
+        body["notifications"],
+        json!({"email": "sent", "chat": "sent"})
+    );
+
+    let mails = eventually("one email", Duration::from_secs(5), || async {
+        Some(smtp.mails()).filter(|m| !m.is_empty())
+    })
+    .await;
+    assert_eq!(mails.len(), 1);
+    assert!(
+        mails[0].contains(&format!("Subject: [outbox] message.created {id}")),
+        "{}",
+        mails[0]
+    );
+    assert!(mails[0].contains("To: ops@example.com"), "{}", mails[0]);
+    let messages = chat.messages();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["bot"], format!("bot{BOT_TOKEN}"));
+    assert_eq!(messages[0]["body"]["chat_id"], CHAT_ID);
+    assert!(messages[0]["body"]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .contains(&id));
+
+    // The sender retries (say its acknowledgement was lost): the same id changes nothing.
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"duplicate": true}));
+    assert_eq!(smtp.mails().len(), 1, "no second email");
+    assert_eq!(chat.messages().len(), 1, "no second chat message");
+
+    let (_, events) = app.get("/webhooks/events").await;
+    let events = events["events"].as_array().cloned().unwrap_or_default();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["webhook_id"], id.as_str());
+    assert_eq!(events[0]["route"], NOTIFY);
+    assert_eq!(events[0]["event_type"], "message.created");
+    assert_eq!(events[0]["correlation_id"], "req_test");
+    assert_eq!(events[0]["payload"]["data"]["content"], "hello");
+
+    let (_, notifications) = app.get(&format!("/notifications?webhook_id={id}")).await;
+    let mut sent: Vec<(String, String)> = notifications["notifications"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            (
+                n["channel"].as_str().unwrap_or_default().to_owned(),
+                n["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            ("chat".into(), "sent".into()),
+            ("email".into(), "sent".into())
+        ]
+    );
+
+    let accepted = [("route", NOTIFY), ("outcome", "accepted")];
+    assert_eq!(
+        app.metric("notifier_webhooks_received_total", &accepted)
+            .await,
+        Some(1.0)
+    );
+    let duplicate = [("route", NOTIFY), ("outcome", "duplicate")];
+    assert_eq!(
+        app.metric("notifier_webhooks_received_total", &duplicate)
+            .await,
+        Some(1.0)
+    );
+    for channel in ["email", "chat"] {
+        let labels = [("channel", channel), ("outcome", "sent")];
+        assert_eq!(
+            app.metric("notifier_notifications_total", &labels).await,
+            Some(1.0)
+        );
+        let closed = [("channel", channel), ("state", "closed")];
+        assert_eq!(
+            app.metric("notifier_circuit_breaker_state", &closed).await,
+            Some(1.0)
+        );
+    }
+}
+
+#[tokio::test]
+async fn replays_tampered_bodies_and_missing_signatures_are_refused_and_nothing_is_stored() {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let args = channel_args(&smtp, &chat);
+    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let id = new_event_id();
+    let body = envelope(&id);
+
+    // A captured request replayed ten minutes later.
+    let old = now() - 600;
+    let (status, answer) = app
+        .send_signed(NOTIFY, &id, &body, old, &[&app.secret], Headers::Standard)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer["code"], "stale_timestamp");
+
+    // Signed, then changed on the way.
+    let timestamp = now();
+    let mut request = app.http.post(format!("{}{NOTIFY}", app.base));
+    for (name, value) in outbox_core::signature::sign_headers(&[&app.secret], &id, timestamp, &body)
+    {
+        request = request.header(name, value);
+    }
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let response = request.body(tampered).send().await.expect("answer");
+    let status = response.status();
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer["code"], "invalid_signature");
+    assert!(answer["error"].is_string());
+
+    // Signed with a secret the notifier does not know.
+    let stranger = Secret::generate();
+    let (status, answer) = app
+        .send_signed(LOGGER, &id, &body, now(), &[&stranger], Headers::Older)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer["code"], "invalid_signature");
+
+    // Not signed at all.
+    let response = app
+        .http
+        .post(format!("{}{NOTIFY}", app.base))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(answer["code"], "missing_signature");
+
+    // Signed, but not JSON: refused only after the signature was checked.
+    let garbage = b"{not json".to_vec();
+    let (status, answer) = app
+        .send_signed(
+            NOTIFY,
+            &id,
+            &garbage,
+            now(),
+            &[&app.secret],
+            Headers::Standard,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["code"], "malformed_json");
+
+    assert_eq!(app.count("select count(*) from received_events").await, 0);
+    assert_eq!(app.count("select count(*) from notifications").await, 0);
+    assert!(smtp.mails().is_empty());
+    assert_eq!(chat.attempts(), 0);
+    let stale = [("route", NOTIFY), ("outcome", "stale")];
+    assert_eq!(
+        app.metric("notifier_webhooks_received_total", &stale).await,
+        Some(1.0)
+    );
+    let bad = [("route", NOTIFY), ("outcome", "bad_signature")];
+    assert_eq!(
+        app.metric("notifier_webhooks_received_total", &bad).await,
+        Some(2.0)
+    );
+    let invalid = [("route", NOTIFY), ("outcome", "invalid")];
+    assert_eq!(
+        app.metric("notifier_webhooks_received_total", &invalid)
+            .await,
+        Some(1.0)
+    );
+
+    // The genuine request still goes through afterwards.
+    let (status, _) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(smtp.mails().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_closes_it() {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let args = channel_args(&smtp, &chat);
+    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let first = new_event_id();
+    chat.fail(true);
+
+    // The sender retries the same webhook; each attempt fails on the chat channel only.
+    for attempt in 1..=5 {
+        let (status, body) = app.deliver(NOTIFY, &first).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "attempt {attempt}: {body}");
+        assert_eq!(body["code"], "notification_failed");
+    }
+    assert_eq!(chat.attempts(), 5);
+    assert_eq!(
+        smtp.mails().len(),
+        1,
+        "the email went out once, on the first attempt"
+    );
+    let breaker = app.breaker("chat").await;
+    assert_eq!(breaker["state"], "OPEN", "{breaker}");
+    assert_eq!(breaker["failure_count"], 5);
+    assert!(breaker["opened_at"].is_string());
+    assert_eq!(app.breaker("email").await["state"], "CLOSED");
+
+    // Open: the chat API is not called and the sender is told to come back later.
+    let response = app
+        .http
+        .post(format!("{}{NOTIFY}", app.base))
+        .header("content-type", "application/json")
+        .headers({
+            let mut h = reqwest::header::HeaderMap::new();
+            for (name, value) in outbox_core::signature::sign_headers(
+                &[&app.secret],
+                &first,
+                now(),
+                &envelope(&first),
+            ) {
+                h.insert(name, value.parse().expect("header value"));
+            }
+            h
+        })
+        .body(envelope(&first))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["code"], "channel_unavailable");
+    assert_eq!(chat.attempts(), 5);
+    let open = [("channel", "chat"), ("state", "open")];
+    assert_eq!(
+        app.metric("notifier_circuit_breaker_state", &open).await,
+        Some(1.0)
+    );
+
+    // The chat API recovers; once the open period has passed, the retry is the probe.
+    chat.fail(false);
+    eventually(
+        "the retried webhook is accepted",
+        Duration::from_secs(10),
+        || async {
+            let (status, _) = app.deliver(NOTIFY, &first).await;
+            (status == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(chat.messages().len(), 1);
+    assert_eq!(
+        smtp.mails().len(),
+        1,
+        "the retries never sent a second email"
+    );
+    assert_eq!(app.breaker("chat").await["state"], "HALF_OPEN");
+
+    // A second successful probe closes it.
+    let second = new_event_id();
+    let (status, body) = app.deliver(NOTIFY, &second).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let breaker = app.breaker("chat").await;
+    assert_eq!(breaker["state"], "CLOSED", "{breaker}");
+    assert_eq!(breaker["failure_count"], 0);
+    assert_eq!(chat.messages().len(), 2);
+    assert_eq!(smtp.mails().len(), 2);
+    let closed = [("channel", "chat"), ("state", "closed")];
+    assert_eq!(
+        app.metric("notifier_circuit_breaker_state", &closed).await,
+        Some(1.0)
+    );
+
+    // Every attempt is on record.
+    let count = |outcome: &str| {
+        format!("select count(*) from notifications where webhook_id = '{first}' and channel = 'chat' and outcome = '{outcome}'")
+    };
+    assert_eq!(app.count(&count("failed")).await, 5);
+    assert_eq!(app.count(&count("sent")).await, 1);
+    assert!(app.count(&count("rejected_open")).await >= 1);
+    let sent_emails = format!(
+        "select count(*) from notifications where webhook_id = '{first}' and channel = 'email'"
+    );
+    assert_eq!(app.count(&sent_emails).await, 1);
+    let rejected = [("channel", "chat"), ("outcome", "rejected_open")];
+    assert!(app.metric("notifier_notifications_total", &rejected).await >= Some(1.0));
+}
+
+#[tokio::test]
+async fn the_logger_route_takes_the_older_headers_and_any_one_of_several_signatures() {
+    let app = spawn_app(&[]).await;
+    let id = new_event_id();
+    let body = envelope(&id);
+
+    // A sender in the middle of a rotation signs with a new secret the notifier does not know yet
+    // and the old one it knows, using the older header convention.
+    let rotated = Secret::generate();
+    let (status, answer) = app
+        .send_signed(
+            LOGGER,
+            &id,
+            &body,
+            now(),
+            &[&rotated, &app.secret],
+            Headers::Older,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["received"], true);
+    let (status, answer) = app
+        .send_signed(LOGGER, &id, &body, now(), &[&app.secret], Headers::Standard)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer, json!({"duplicate": true}));
+
+    // The same event delivered to the notify route too (another endpoint of the consumer) is
+    // that route's first delivery, not a duplicate. No channel is configured here.
+    let (status, answer) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["received"], true);
+
+    let (_, events) = app.get(&format!("/webhooks/events?route={LOGGER}")).await;
+    assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
+    assert_eq!(app.count("select count(*) from received_events").await, 2);
+    assert_eq!(app.count("select count(*) from notifications").await, 0);
+
+    // Pagination: newest first, one page at a time.
+    let (_, page) = app.get("/webhooks/events?limit=1").await;
+    assert_eq!(page["events"][0]["route"], NOTIFY);
+    let before = page["next_before"].as_i64().expect("a next page");
+    let (_, page) = app
+        .get(&format!("/webhooks/events?limit=1&before={before}"))
+        .await;
+    assert_eq!(page["events"][0]["route"], LOGGER);
+    let (status, answer) = app.get("/webhooks/events?limit=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["code"], "invalid_limit");
+}
+
+#[tokio::test]
+async fn an_operator_resets_an_open_breaker() {
+    let chat = ChatServer::start().await;
+    let app = spawn_app(&[
+        "--chat-api-url",
+        &chat.base,
+        "--chat-bot-token",
+        BOT_TOKEN,
+        "--chat-id",
+        CHAT_ID,
+        "--breaker-open-for",
+        "1h",
+    ])
+    .await;
+    chat.fail(true);
+    for _ in 0..5 {
+        let (status, _) = app.deliver(NOTIFY, &new_event_id()).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(app.breaker("chat").await["state"], "OPEN");
+    assert_eq!(app.breaker("email").await["enabled"], false);
+
+    let (status, answer) = app.post("/circuit-breaker/reset?channel=fax").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["code"], "unknown_channel");
+
+    let (status, answer) = app.post("/circuit-breaker/reset?channel=chat").await;
+    assert_eq!(status, StatusCode::OK);
+    let chat_breaker = answer["breakers"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["channel"] == "chat").cloned())
+        .unwrap_or(Value::Null);
+    assert_eq!(chat_breaker["state"], "CLOSED");
+    assert_eq!(chat_breaker["failure_count"], 0);
+
+    chat.fail(false);
+    let (status, _) = app.deliver(NOTIFY, &new_event_id()).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn it_starts_and_reports_not_ready_while_postgres_is_down() {
+    let db = TestDb::create().await;
+    let app = spawn_app_on(db, "postgres://postgres@127.0.0.1:1/nowhere", &[]).await;
+    let (status, _) = app.get("/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["postgres"], false);
+    let (status, body) = app.deliver(LOGGER, &new_event_id()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "unavailable");
+}
+
+#[test]
+fn help_documents_every_setting() {
+    let help = Cli::command().render_long_help().to_string();
+    for name in [
+        "DATABASE_URL",
+        "LISTEN_ADDR",
+        "WEBHOOK_SECRET",
+        "WEBHOOK_TOLERANCE",
+        "BREAKER_FAILURES",
+        "BREAKER_OPEN_FOR",
+        "BREAKER_SUCCESSES",
+        "SMTP_HOST",
+        "SMTP_PORT",
+        "SMTP_FROM",
+        "SMTP_TO",
+        "CHAT_API_URL",
+        "CHAT_BOT_TOKEN",
+        "CHAT_ID",
+        "NOTIFY_TIMEOUT",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {name}")),
+            "--help lacks {name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_missing_or_invalid_secret_is_a_configuration_error() {
+    assert!(Cli::try_parse_from(["notifier", "--webhook-secret", "hunter2"]).is_err());
+    assert!(Cli::try_parse_from(["notifier", "--webhook-secret", ","]).is_err());
+    let smtp_without_recipients = Cli::try_parse_from([
+        "notifier",
+        "--webhook-secret",
+        Secret::generate().as_str(),
+        "--smtp-host",
+        "127.0.0.1",
+    ])
+    .expect("parses");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let result = notifier::run(
+        smtp_without_recipients.config,
+        listener,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    let error = result.expect_err("refused at start");
+    assert!(error.to_string().contains("SMTP_TO"), "{error}");
+}
