@@ -216,7 +216,7 @@ impl IntoResponse for NotifyError {
         let message = self.to_string();
         match self {
             NotifyError::BreakerOpen { retry_at, .. } => {
-                let seconds = (retry_at - Utc::now()).num_milliseconds().max(0) as u64;
+                let millis = (retry_at - Utc::now()).num_milliseconds().max(0) as u64;
                 let mut response = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "channel_unavailable",
@@ -224,7 +224,7 @@ impl IntoResponse for NotifyError {
                 )
                 .into_response();
                 // Whole seconds, rounded up: a sender retrying at once would only be refused again.
-                let retry_after = HeaderValue::from(seconds.div_ceil(1000).max(1));
+                let retry_after = HeaderValue::from(millis.div_ceil(1000).max(1));
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, retry_after);

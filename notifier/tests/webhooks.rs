@@ -474,3 +474,65 @@ async fn a_missing_or_invalid_secret_is_a_configuration_error() {
     let error = result.expect_err("refused at start");
     assert!(error.to_string().contains("SMTP_TO"), "{error}");
 }
+
+#[tokio::test]
+async fn concurrent_deliveries_of_one_webhook_notify_once() {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let args = channel_args(&smtp, &chat);
+    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let id = new_event_id();
+
+    // Two consumer instances (or a retry after a timeout) deliver the same event at once.
+    let answers = futures::future::join_all((0..6).map(|_| app.deliver(NOTIFY, &id))).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+    }
+    let first = answers
+        .iter()
+        .filter(|(_, b)| b["received"] == true)
+        .count();
+    let duplicates = answers
+        .iter()
+        .filter(|(_, b)| b["duplicate"] == true)
+        .count();
+    assert_eq!((first, duplicates), (1, 5));
+    assert_eq!(smtp.mails().len(), 1);
+    assert_eq!(chat.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
+    let smtp = SmtpServer::start().await;
+    let port = smtp.port;
+    let chat = ChatServer::start().await;
+    let args = channel_args(&smtp, &chat);
+    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    drop(smtp);
+    let id = new_event_id();
+
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("email"),
+        "{body}"
+    );
+    assert_eq!(
+        chat.messages().len(),
+        1,
+        "the chat channel does not wait for email"
+    );
+    assert_eq!(app.count("select count(*) from received_events").await, 0);
+    assert_eq!(app.breaker("email").await["failure_count"], 1);
+
+    let smtp = SmtpServer::start_on(port).await;
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["notifications"],
+        json!({"email": "sent", "chat": "already_sent"})
+    );
+    assert_eq!(smtp.mails().len(), 1);
+    assert_eq!(chat.messages().len(), 1, "no second chat message");
+    assert_eq!(app.breaker("email").await["failure_count"], 0);
+}

@@ -33,11 +33,15 @@ pub struct SmtpServer {
 
 impl SmtpServer {
     pub async fn start() -> SmtpServer {
+        Self::start_on(free_port()).await
+    }
+
+    /// Starts a server on `port` (to bring a stopped one back at the same address).
+    pub async fn start_on(port: u16) -> SmtpServer {
         let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| {
             let home = std::env::var("HOME").unwrap_or_default();
             format!("{home}/.cache/outbox-relay/test-venv/bin/python")
         });
-        let port = free_port();
         let dir = std::env::temp_dir().join(format!("notifier-mail-{}", uuid::Uuid::new_v4()));
         let child = Command::new(&python)
             .args(["-m", "aiosmtpd", "-n", "-l"])
