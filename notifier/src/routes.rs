@@ -86,8 +86,16 @@ fn webhook_span(route: &'static str, correlation_id: Option<&str>) -> Span {
         "webhook",
         route,
         webhook_id = field::Empty,
-        correlation_id = correlation_id.unwrap_or(""),
+        correlation_id = correlation_id.map(field::display),
     )
+}
+
+/// The id a refused webhook claims to have, shortened: worth logging, not worth trusting.
+fn claimed_id(headers: &HeaderMap) -> Option<String> {
+    ["webhook-id", "x-webhook-id"]
+        .iter()
+        .find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
+        .map(|id| id.chars().take(MAX_CORRELATION_ID_BYTES).collect())
 }
 
 /// Verifies and parses a webhook. Every refusal is counted and answered with a 4xx; nothing has
@@ -122,7 +130,8 @@ fn receive(
                 VerifyError::Stale(_) => (received::STALE, "stale_timestamp"),
             };
             state.metrics.received(route, outcome);
-            tracing::warn!(%error, code, "webhook refused");
+            let claimed_id = claimed_id(headers);
+            tracing::warn!(%error, code, claimed_id = claimed_id.as_deref(), "webhook refused");
             ApiError::unauthorized(code, error.to_string())
         })?;
     Span::current().record("webhook_id", verified.id.as_str());

@@ -536,3 +536,23 @@ async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
     assert_eq!(chat.messages().len(), 1, "no second chat message");
     assert_eq!(app.breaker("email").await["failure_count"], 0);
 }
+
+#[tokio::test]
+async fn an_absurd_timestamp_is_refused_not_a_crash() {
+    let app = spawn_app(&[]).await;
+    let id = new_event_id();
+    for timestamp in [i64::MIN, i64::MAX] {
+        let (status, body) = app
+            .send_signed(
+                LOGGER,
+                &id,
+                &envelope(&id),
+                timestamp,
+                &[&app.secret],
+                Headers::Standard,
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{timestamp}: {body}");
+        assert_eq!(body["code"], "stale_timestamp");
+    }
+}

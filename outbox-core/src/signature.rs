@@ -204,7 +204,7 @@ impl Verifier {
             },
         };
         let timestamp: i64 = ts.trim().parse().map_err(|_| VerifyError::BadTimestamp)?;
-        let skew = now - timestamp;
+        let skew = now.saturating_sub(timestamp);
         if skew.unsigned_abs() > self.tolerance.as_secs() {
             return Err(VerifyError::Stale(skew));
         }
