@@ -29,6 +29,8 @@ pub const LOGGER: &str = "/webhooks/logger";
 pub const NOTIFY: &str = "/webhooks/notify";
 
 const MAX_CORRELATION_ID_BYTES: usize = 128;
+/// Longest accepted webhook id: it is a primary key, and btree entries have a size limit.
+const MAX_WEBHOOK_ID_BYTES: usize = 256;
 const MAX_EVENT_TYPE_CHARS: usize = 200;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 500;
@@ -140,6 +142,12 @@ fn receive(
         tracing::warn!(code, error = %message, "webhook body refused");
         ApiError::bad_request(code, message)
     };
+    if verified.id.is_empty() || verified.id.len() > MAX_WEBHOOK_ID_BYTES {
+        return Err(invalid(
+            "invalid_webhook_id",
+            format!("the webhook id must be 1 to {MAX_WEBHOOK_ID_BYTES} bytes"),
+        ));
+    }
     let payload: Value = serde_json::from_slice(&body)
         .map_err(|e| invalid("malformed_json", format!("the body is not JSON: {e}")))?;
     // PostgreSQL's jsonb cannot hold NUL characters.

@@ -538,7 +538,7 @@ async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
 }
 
 #[tokio::test]
-async fn an_absurd_timestamp_is_refused_not_a_crash() {
+async fn an_absurd_timestamp_or_id_is_refused_not_a_crash() {
     let app = spawn_app(&[]).await;
     let id = new_event_id();
     for timestamp in [i64::MIN, i64::MAX] {
@@ -555,4 +555,10 @@ async fn an_absurd_timestamp_is_refused_not_a_crash() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{timestamp}: {body}");
         assert_eq!(body["code"], "stale_timestamp");
     }
+    // Signed, but an id no dedupe key should be.
+    let long_id = "e".repeat(300);
+    let (status, body) = app.deliver(LOGGER, &long_id).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "invalid_webhook_id");
+    assert_eq!(app.count("select count(*) from received_events").await, 0);
 }
