@@ -42,8 +42,9 @@ alter table outbox alter column payload set storage external;
 alter table outbox set (toast_tuple_target = 128);
 -- Finding due rows stays cheap however many sent rows pile up: only unsent rows are indexed.
 create index outbox_unsent on outbox (id) include (next_attempt_at, aggregate_id) where state in ('P', 'X');
--- Per-key order: "is there an older unsent row with this key?" is one index probe.
-create index outbox_unsent_key on outbox (aggregate_id, id) include (next_attempt_at) where state in ('P', 'X');
+-- Rows waiting for a later retry, by time: the few keys that must hold back (per-key order), and
+-- when the relay should wake next.
+create index outbox_unsent_due on outbox (next_attempt_at) include (aggregate_id, id) where state in ('P', 'X');
 create index outbox_dead on outbox (id) where state = 'D';
 -- Retention finds old rows by creation time. A BRIN index costs next to nothing per write (a
 -- btree on sent_at would add one more index insert to every "marked sent" update).

@@ -191,6 +191,27 @@ async fn relay_latency(
     content: Arc<String>,
     tag: &str,
 ) -> anyhow::Result<Vec<f64>> {
+    // Warm up: the relay elected, its topic known, connections open.
+    {
+        let mut client = relay.db.pool.get().await?;
+        let tx = client.transaction().await?;
+        let metadata = Metadata {
+            source: "bench".into(),
+            environment: "bench".into(),
+            correlation_id: "warm-up".into(),
+        };
+        let envelope = Envelope::new(
+            "message.created",
+            "warm-up",
+            serde_json::json!({}),
+            metadata,
+        );
+        outbox_core::outbox::insert_event(&tx, &envelope, "warm-up", &relay.topic).await?;
+        tx.commit().await?;
+        while relay.unsent().await? > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
