@@ -25,13 +25,19 @@ use crate::{Config, Metrics};
 /// (that row would then be overtaken). Older due rows of the same key are in the same batch,
 /// before it, and the idempotent producer keeps their order within the partition. The keys to
 /// hold back come from the few rows waiting for a later retry, found by `outbox_unsent_due`, so a
-/// claim costs the same however long the backlog is. `$2` lists the rows of batches still in
-/// flight (sent, not yet marked), which a pipelined claim must not take again.
+/// claim costs the same however long the backlog is.
+///
+/// `$2` lists the rows of batches still in flight (queued, not yet acknowledged and marked), which
+/// a pipelined claim must not take again; `$3`/`$4` their keys with each key's oldest in-flight
+/// row, which hold back newer rows of those keys: if an in-flight row fails, nothing of its key
+/// may have overtaken it.
 const CLAIM_DUE_ROWS: &str = "
     with held as (
         select aggregate_id, min(id) as from_id from outbox
          where state in ('P', 'X') and next_attempt_at > now()
-         group by aggregate_id)
+         group by aggregate_id
+        union all
+        select * from unnest($3::text[], $4::bigint[]))
     select o.id, o.topic, o.aggregate_id, o.payload::text, o.headers, o.attempts, o.created_at,
            o.last_error_kind = 'permanent' as solo
       from outbox o
@@ -176,20 +182,26 @@ impl Publisher {
         shutdown: &CancellationToken,
     ) {
         self.ensure_topics(&self.configured_topics).await;
-        let in_flight = Mutex::new(HashMap::<u64, Vec<i64>>::new());
+        let in_flight = Mutex::new(HashMap::<u64, Vec<(i64, String)>>::new());
         let (to_marker, mut batches) = tokio::sync::mpsc::channel::<Batch>(PIPELINE_DEPTH);
         let claimer = async {
             let mut db_backoff = Duration::from_millis(100);
             let mut seq = 0u64;
             while !leadership.is_cancelled() && !shutdown.is_cancelled() {
-                let skip: Vec<i64> = in_flight
-                    .lock()
-                    .expect("in-flight lock")
-                    .values()
-                    .flatten()
-                    .copied()
-                    .collect();
-                let rows = match self.claim(&skip).await {
+                let (skip, held_keys, held_from) = {
+                    let in_flight = in_flight.lock().expect("in-flight lock");
+                    let mut oldest: HashMap<&str, i64> = HashMap::new();
+                    let mut skip = Vec::new();
+                    for (id, key) in in_flight.values().flatten() {
+                        skip.push(*id);
+                        let from = oldest.entry(key.as_str()).or_insert(*id);
+                        *from = (*from).min(*id);
+                    }
+                    let (keys, from): (Vec<String>, Vec<i64>) =
+                        oldest.into_iter().map(|(k, id)| (k.to_owned(), id)).unzip();
+                    (skip, keys, from)
+                };
+                let rows = match self.claim(&skip, &held_keys, &held_from).await {
                     Ok(rows) => rows,
                     Err(error) => {
                         tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "cannot claim due rows");
@@ -213,7 +225,7 @@ impl Publisher {
                 in_flight
                     .lock()
                     .expect("in-flight lock")
-                    .insert(seq, rows.iter().map(|r| r.id).collect());
+                    .insert(seq, rows.iter().map(|r| (r.id, r.key.clone())).collect());
                 let batch = self.send(seq, rows).await;
                 if to_marker.send(batch).await.is_err() {
                     break;
@@ -281,10 +293,18 @@ impl Publisher {
         }
     }
 
-    async fn claim(&self, in_flight: &[i64]) -> Result<Vec<Claimed>, BatchError> {
+    async fn claim(
+        &self,
+        in_flight: &[i64],
+        held_keys: &[String],
+        held_from: &[i64],
+    ) -> Result<Vec<Claimed>, BatchError> {
         let client = self.pool.get().await?;
         Ok(client
-            .query(CLAIM_DUE_ROWS, &[&self.batch_size, &in_flight])
+            .query(
+                CLAIM_DUE_ROWS,
+                &[&self.batch_size, &in_flight, &held_keys, &held_from],
+            )
             .await?
             .iter()
             .map(|r| Claimed {
