@@ -1,1 +1,251 @@
-pub fn placeholder() {}
+//! The consumer: a Kafka consumer group that records each event once (the inbox), plans one
+//! delivery per subscribed endpoint in the same PostgreSQL transaction, and only then commits the
+//! Kafka offsets; dispatchers send the deliveries as signed webhooks with retries, a per-endpoint
+//! circuit breaker shared through PostgreSQL, dead letters and replay. An admin API manages
+//! endpoints, deliveries and breakers.
+
+mod admin;
+pub mod dispatch;
+pub mod endpoints;
+pub mod ingest;
+mod metrics;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use outbox_core::breaker::BreakerPolicy;
+use outbox_core::config::{parse_duration, DatabaseArgs, KafkaArgs};
+use outbox_core::db::{self, PgPool};
+use outbox_core::http::{Operational, Readiness};
+use outbox_core::schedule::RetrySchedule;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+
+/// The consumer's configuration, from the environment (see `.env.example`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Address of the admin API, health and metrics.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8082")]
+    pub listen_addr: String,
+    /// Kafka consumer group id; every instance of one deployment uses the same.
+    #[arg(long, env = "CONSUMER_GROUP", default_value = "webhook-dispatcher")]
+    pub consumer_group: String,
+    /// Topics to consume, comma-separated.
+    #[arg(
+        long,
+        env = "CONSUMER_TOPICS",
+        default_value = "messages",
+        value_delimiter = ','
+    )]
+    pub consumer_topics: Vec<String>,
+    /// Most Kafka records recorded in one PostgreSQL transaction.
+    #[arg(long, env = "CONSUMER_BATCH_SIZE", default_value_t = 500)]
+    pub consumer_batch_size: usize,
+    /// How often librdkafka reports statistics, from which the consumer lag gauge comes.
+    #[arg(long, env = "KAFKA_STATISTICS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub kafka_statistics_interval: Duration,
+    /// Delay before each attempt of a delivery, comma-separated; after the last failure it is dead.
+    #[arg(long, env = "RETRY_SCHEDULE", default_value = RetrySchedule::DEFAULT)]
+    pub retry_schedule: RetrySchedule,
+    /// Spread of each retry delay, as a fraction (0.2 = ±20%).
+    #[arg(long, env = "RETRY_JITTER", default_value_t = 0.2)]
+    pub retry_jitter: f64,
+    /// Longest time one webhook request may take (connect, headers and the read body).
+    #[arg(long, env = "DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub delivery_timeout: Duration,
+    /// Consecutive failures of an endpoint that open its circuit breaker.
+    #[arg(long, env = "BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker sends nothing to its endpoint before one probe may go through.
+    #[arg(long, env = "BREAKER_OPEN_FOR", default_value = "60s", value_parser = parse_duration)]
+    pub breaker_open_for: Duration,
+    /// Successful probes that close a half-open breaker.
+    #[arg(long, env = "BREAKER_SUCCESSES", default_value_t = 2)]
+    pub breaker_successes: u32,
+    /// Accept endpoint URLs on private, loopback and link-local addresses (local stacks, tests).
+    #[arg(
+        long,
+        env = "ALLOW_PRIVATE_ENDPOINTS",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_private_endpoints: bool,
+    /// Bearer token the admin API requires; unset: the admin API is open.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// JSON file of endpoints upserted at start-up:
+    /// `[{"id", "url", "event_types", "description"?, "secret"?}]`.
+    #[arg(long, env = "ENDPOINTS_FILE")]
+    pub endpoints_file: Option<PathBuf>,
+    /// Webhook requests in flight at once, over all endpoints.
+    #[arg(long, env = "DELIVERY_CONCURRENCY", default_value_t = 256)]
+    pub delivery_concurrency: usize,
+    /// Webhook requests in flight at once to one endpoint.
+    #[arg(long, env = "ENDPOINT_CONCURRENCY", default_value_t = 64)]
+    pub endpoint_concurrency: usize,
+    /// Dispatcher loops per instance; each claims, sends and records its own batches.
+    #[arg(long, env = "DISPATCH_WORKERS", default_value_t = 4)]
+    pub dispatch_workers: usize,
+    /// Deliveries claimed per dispatcher batch.
+    #[arg(long, env = "DISPATCH_BATCH_SIZE", default_value_t = 500)]
+    pub dispatch_batch_size: i64,
+    /// How often an idle dispatcher looks for due deliveries (new events wake it at once).
+    #[arg(long, env = "DISPATCH_POLL_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub dispatch_poll_interval: Duration,
+    /// How long a claimed delivery belongs to the instance that claimed it; after a crash it is
+    /// sent again once this has passed. Unsent deliveries of a batch are handed back before it ends.
+    #[arg(long, env = "DELIVERY_LEASE", default_value = "2m", value_parser = parse_duration)]
+    pub delivery_lease: Duration,
+    /// How long the previous secret keeps signing after a rotation.
+    #[arg(long, env = "SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_duration)]
+    pub secret_rotation_grace: Duration,
+    /// Largest accepted admin request body in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// The breaker thresholds. A probe may take a whole delivery plus its bookkeeping before
+    /// another instance may probe in its place.
+    pub fn breaker_policy(&self) -> BreakerPolicy {
+        BreakerPolicy {
+            failures_to_open: self.breaker_failures.max(1),
+            open_for: self.breaker_open_for,
+            successes_to_close: self.breaker_successes.max(1),
+            probe_timeout: self.delivery_timeout * 2 + Duration::from_secs(5),
+        }
+    }
+}
+
+/// Handles shared by the admin API and the workers.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    /// Set once the migrations are applied; until then the consumer is not ready.
+    pub migrated: Arc<AtomicBool>,
+    /// Kafka client used for the readiness check (the consuming client itself).
+    pub kafka: Arc<ingest::KafkaConsumer>,
+    /// Wakes the dispatchers when new deliveries (or replays) are recorded.
+    pub wake: Arc<Notify>,
+}
+
+impl Operational for AppState {
+    fn registry(&self) -> &prometheus::Registry {
+        &self.metrics.registry
+    }
+
+    async fn readiness(&self) -> Readiness {
+        let (postgres, kafka) = tokio::join!(
+            db::is_reachable(&self.pool),
+            ingest::kafka_reachable(self.kafka.clone())
+        );
+        Readiness::of(&[
+            ("postgres", postgres),
+            ("migrations", self.migrated.load(Ordering::Acquire)),
+            ("kafka", kafka),
+        ])
+    }
+}
+
+/// Runs the consumer until `shutdown`: the admin API, the Kafka consumer loop and the dispatchers.
+///
+/// Fails only on a configuration error (bad endpoints file, invalid Kafka settings). While
+/// PostgreSQL or Kafka is down it keeps running, reports not-ready and resumes by itself. On
+/// shutdown the ingest batch in hand is recorded (or left uncommitted in Kafka) and every
+/// dispatcher finishes and records the batch it is sending.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let declared = match &config.endpoints_file {
+        Some(path) => endpoints::read_file(path, config.allow_private_endpoints)?,
+        None => Vec::new(),
+    };
+    let pool = db::pool(
+        &config.database.database_url,
+        config.database.database_pool_size,
+    )?;
+    let metrics = Metrics::new();
+    let kafka = Arc::new(ingest::create_consumer(&config, metrics.clone())?);
+    let state = AppState {
+        pool: pool.clone(),
+        config: Arc::new(config.clone()),
+        metrics: metrics.clone(),
+        migrated: Arc::new(AtomicBool::new(false)),
+        kafka: kafka.clone(),
+        wake: Arc::new(Notify::new()),
+    };
+    let dispatcher = Arc::new(dispatch::Dispatcher::new(
+        &config,
+        pool.clone(),
+        metrics.clone(),
+        state.wake.clone(),
+    )?);
+
+    let app = admin::router(state.clone()).layer(DefaultBodyLimit::max(config.max_body_bytes));
+    let server = tokio::spawn(outbox_core::http::serve(listener, app, shutdown.clone()));
+
+    let workers = {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if !db::migrate_until_done(&state.pool, &shutdown).await {
+                return;
+            }
+            state.migrated.store(true, Ordering::Release);
+            if !endpoints::upsert_declared_until_done(
+                &state.pool,
+                &declared,
+                state.config.secret_rotation_grace,
+                &shutdown,
+            ).await {
+                return;
+            }
+            let gauges = tokio::spawn(metrics::refresh_gauges(
+                state.pool.clone(),
+                state.metrics.clone(),
+                shutdown.clone(),
+            ));
+            let mut tasks = Vec::new();
+            for worker in 0..state.config.dispatch_workers.max(1) {
+                let dispatcher = dispatcher.clone();
+                let shutdown = shutdown.clone();
+                tasks.push(tokio::spawn(async move {
+                    dispatcher.work(worker, shutdown).await
+                }));
+            }
+            ingest::consume(
+                state.kafka.clone(),
+                &state.config,
+                state.pool.clone(),
+                state.metrics.clone(),
+                state.wake.clone(),
+                shutdown.clone(),
+            )
+            .await;
+            for task in tasks {
+                let _ = task.await;
+            }
+            gauges.abort();
+        })
+    };
+
+    let served = server.await?;
+    // The server stops on shutdown; the workers finish their batches before we return.
+    workers.await?;
+    Ok(served?)
+}

@@ -1,0 +1,852 @@
+//! Dispatching: claims due deliveries (safely across instances), sends them as signed webhooks,
+//! and records every attempt and the deliveries' new states in one transaction per batch.
+//!
+//! A claim sets `leased_until` (and moves `next_attempt_at` to the same instant), so a crashed
+//! instance's batch becomes due again by itself when the lease ends. Results are only written
+//! while the lease is still the one this batch took, so a late writer never undoes another
+//! instance's work.
+//!
+//! The circuit breaker of each endpoint lives in `circuit_breakers` (scope `endpoint`). A batch
+//! reads the breakers of its endpoints once; the row is written only when something changes: a
+//! failure, a probe, or a success that resets a non-zero failure count. While a breaker is open
+//! its deliveries are *held*: `next_attempt_at` moves to when a probe may go through, and their
+//! attempt count is untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use outbox_core::breaker::{self, Admission, Breaker, BreakerPolicy, BreakerState};
+use outbox_core::db::PgPool;
+use outbox_core::schedule::{with_jitter, RetrySchedule};
+use outbox_core::signature::{sign_headers, Secret};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics::outcome;
+use crate::{Config, Metrics};
+
+/// The breaker scope of webhook endpoints in `circuit_breakers`.
+pub const BREAKER_SCOPE: &str = "endpoint";
+/// Longest stored excerpt of a receiver's response body.
+const RESPONSE_EXCERPT_BYTES: usize = 1024;
+
+/// Claims up to $1 due deliveries of enabled endpoints for $2 seconds, with what sending needs.
+const CLAIM: &str = "
+    with due as (
+        select d.id from deliveries d join endpoints e on e.id = d.endpoint_id
+         where d.state = 'pending' and d.next_attempt_at <= now() and e.enabled
+         order by d.next_attempt_at, d.id
+         limit $1
+         for update of d skip locked
+    )
+    update deliveries d
+       set leased_until = now() + make_interval(secs => $2),
+           next_attempt_at = now() + make_interval(secs => $2)
+      from due, inbox i, endpoints e
+     where d.id = due.id and i.event_id = d.event_id and e.id = d.endpoint_id
+    returning d.id, d.event_id, d.endpoint_id, d.attempts, i.payload::text, i.correlation_id,
+              e.url, e.secret,
+              case when e.previous_secret_expires_at > now() then e.previous_secret end,
+              e.rate_limit_per_second, d.leased_until";
+
+const BREAKERS: &str = "
+    select name, state, failure_count, success_count, opened_at, probe_until
+      from circuit_breakers where scope = 'endpoint' and name = any($1)";
+
+/// Writes a batch's results, but only for rows still under this batch's lease ($8).
+const RECORD_RESULTS: &str = "
+    update deliveries d
+       set state = u.state, attempts = u.attempts, next_attempt_at = u.next_attempt_at,
+           leased_until = null,
+           last_status = case when u.sent then u.status else d.last_status end,
+           last_error = case when u.sent then u.error else d.last_error end,
+           delivered_at = case when u.state = 'succeeded' then u.at else d.delivered_at end,
+           updated_at = now()
+      from unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[], $6::text[],
+                  $7::bool[], $9::timestamptz[])
+           as u(id, state, attempts, next_attempt_at, status, error, sent, at)
+     where d.id = u.id and d.state = 'pending' and d.leased_until = $8";
+
+const RECORD_ATTEMPTS: &str = "
+    insert into delivery_attempts
+           (delivery_id, attempt, status_code, latency_ms, error, response_body, attempted_at)
+    select * from unnest($1::bigint[], $2::int[], $3::int[], $4::int[], $5::text[], $6::text[],
+                         $7::timestamptz[])";
+
+/// One claimed delivery with everything needed to send it.
+#[derive(Debug, Clone)]
+struct Claimed {
+    id: i64,
+    event_id: String,
+    endpoint_id: String,
+    attempts: i32,
+    body: Bytes,
+    correlation_id: Option<String>,
+    url: String,
+    secret: String,
+    previous_secret: Option<String>,
+    rate_limit: Option<i32>,
+}
+
+/// A delivery's new state after this batch.
+#[derive(Debug)]
+struct Done {
+    id: i64,
+    state: &'static str,
+    attempts: i32,
+    next_attempt_at: DateTime<Utc>,
+    status: Option<i32>,
+    error: Option<String>,
+    /// False for a held delivery: nothing was sent, last status and error stay.
+    sent: bool,
+    at: DateTime<Utc>,
+    attempt: Option<Attempt>,
+}
+
+#[derive(Debug)]
+struct Attempt {
+    number: i32,
+    status: Option<i32>,
+    latency_ms: i32,
+    error: Option<String>,
+    response_body: Option<String>,
+    at: DateTime<Utc>,
+}
+
+impl Done {
+    fn held(d: &Claimed, until: DateTime<Utc>) -> Done {
+        Done {
+            id: d.id,
+            state: "pending",
+            attempts: d.attempts,
+            next_attempt_at: until,
+            status: None,
+            error: None,
+            sent: false,
+            at: Utc::now(),
+            attempt: None,
+        }
+    }
+}
+
+/// What the breaker learns from one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Success,
+    Failure,
+}
+
+/// Fixed settings of the dispatchers.
+#[derive(Debug, Clone)]
+struct Settings {
+    schedule: RetrySchedule,
+    jitter: f64,
+    policy: BreakerPolicy,
+    batch_size: i64,
+    lease: Duration,
+    timeout: Duration,
+    poll: Duration,
+    endpoint_concurrency: usize,
+    /// How long deliveries wait while another delivery probes a half-open breaker.
+    probe_recheck: Duration,
+}
+
+/// Sends deliveries. Shared by the dispatcher loops of one instance, which share its HTTP
+/// connection pool and concurrency limits.
+pub struct Dispatcher {
+    pool: PgPool,
+    http: reqwest::Client,
+    settings: Settings,
+    metrics: Metrics,
+    wake: Arc<Notify>,
+    global: Arc<Semaphore>,
+    endpoint_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    rates: Mutex<HashMap<String, TokenBucket>>,
+}
+
+impl Dispatcher {
+    /// A dispatcher configured from `config`; its HTTP client keeps connections alive, follows no
+    /// redirects, and (unless private endpoints are allowed) refuses names that resolve to private
+    /// addresses.
+    pub fn new(
+        config: &Config,
+        pool: PgPool,
+        metrics: Metrics,
+        wake: Arc<Notify>,
+    ) -> anyhow::Result<Self> {
+        let endpoint_concurrency = config.endpoint_concurrency.max(1);
+        let http = reqwest::Client::builder()
+            .timeout(config.delivery_timeout)
+            .connect_timeout(config.delivery_timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(endpoint_concurrency)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(concat!("outbox-consumer/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(GuardedResolver {
+                allow_private: config.allow_private_endpoints,
+            }))
+            .build()?;
+        let open_for = config.breaker_open_for;
+        Ok(Dispatcher {
+            pool,
+            http,
+            settings: Settings {
+                schedule: config.retry_schedule.clone(),
+                jitter: config.retry_jitter.clamp(0.0, 1.0),
+                policy: config.breaker_policy(),
+                batch_size: config.dispatch_batch_size.max(1),
+                lease: config.delivery_lease,
+                timeout: config.delivery_timeout,
+                poll: config.dispatch_poll_interval,
+                endpoint_concurrency,
+                probe_recheck: (open_for / 10)
+                    .clamp(Duration::from_millis(20), Duration::from_secs(1)),
+            },
+            metrics,
+            wake,
+            global: Arc::new(Semaphore::new(config.delivery_concurrency.max(1))),
+            endpoint_slots: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// One dispatcher loop: claims and sends batches until `shutdown`; sleeps for the poll
+    /// interval (or until woken by new deliveries) when nothing is due. A batch in hand is
+    /// finished: requests in flight complete, unsent deliveries are handed back, all is recorded.
+    pub async fn work(&self, worker: usize, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let wake = self.wake.notified();
+            match self.dispatch_once(&shutdown).await {
+                Ok(claimed) => {
+                    failures = 0;
+                    if claimed as i64 >= self.settings.batch_size {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(worker, %error, "dispatcher cannot claim deliveries");
+                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = wake => {}
+                _ = tokio::time::sleep(self.settings.poll) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Claims one batch, sends it, records it. Returns how many deliveries were claimed.
+    pub async fn dispatch_once(&self, shutdown: &CancellationToken) -> anyhow::Result<usize> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                CLAIM,
+                &[&self.settings.batch_size, &self.settings.lease.as_secs_f64()],
+            )
+            .await?;
+        drop(client);
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let lease: DateTime<Utc> = rows[0].get(10);
+        let mut groups: Vec<(String, Vec<Claimed>)> = Vec::new();
+        for row in &rows {
+            let body: String = row.get(4);
+            let claimed = Claimed {
+                id: row.get(0),
+                event_id: row.get(1),
+                endpoint_id: row.get(2),
+                attempts: row.get(3),
+                body: Bytes::from(body),
+                correlation_id: row.get(5),
+                url: row.get(6),
+                secret: row.get(7),
+                previous_secret: row.get(8),
+                rate_limit: row.get(9),
+            };
+            match groups.iter_mut().find(|(id, _)| *id == claimed.endpoint_id) {
+                Some((_, group)) => group.push(claimed),
+                None => groups.push((claimed.endpoint_id.clone(), vec![claimed])),
+            }
+        }
+        let count = rows.len();
+        let breakers = self.load_breakers(&groups).await;
+        let batch = tracing::info_span!("dispatch_batch", deliveries = count);
+        let results = futures::future::join_all(groups.into_iter().map(|(endpoint_id, group)| {
+            let stored = breakers.get(&endpoint_id).cloned().unwrap_or_default();
+            self.send_group(endpoint_id, group, stored, lease, shutdown)
+        }))
+        .instrument(batch)
+        .await;
+        let done: Vec<Done> = results.into_iter().flatten().collect();
+        self.record_until_done(&done, lease, shutdown).await;
+        Ok(count)
+    }
+
+    async fn load_breakers(&self, groups: &[(String, Vec<Claimed>)]) -> HashMap<String, Breaker> {
+        let names: Vec<&str> = groups.iter().map(|(id, _)| id.as_str()).collect();
+        let mut out = HashMap::new();
+        let rows = match self.pool.get().await {
+            Ok(client) => client.query(BREAKERS, &[&names]).await,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read circuit breakers; treating them as closed");
+                return out;
+            }
+        };
+        match rows {
+            Ok(rows) => {
+                for row in rows {
+                    let state: String = row.get(1);
+                    out.insert(
+                        row.get::<_, String>(0),
+                        Breaker {
+                            state: BreakerState::parse(&state).unwrap_or(BreakerState::Closed),
+                            failure_count: row.get::<_, i32>(2).max(0) as u32,
+                            success_count: row.get::<_, i32>(3).max(0) as u32,
+                            opened_at: row.get(4),
+                            probe_until: row.get(5),
+                        },
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read circuit breakers; treating them as closed"),
+        }
+        out
+    }
+
+    /// Sends one endpoint's share of a batch as the breaker allows.
+    async fn send_group(
+        &self,
+        endpoint_id: String,
+        group: Vec<Claimed>,
+        stored: Breaker,
+        lease: DateTime<Utc>,
+        shutdown: &CancellationToken,
+    ) -> Vec<Done> {
+        let policy = self.settings.policy;
+        let now = Utc::now();
+        let recheck = now + chrono_duration(self.settings.probe_recheck);
+        if stored.state != BreakerState::Closed {
+            let reopen = stored.opened_at.unwrap_or(now) + chrono_duration(policy.open_for);
+            if stored.state == BreakerState::Open && now < reopen {
+                return group.iter().map(|d| Done::held(d, reopen)).collect();
+            }
+            // Cool-down over (or already half-open): ask for the probe slot under the row lock.
+            let admission = match self.pool.get().await {
+                Ok(mut client) => breaker::store::update(
+                    &mut client,
+                    BREAKER_SCOPE,
+                    &endpoint_id,
+                    |b| b.admit(&policy, Utc::now()),
+                )
+                .await
+                .map(|(admission, _)| admission),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reach the breaker store");
+                    Ok(Admission::Rejected { retry_at: recheck })
+                }
+            };
+            match admission {
+                Ok(Admission::Probe) => {
+                    let mut group = group.into_iter();
+                    let Some(probe) = group.next() else {
+                        return Vec::new();
+                    };
+                    let mut done: Vec<Done> = group.map(|d| Done::held(&d, recheck)).collect();
+                    let (result, verdict) = self.send(&probe).await;
+                    done.push(result);
+                    self.report(&endpoint_id, &stored, &[verdict]).await;
+                    return done;
+                }
+                Ok(Admission::Rejected { retry_at }) => {
+                    let until = retry_at.min(recheck);
+                    return group.iter().map(|d| Done::held(d, until)).collect();
+                }
+                Ok(Admission::Allowed) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot update the circuit breaker");
+                    return group.iter().map(|d| Done::held(d, recheck)).collect();
+                }
+            }
+        }
+
+        // CLOSED: send with bounded concurrency. The local copy of the breaker opens as soon as
+        // this batch sees enough failures, so the rest of the batch is held rather than sent.
+        let local = Mutex::new((Breaker::default(), Vec::<Verdict>::new()));
+        let slots = self.endpoint_slots(&endpoint_id);
+        let give_back_at = lease - chrono_duration(self.settings.timeout);
+        let done: Vec<Done> = futures::stream::iter(group)
+            .map(|d| {
+                let local = &local;
+                let slots = slots.clone();
+                async move {
+                    let Ok(_slot) = slots.acquire().await else {
+                        return Done::held(&d, Utc::now());
+                    };
+                    let now = Utc::now();
+                    // Shutting down, or the lease is about to end: hand the delivery back.
+                    if shutdown.is_cancelled() || now >= give_back_at {
+                        return Done::held(&d, now);
+                    }
+                    if let Some(reopen) = open_until(&lock(local).0, &policy) {
+                        return Done::held(&d, reopen);
+                    }
+                    if let Some(wait) = self.rate_limited(&d) {
+                        return Done::held(&d, now + chrono_duration(wait));
+                    }
+                    let Ok(_permit) = self.global.acquire().await else {
+                        return Done::held(&d, now);
+                    };
+                    let (result, verdict) = self.send(&d).await;
+                    let mut guard = lock(local);
+                    match verdict {
+                        Verdict::Success => guard.0.on_success(&policy),
+                        Verdict::Failure => guard.0.on_failure(&policy, Utc::now()),
+                    }
+                    guard.1.push(verdict);
+                    result
+                }
+            })
+            .buffer_unordered(self.settings.endpoint_concurrency)
+            .collect()
+            .await;
+        let verdicts = std::mem::take(&mut lock(&local).1);
+        let must_write = verdicts.contains(&Verdict::Failure)
+            || (stored.failure_count > 0 && verdicts.contains(&Verdict::Success));
+        if must_write {
+            self.report(&endpoint_id, &stored, &verdicts).await;
+        }
+        done
+    }
+
+    /// Applies this batch's outcomes, in order, to the shared breaker under its row lock.
+    async fn report(&self, endpoint_id: &str, before: &Breaker, verdicts: &[Verdict]) {
+        let policy = self.settings.policy;
+        let updated = match self.pool.get().await {
+            Ok(mut client) => {
+                breaker::store::update(&mut client, BREAKER_SCOPE, endpoint_id, |b| {
+                    for v in verdicts {
+                        match v {
+                            Verdict::Success => b.on_success(&policy),
+                            Verdict::Failure => b.on_failure(&policy, Utc::now()),
+                        }
+                    }
+                })
+                .await
+            }
+            Err(error) => {
+                tracing::warn!(endpoint_id, %error, "cannot record the breaker's outcome");
+                return;
+            }
+        };
+        match updated {
+            Ok(((), after)) => {
+                if after.state != before.state {
+                    tracing::warn!(
+                        endpoint_id,
+                        from = before.state.as_str(),
+                        to = after.state.as_str(),
+                        failure_count = after.failure_count,
+                        "circuit breaker changed state"
+                    );
+                }
+                self.metrics.set_breaker(endpoint_id, after.state);
+            }
+            Err(error) => tracing::warn!(endpoint_id, %error, "cannot record the breaker's outcome"),
+        }
+    }
+
+    fn endpoint_slots(&self, endpoint_id: &str) -> Arc<Semaphore> {
+        lock(&self.endpoint_slots)
+            .entry(endpoint_id.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.settings.endpoint_concurrency)))
+            .clone()
+    }
+
+    /// `Some(wait)` when the endpoint's rate limit allows no request now.
+    fn rate_limited(&self, d: &Claimed) -> Option<Duration> {
+        let limit = d.rate_limit.filter(|&n| n > 0)?;
+        let mut rates = lock(&self.rates);
+        let bucket = rates
+            .entry(d.endpoint_id.clone())
+            .or_insert_with(|| TokenBucket::new(limit as f64));
+        bucket.take(limit as f64, Instant::now())
+    }
+
+    /// Sends one delivery and decides its next state.
+    async fn send(&self, d: &Claimed) -> (Done, Verdict) {
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_id = d.id,
+            event_id = %d.event_id,
+            endpoint_id = %d.endpoint_id,
+            correlation_id = d.correlation_id.as_deref().unwrap_or(""),
+        );
+        self.send_inner(d).instrument(span).await
+    }
+
+    async fn send_inner(&self, d: &Claimed) -> (Done, Verdict) {
+        let number = d.attempts + 1;
+        let at = Utc::now();
+        let started = Instant::now();
+        let response = match self.request(d, at.timestamp()) {
+            Ok(request) => request.send().await.map_err(describe),
+            Err(error) => Err(error),
+        };
+        let (status, abort, excerpt, error) = match response {
+            Ok(response) => {
+                let status = response.status();
+                let abort = response
+                    .headers()
+                    .get("webhook-delivery")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("abort-message"));
+                let (excerpt, body_error) = read_excerpt(response).await;
+                let error = match (status.is_success(), body_error) {
+                    (true, _) => None,
+                    (false, Some(e)) => Some(format!("HTTP {}: {e}", status.as_u16())),
+                    (false, None) => Some(format!("HTTP {}", status.as_u16())),
+                };
+                (Some(status.as_u16() as i32), abort, excerpt, error)
+            }
+            Err(error) => (None, false, None, Some(error)),
+        };
+        let elapsed = started.elapsed();
+        self.metrics
+            .delivery_duration
+            .with_label_values(&[&d.endpoint_id])
+            .observe(elapsed.as_secs_f64());
+        let success = status.is_some_and(|s| (200..300).contains(&s));
+        let attempt = Attempt {
+            number,
+            status,
+            latency_ms: elapsed.as_millis().min(i32::MAX as u128) as i32,
+            error: error.clone(),
+            response_body: excerpt,
+            at,
+        };
+        let now = Utc::now();
+        let (state, next, label, verdict) = if success {
+            ("succeeded", now, outcome::SUCCESS, Verdict::Success)
+        } else if abort {
+            // The receiver is up and asks us to stop: not the endpoint's failure.
+            ("dead", now, outcome::ABORTED, Verdict::Success)
+        } else {
+            match self.settings.schedule.delay_after(number.max(0) as u32) {
+                Some(delay) => (
+                    "pending",
+                    now + chrono_duration(with_jitter(delay, self.settings.jitter)),
+                    outcome::FAILURE,
+                    Verdict::Failure,
+                ),
+                None => ("dead", now, outcome::DEAD, Verdict::Failure),
+            }
+        };
+        self.metrics
+            .deliveries
+            .with_label_values(&[&d.endpoint_id, label])
+            .inc();
+        match label {
+            outcome::SUCCESS => tracing::debug!(attempt = number, status, "delivered"),
+            outcome::FAILURE => {
+                tracing::info!(attempt = number, status, error = error.as_deref().unwrap_or(""), next_attempt_at = %next, "delivery failed; will retry")
+            }
+            _ => {
+                tracing::warn!(attempt = number, status, error = error.as_deref().unwrap_or(""), aborted = abort, "delivery is dead")
+            }
+        }
+        let done = Done {
+            id: d.id,
+            state,
+            attempts: number,
+            next_attempt_at: next,
+            status,
+            error,
+            sent: true,
+            at: now,
+            attempt: Some(attempt),
+        };
+        (done, verdict)
+    }
+
+    /// The signed request: the body bytes exactly as signed, the current secret and, during a
+    /// rotation's grace period, the previous one.
+    fn request(&self, d: &Claimed, timestamp: i64) -> Result<reqwest::RequestBuilder, String> {
+        let current =
+            Secret::parse(&d.secret).map_err(|e| format!("the endpoint's secret is unusable: {e}"))?;
+        let previous = d
+            .previous_secret
+            .as_deref()
+            .and_then(|s| Secret::parse(s).ok());
+        let secrets: Vec<&Secret> = std::iter::once(&current).chain(previous.as_ref()).collect();
+        let mut request = self
+            .http
+            .post(&d.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(
+                "x-correlation-id",
+                d.correlation_id.as_deref().unwrap_or(&d.event_id),
+            );
+        for (name, value) in sign_headers(&secrets, &d.event_id, timestamp, &d.body) {
+            request = request.header(name, value);
+        }
+        Ok(request.body(d.body.clone()))
+    }
+
+    async fn record_until_done(
+        &self,
+        done: &[Done],
+        lease: DateTime<Utc>,
+        shutdown: &CancellationToken,
+    ) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.record(done, lease).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, deliveries = done.len(), "cannot record delivery results yet")
+                }
+            }
+            // Give up once the lease is over: the deliveries are claimed and sent again, which
+            // receivers deduplicate by webhook-id.
+            if shutdown.is_cancelled() || Utc::now() >= lease {
+                tracing::warn!(
+                    deliveries = done.len(),
+                    "delivery results not recorded; the lease will hand them out again"
+                );
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn record(&self, done: &[Done], lease: DateTime<Utc>) -> anyhow::Result<()> {
+        let mut ids = Vec::with_capacity(done.len());
+        let mut states = Vec::with_capacity(done.len());
+        let mut attempts = Vec::with_capacity(done.len());
+        let mut nexts = Vec::with_capacity(done.len());
+        let mut statuses = Vec::with_capacity(done.len());
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(done.len());
+        let mut sent = Vec::with_capacity(done.len());
+        let mut ats = Vec::with_capacity(done.len());
+        let mut a_ids = Vec::new();
+        let mut a_numbers = Vec::new();
+        let mut a_statuses = Vec::new();
+        let mut a_latencies = Vec::new();
+        let mut a_errors: Vec<Option<String>> = Vec::new();
+        let mut a_bodies: Vec<Option<String>> = Vec::new();
+        let mut a_ats = Vec::new();
+        for d in done {
+            ids.push(d.id);
+            states.push(d.state);
+            attempts.push(d.attempts);
+            nexts.push(d.next_attempt_at);
+            statuses.push(d.status);
+            errors.push(d.error.as_deref().map(clean));
+            sent.push(d.sent);
+            ats.push(d.at);
+            if let Some(a) = &d.attempt {
+                a_ids.push(d.id);
+                a_numbers.push(a.number);
+                a_statuses.push(a.status);
+                a_latencies.push(a.latency_ms);
+                a_errors.push(a.error.as_deref().map(clean));
+                a_bodies.push(a.response_body.as_deref().map(clean));
+                a_ats.push(a.at);
+            }
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            &ids, &states, &attempts, &nexts, &statuses, &errors, &sent, &lease, &ats,
+        ];
+        let update = tx.execute(RECORD_RESULTS, &params);
+        let insert = async {
+            if a_ids.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(
+                RECORD_ATTEMPTS,
+                &[
+                    &a_ids,
+                    &a_numbers,
+                    &a_statuses,
+                    &a_latencies,
+                    &a_errors,
+                    &a_bodies,
+                    &a_ats,
+                ],
+            )
+            .await
+        };
+        // Both statements go out pipelined on the one connection.
+        let (updated, inserted) = tokio::join!(update, insert);
+        updated?;
+        inserted?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// PostgreSQL text cannot hold NUL characters.
+fn clean(text: &str) -> String {
+    text.replace('\0', "")
+}
+
+fn describe(error: reqwest::Error) -> String {
+    use std::error::Error;
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    let mut text = format!("{kind}: {error}");
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Reads at most [`RESPONSE_EXCERPT_BYTES`] of the response body.
+async fn read_excerpt(mut response: reqwest::Response) -> (Option<String>, Option<String>) {
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                buffer.extend_from_slice(&chunk);
+                if buffer.len() >= RESPONSE_EXCERPT_BYTES {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(error) => return (excerpt(&buffer), Some(describe(error))),
+        }
+    }
+    (excerpt(&buffer), None)
+}
+
+fn excerpt(bytes: &[u8]) -> Option<String> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let cut = &bytes[..bytes.len().min(RESPONSE_EXCERPT_BYTES)];
+    Some(String::from_utf8_lossy(cut).into_owned())
+}
+
+/// When a locally opened breaker may let a probe through, if it is open.
+fn open_until(b: &Breaker, policy: &BreakerPolicy) -> Option<DateTime<Utc>> {
+    (b.state == BreakerState::Open)
+        .then(|| b.opened_at.unwrap_or_else(Utc::now) + chrono_duration(policy.open_for))
+}
+
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// A poisoned lock only means another delivery panicked; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A per-endpoint token bucket: `rate` requests per second, bursts up to one second's worth.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64) -> Self {
+        TokenBucket {
+            tokens: rate,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is available.
+    fn take(&mut self, rate: f64, now: Instant) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
+
+/// Resolves endpoint host names, refusing private addresses unless they are allowed, so that a
+/// public name cannot be pointed at internal services after the endpoint was created.
+struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .collect();
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| allow_private || !crate::endpoints::is_private(a.ip()))
+                .collect();
+            if allowed.is_empty() {
+                return Err(format!(
+                    "{host} resolves to no public address (set ALLOW_PRIVATE_ENDPOINTS=true to allow private ones)"
+                )
+                .into());
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_spreads_requests() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2.0);
+        bucket.last = start;
+        assert_eq!(bucket.take(2.0, start), None);
+        assert_eq!(bucket.take(2.0, start), None);
+        let wait = bucket.take(2.0, start).expect("empty");
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        assert_eq!(bucket.take(2.0, start + Duration::from_millis(500)), None);
+    }
+
+    #[test]
+    fn excerpts_are_bounded() {
+        assert_eq!(excerpt(b""), None);
+        let long = vec![b'a'; 5000];
+        assert_eq!(excerpt(&long).map(|s| s.len()), Some(RESPONSE_EXCERPT_BYTES));
+    }
+}

@@ -1,0 +1,481 @@
+//! Consuming: Kafka records become inbox rows, planned deliveries and poison records in one
+//! PostgreSQL transaction, and only after it commits are the Kafka offsets committed. A crash at
+//! any point therefore re-reads records rather than losing them, and the inbox's primary key turns
+//! re-read records into no-ops.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use outbox_core::db::PgPool;
+use outbox_core::envelope::{Envelope, HEADER_CORRELATION_ID};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Config, Metrics};
+
+/// The rdkafka context of the consumer: turns statistics into the lag gauge, logs rebalances.
+pub struct IngestContext {
+    metrics: Metrics,
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" bucket; -1 lag means unknown.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.metrics
+                    .lag
+                    .with_label_values(&[topic, &partition.to_string()])
+                    .set(p.consumer_lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                // The new owner reports these partitions' lag now.
+                for e in tpl.elements() {
+                    let _ = self
+                        .metrics
+                        .lag
+                        .remove_label_values(&[e.topic(), &e.partition().to_string()]);
+                }
+                tracing::info!(partitions = tpl.count(), "partitions revoked")
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            // Harmless: the records are recorded; at worst they are read again and deduplicated.
+            tracing::debug!(%error, "offset commit failed");
+        }
+    }
+}
+
+/// The Kafka consumer of this service.
+pub type KafkaConsumer = StreamConsumer<IngestContext>;
+
+/// Creates the consumer (it connects lazily, so Kafka may be down) and subscribes to the topics.
+/// Offsets are committed by hand after each batch is recorded; a new group starts at the earliest
+/// record.
+pub fn create_consumer(config: &Config, metrics: Metrics) -> anyhow::Result<KafkaConsumer> {
+    let mut client = outbox_core::kafka::base_config(&config.kafka.kafka_brokers, "consumer");
+    client
+        .set("group.id", &config.consumer_group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "statistics.interval.ms",
+            config
+                .kafka_statistics_interval
+                .as_millis()
+                .max(1)
+                .to_string(),
+        );
+    let consumer: KafkaConsumer = client.create_with_context(IngestContext { metrics })?;
+    let topics: Vec<&str> = config
+        .consumer_topics
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .collect();
+    anyhow::ensure!(!topics.is_empty(), "CONSUMER_TOPICS names no topic");
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
+/// True when a broker answers a metadata request within two seconds.
+pub async fn kafka_reachable(consumer: Arc<KafkaConsumer>) -> bool {
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// One Kafka record, copied out of librdkafka's buffer.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub correlation_header: Option<String>,
+}
+
+/// What a record turned out to be.
+enum Parsed {
+    Event {
+        id: String,
+        event_type: String,
+        correlation_id: Option<String>,
+        json: String,
+    },
+    Poison(String),
+}
+
+/// Checks a record against the envelope contract.
+fn parse(record: &Incoming) -> Parsed {
+    let json = match std::str::from_utf8(&record.payload) {
+        Ok(text) => text,
+        Err(_) => return Parsed::Poison("the value is not UTF-8".into()),
+    };
+    let envelope: Envelope = match serde_json::from_str(json) {
+        Ok(e) => e,
+        Err(error) => return Parsed::Poison(format!("the value is not an event envelope: {error}")),
+    };
+    if envelope.id.is_empty() || envelope.id.len() > 256 {
+        return Parsed::Poison("the envelope's id is empty or longer than 256 bytes".into());
+    }
+    if envelope.event.is_empty() || envelope.event.len() > 128 {
+        return Parsed::Poison("the envelope's event type is empty or longer than 128 bytes".into());
+    }
+    let correlation_id = record
+        .correlation_header
+        .clone()
+        .or_else(|| Some(envelope.metadata.correlation_id.clone()))
+        .filter(|c| !c.is_empty());
+    Parsed::Event {
+        id: envelope.id,
+        event_type: envelope.event,
+        correlation_id,
+        json: json.to_owned(),
+    }
+}
+
+/// What one recorded batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    pub events: u64,
+    pub duplicates: u64,
+    pub deliveries: u64,
+    pub poison: u64,
+}
+
+// Inbox rows for new event ids only; deliveries for those, one per enabled endpoint whose filter
+// matches ('*', the exact type, or a 'prefix.*'). Re-read records insert nothing.
+const RECORD_EVENTS: &str = "
+    with new as (
+        insert into inbox (event_id, event_type, topic, kafka_partition, kafka_offset, correlation_id, payload)
+        select id, t, topic, p, o, c, j::jsonb
+          from unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[])
+               as r(id, t, topic, p, o, c, j)
+        on conflict (event_id) do nothing
+        returning event_id, event_type
+    ), planned as (
+        insert into deliveries (event_id, endpoint_id)
+        select new.event_id, e.id
+          from new join endpoints e on e.enabled and exists (
+               select 1 from unnest(e.event_types) f
+                where f = '*' or f = new.event_type
+                   or (right(f, 2) = '.*' and starts_with(new.event_type, left(f, -1))))
+        on conflict do nothing
+        returning 1
+    )
+    select (select count(*) from new), (select count(*) from planned)";
+
+const RECORD_POISON: &str = "
+    insert into poison_records (topic, kafka_partition, kafka_offset, error, payload)
+    select * from unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::bytea[])
+    on conflict do nothing";
+
+/// Records a batch in one transaction: inbox rows, deliveries, poison records. When PostgreSQL
+/// refuses a value (e.g. a `\u0000` that `jsonb` cannot hold), the batch is recorded record by
+/// record so that only the offending record turns poison.
+pub async fn record_batch(
+    pool: &PgPool,
+    records: &[Incoming],
+) -> Result<Recorded, RecordError> {
+    let parsed: Vec<Parsed> = records.iter().map(parse).collect();
+    match record_parsed(pool, records, &parsed).await {
+        Err(error) if error.is_data_error() => {
+            tracing::warn!(%error, "a record in the batch was refused; recording one by one");
+            let mut total = Recorded::default();
+            for (record, parsed) in records.iter().zip(parsed) {
+                let one = std::slice::from_ref(record);
+                let done = match record_parsed(pool, one, std::slice::from_ref(&parsed)).await {
+                    Err(error) if error.is_data_error() => {
+                        let poison = Parsed::Poison(format!("PostgreSQL refused the event: {error}"));
+                        record_parsed(pool, one, &[poison]).await?
+                    }
+                    other => other?,
+                };
+                total.events += done.events;
+                total.duplicates += done.duplicates;
+                total.deliveries += done.deliveries;
+                total.poison += done.poison;
+            }
+            Ok(total)
+        }
+        other => other,
+    }
+}
+
+async fn record_parsed(
+    pool: &PgPool,
+    records: &[Incoming],
+    parsed: &[Parsed],
+) -> Result<Recorded, RecordError> {
+    let mut events = EventColumns::default();
+    let mut poison = PoisonColumns::default();
+    for (record, p) in records.iter().zip(parsed) {
+        match p {
+            Parsed::Event {
+                id,
+                event_type,
+                correlation_id,
+                json,
+            } => {
+                events.ids.push(id.as_str());
+                events.types.push(event_type.as_str());
+                events.topics.push(record.topic.as_str());
+                events.partitions.push(record.partition);
+                events.offsets.push(record.offset);
+                events.correlation.push(correlation_id.as_deref());
+                events.json.push(json.as_str());
+            }
+            Parsed::Poison(error) => {
+                poison.topics.push(record.topic.as_str());
+                poison.partitions.push(record.partition);
+                poison.offsets.push(record.offset);
+                poison.errors.push(error.replace('\0', ""));
+                poison.payloads.push(record.payload.as_slice());
+            }
+        }
+    }
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut recorded = Recorded::default();
+    if !events.ids.is_empty() {
+        let row = tx
+            .query_one(
+                RECORD_EVENTS,
+                &[
+                    &events.ids,
+                    &events.types,
+                    &events.topics,
+                    &events.partitions,
+                    &events.offsets,
+                    &events.correlation,
+                    &events.json,
+                ],
+            )
+            .await?;
+        recorded.events = row.get::<_, i64>(0) as u64;
+        recorded.deliveries = row.get::<_, i64>(1) as u64;
+        recorded.duplicates = events.ids.len() as u64 - recorded.events;
+    }
+    if !poison.topics.is_empty() {
+        tx.execute(
+            RECORD_POISON,
+            &[
+                &poison.topics,
+                &poison.partitions,
+                &poison.offsets,
+                &poison.errors,
+                &poison.payloads,
+            ],
+        )
+        .await?;
+        recorded.poison = poison.topics.len() as u64;
+    }
+    tx.commit().await?;
+    Ok(recorded)
+}
+
+/// Why a batch could not be recorded; the caller retries it as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+impl RecordError {
+    /// PostgreSQL refused a value (SQLSTATE class 22): retrying the same rows cannot help.
+    fn is_data_error(&self) -> bool {
+        match self {
+            RecordError::Db(e) => e
+                .as_db_error()
+                .is_some_and(|e| e.code().code().starts_with("22")),
+            RecordError::Pool(_) => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct EventColumns<'a> {
+    ids: Vec<&'a str>,
+    types: Vec<&'a str>,
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    correlation: Vec<Option<&'a str>>,
+    json: Vec<&'a str>,
+}
+
+#[derive(Default)]
+struct PoisonColumns<'a> {
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    errors: Vec<String>,
+    payloads: Vec<&'a [u8]>,
+}
+
+/// The offsets to commit after a batch: per partition, one past the highest recorded offset.
+fn next_offsets(records: &[Incoming]) -> KafkaResult<TopicPartitionList> {
+    let mut highest: HashMap<(&str, i32), i64> = HashMap::new();
+    for r in records {
+        let e = highest.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        *e = (*e).max(r.offset);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in highest {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1))?;
+    }
+    Ok(tpl)
+}
+
+fn to_incoming(message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+    let correlation_header = message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == HEADER_CORRELATION_ID)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    });
+    Incoming {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        payload: message.payload().unwrap_or_default().to_vec(),
+        correlation_header,
+    }
+}
+
+/// Reads records in small batches until `shutdown`, records each batch durably (retrying while
+/// PostgreSQL is down), commits its offsets, and wakes the dispatchers. Never returns early
+/// because a dependency is down.
+pub async fn consume(
+    consumer: Arc<KafkaConsumer>,
+    config: &Config,
+    pool: PgPool,
+    metrics: Metrics,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut stream = consumer
+        .stream()
+        .ready_chunks(config.consumer_batch_size.max(1));
+    let mut last_commit: Option<TopicPartitionList> = None;
+    loop {
+        let chunk = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            chunk = stream.next() => match chunk {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
+        let mut records = Vec::with_capacity(chunk.len());
+        for item in chunk {
+            match item {
+                Ok(message) => records.push(to_incoming(&message)),
+                Err(error) => tracing::warn!(%error, "Kafka consumer error"),
+            }
+        }
+        if records.is_empty() {
+            continue;
+        }
+        let Some(recorded) = record_until_done(&pool, &records, &shutdown).await else {
+            // Shutdown while PostgreSQL was down: nothing committed, the records are read again.
+            break;
+        };
+        for r in &records {
+            metrics.consumed.with_label_values(&[&r.topic]).inc();
+        }
+        metrics.duplicates.inc_by(recorded.duplicates);
+        if recorded.poison > 0 {
+            for r in records.iter() {
+                if matches!(parse(r), Parsed::Poison(_)) {
+                    metrics.poison.with_label_values(&[&r.topic]).inc();
+                    tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, "poison record recorded and skipped");
+                }
+            }
+        }
+        tracing::debug!(
+            records = records.len(),
+            events = recorded.events,
+            duplicates = recorded.duplicates,
+            deliveries = recorded.deliveries,
+            poison = recorded.poison,
+            "batch recorded"
+        );
+        if recorded.deliveries > 0 {
+            wake.notify_waiters();
+        }
+        match next_offsets(&records) {
+            Ok(tpl) => {
+                // Async: a lost commit only means these records are read (and ignored) again.
+                if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+                    tracing::debug!(%error, "offset commit not sent");
+                }
+                last_commit = Some(tpl);
+            }
+            Err(error) => tracing::warn!(%error, "cannot build offsets to commit"),
+        }
+    }
+    if let Some(tpl) = last_commit {
+        let consumer = consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
+    }
+    consumer.unsubscribe();
+}
+
+async fn record_until_done(
+    pool: &PgPool,
+    records: &[Incoming],
+    shutdown: &CancellationToken,
+) -> Option<Recorded> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match record_batch(pool, records).await {
+            Ok(recorded) => return Some(recorded),
+            Err(error) => {
+                tracing::warn!(%error, records = records.len(), retry_in_ms = delay.as_millis() as u64, "cannot record batch yet")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
