@@ -168,6 +168,17 @@ pub struct Dispatcher {
     global: Arc<Semaphore>,
     endpoint_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     rates: Mutex<HashMap<String, TokenBucket>>,
+    /// What this instance last learnt of each endpoint's breaker (from a batch's read or its own
+    /// writes): checked before every request.
+    views: Mutex<HashMap<String, BreakerView>>,
+}
+
+/// An instance's knowledge of one breaker.
+#[derive(Debug, Clone, Default)]
+struct BreakerView {
+    failures: u32,
+    /// While the breaker is open: when a probe may go through.
+    reopen_at: Option<DateTime<Utc>>,
 }
 
 impl Dispatcher {
@@ -214,6 +225,7 @@ impl Dispatcher {
             global: Arc::new(Semaphore::new(config.delivery_concurrency.max(1))),
             endpoint_slots: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
         })
     }
 
@@ -341,6 +353,12 @@ impl Dispatcher {
         let policy = self.settings.policy;
         let now = Utc::now();
         let recheck = now + chrono_duration(self.settings.probe_recheck);
+        // A CLOSED read older than this instance's own opening write must not undo it (an admin
+        // reset is then seen once the cool-down passes).
+        let opened_here = self.view(&endpoint_id).reopen_at.is_some_and(|t| t > now);
+        if !(opened_here && stored.state == BreakerState::Closed) {
+            self.learn(&endpoint_id, &stored);
+        }
         if stored.state != BreakerState::Closed {
             let reopen = stored.opened_at.unwrap_or(now) + chrono_duration(policy.open_for);
             if stored.state == BreakerState::Open && now < reopen {
@@ -370,7 +388,7 @@ impl Dispatcher {
                     let mut done: Vec<Done> = group.map(|d| Done::held(&d, recheck)).collect();
                     let (result, verdict) = self.send(&probe).await;
                     done.push(result);
-                    self.report(&endpoint_id, &stored, &[verdict]).await;
+                    self.report(&endpoint_id, &stored, verdict).await;
                     return done;
                 }
                 Ok(Admission::Rejected { retry_at }) => {
@@ -385,14 +403,16 @@ impl Dispatcher {
             }
         }
 
-        // CLOSED: send with bounded concurrency. The local copy of the breaker opens as soon as
-        // this batch sees enough failures, so the rest of the batch is held rather than sent.
-        let local = Mutex::new((Breaker::default(), Vec::<Verdict>::new()));
+        // CLOSED: send with bounded concurrency. Each failure (and each success that resets a
+        // non-zero count) is written at once, while the endpoint slot is held, and the instance's
+        // view of the breaker is updated from the result: with ENDPOINT_CONCURRENCY=1 the request
+        // after the opening failure is already held, with more at most the ones in flight finish.
         let slots = self.endpoint_slots(&endpoint_id);
         let give_back_at = lease - chrono_duration(self.settings.timeout);
-        let done: Vec<Done> = futures::stream::iter(group)
+        let endpoint_id = endpoint_id.as_str();
+        let stored = &stored;
+        futures::stream::iter(group)
             .map(|d| {
-                let local = &local;
                 let slots = slots.clone();
                 async move {
                     let Ok(_slot) = slots.acquire().await else {
@@ -403,7 +423,7 @@ impl Dispatcher {
                     if shutdown.is_cancelled() || now >= give_back_at {
                         return Done::held(&d, now);
                     }
-                    if let Some(reopen) = open_until(&lock(local).0, &policy) {
+                    if let Some(reopen) = self.view(endpoint_id).reopen_at.filter(|t| *t > now) {
                         return Done::held(&d, reopen);
                     }
                     if let Some(wait) = self.rate_limited(&d) {
@@ -413,38 +433,46 @@ impl Dispatcher {
                         return Done::held(&d, now);
                     };
                     let (result, verdict) = self.send(&d).await;
-                    let mut guard = lock(local);
-                    match verdict {
-                        Verdict::Success => guard.0.on_success(&policy),
-                        Verdict::Failure => guard.0.on_failure(&policy, Utc::now()),
+                    let known_failures = self.view(endpoint_id).failures;
+                    if verdict == Verdict::Failure || known_failures > 0 {
+                        self.report(endpoint_id, &stored, verdict).await;
                     }
-                    guard.1.push(verdict);
                     result
                 }
             })
             .buffer_unordered(self.settings.endpoint_concurrency)
             .collect()
-            .await;
-        let verdicts = std::mem::take(&mut lock(&local).1);
-        let must_write = verdicts.contains(&Verdict::Failure)
-            || (stored.failure_count > 0 && verdicts.contains(&Verdict::Success));
-        if must_write {
-            self.report(&endpoint_id, &stored, &verdicts).await;
-        }
-        done
+            .await
     }
 
-    /// Applies this batch's outcomes, in order, to the shared breaker under its row lock.
-    async fn report(&self, endpoint_id: &str, before: &Breaker, verdicts: &[Verdict]) {
+    /// This instance's latest knowledge of an endpoint's breaker.
+    fn view(&self, endpoint_id: &str) -> BreakerView {
+        lock(&self.views)
+            .get(endpoint_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn learn(&self, endpoint_id: &str, breaker: &Breaker) {
+        let policy = &self.settings.policy;
+        lock(&self.views).insert(
+            endpoint_id.to_owned(),
+            BreakerView {
+                failures: breaker.failure_count,
+                reopen_at: open_until(breaker, policy),
+            },
+        );
+    }
+
+    /// Applies one outcome to the shared breaker under its row lock.
+    async fn report(&self, endpoint_id: &str, before: &Breaker, verdict: Verdict) {
         let policy = self.settings.policy;
         let updated = match self.pool.get().await {
             Ok(mut client) => {
                 breaker::store::update(&mut client, BREAKER_SCOPE, endpoint_id, |b| {
-                    for v in verdicts {
-                        match v {
-                            Verdict::Success => b.on_success(&policy),
-                            Verdict::Failure => b.on_failure(&policy, Utc::now()),
-                        }
+                    match verdict {
+                        Verdict::Success => b.on_success(&policy),
+                        Verdict::Failure => b.on_failure(&policy, Utc::now()),
                     }
                 })
                 .await
@@ -465,6 +493,7 @@ impl Dispatcher {
                         "circuit breaker changed state"
                     );
                 }
+                self.learn(endpoint_id, &after);
                 self.metrics.set_breaker(endpoint_id, after.state);
             }
             Err(error) => tracing::warn!(endpoint_id, %error, "cannot record the breaker's outcome"),

@@ -197,9 +197,14 @@ pub async fn run(
     )?);
 
     let app = admin::router(state.clone()).layer(DefaultBodyLimit::max(config.max_body_bytes));
-    let server = tokio::spawn(outbox_core::http::serve(listener, app, shutdown.clone()));
+    // Dropping `run` (a test aborting it, like a crash) stops every task it started.
+    let server = AbortOnDrop(tokio::spawn(outbox_core::http::serve(
+        listener,
+        app,
+        shutdown.clone(),
+    )));
 
-    let workers = {
+    let workers = AbortOnDrop({
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -212,21 +217,21 @@ pub async fn run(
                 &declared,
                 state.config.secret_rotation_grace,
                 &shutdown,
-            ).await {
+            )
+            .await
+            {
                 return;
             }
-            let gauges = tokio::spawn(metrics::refresh_gauges(
+            let _gauges = AbortOnDrop(tokio::spawn(metrics::refresh_gauges(
                 state.pool.clone(),
                 state.metrics.clone(),
                 shutdown.clone(),
-            ));
-            let mut tasks = Vec::new();
+            )));
+            let mut dispatchers = tokio::task::JoinSet::new();
             for worker in 0..state.config.dispatch_workers.max(1) {
                 let dispatcher = dispatcher.clone();
                 let shutdown = shutdown.clone();
-                tasks.push(tokio::spawn(async move {
-                    dispatcher.work(worker, shutdown).await
-                }));
+                dispatchers.spawn(async move { dispatcher.work(worker, shutdown).await });
             }
             ingest::consume(
                 state.kafka.clone(),
@@ -237,15 +242,27 @@ pub async fn run(
                 shutdown.clone(),
             )
             .await;
-            for task in tasks {
-                let _ = task.await;
-            }
-            gauges.abort();
+            while dispatchers.join_next().await.is_some() {}
         })
-    };
+    });
 
-    let served = server.await?;
+    let served = server.join().await?;
     // The server stops on shutdown; the workers finish their batches before we return.
-    workers.await?;
+    workers.join().await?;
     Ok(served?)
+}
+
+/// A task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

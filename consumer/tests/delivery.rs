@@ -1,0 +1,466 @@
+//! The consumer against real Kafka, PostgreSQL and HTTP receivers: signatures, the circuit
+//! breaker, retries and dead letters, crashes, duplicates, poison records and admin input.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use outbox_core::testing::eventually;
+use serde_json::json;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_verify_under_an_independent_implementation_also_during_rotation() {
+    let (db, topic) = setup(1).await;
+    let receiver = Receiver::start().await;
+    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    let (endpoint, old_secret) = consumer
+        .create_endpoint(&receiver.url, &["message.created"])
+        .await;
+    let kafka = producer();
+
+    let first = envelope(1);
+    produce(&kafka, &topic, &first).await;
+    eventually("the first webhook arrives", WAIT, || async {
+        (receiver.count() == 1).then_some(())
+    })
+    .await;
+    let request = &receiver.requests()[0];
+    assert_eq!(request.header("webhook-id"), first.id);
+    assert_eq!(request.header("x-webhook-id"), first.id);
+    assert_eq!(request.header("content-type"), "application/json");
+    assert_eq!(request.header("x-correlation-id"), "req_test_1");
+    let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+    assert_eq!(body["id"], first.id.as_str());
+    assert_eq!(body["data"]["n"], 1);
+    let wrong = outbox_core::signature::Secret::generate();
+    assert_eq!(
+        verify_in_python(request, &[&old_secret, wrong.as_str()]).await,
+        vec![[true, true], [false, false]],
+        "the endpoint's secret verifies in both conventions, another secret does not"
+    );
+
+    let (status, rotated) = consumer
+        .call("POST", &format!("/endpoints/{endpoint}/rotate-secret"), None)
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new_secret, old_secret);
+    assert!(rotated["previous_secret_expires_at"].is_string());
+
+    produce(&kafka, &topic, &envelope(2)).await;
+    eventually("the second webhook arrives", WAIT, || async {
+        (receiver.count() == 2).then_some(())
+    })
+    .await;
+    let request = &receiver.requests()[1];
+    assert_eq!(
+        request.header("webhook-signature").split(' ').count(),
+        2,
+        "both secrets sign during the grace period"
+    );
+    assert_eq!(
+        verify_in_python(request, &[&new_secret, &old_secret, wrong.as_str()]).await,
+        vec![[true, true], [true, true], [false, false]],
+    );
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it() {
+    let (db, topic) = setup(1).await;
+    let receiver = Receiver::start().await;
+    receiver.fail_with(500);
+    let mut c = config(&db, &topic);
+    // Enough attempts that nothing dies during the test; one request at a time per endpoint, so
+    // "exactly five failures" is exact; two dispatchers compete for the probe slot.
+    c.retry_schedule = vec!["0ms"; 1]
+        .into_iter()
+        .chain(vec!["20ms"; 30])
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .unwrap();
+    c.endpoint_concurrency = 1;
+    c.dispatch_workers = 2;
+    c.breaker_open_for = Duration::from_millis(800);
+    let consumer = TestConsumer::start(c).await;
+    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["*"]).await;
+    let kafka = producer();
+    let events: Vec<_> = (0..8).map(envelope).collect();
+    for e in &events {
+        produce(&kafka, &topic, e).await;
+    }
+
+    let opened = eventually("the breaker opens", WAIT, || async {
+        let b = consumer.breaker(&endpoint).await;
+        (b["state"] == "OPEN").then_some(b)
+    })
+    .await;
+    assert_eq!(opened["failure_count"], 5);
+    let opened_seen = Instant::now();
+    assert_eq!(receiver.count(), 5, "five failures open the breaker");
+
+    // Cool-down: nothing is sent. Then the receiver recovers, and answers slowly so that a
+    // second concurrent probe would be seen.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(receiver.count(), 5, "no request while the breaker is open");
+    receiver
+        .state
+        .delay_ms
+        .store(150, std::sync::atomic::Ordering::SeqCst);
+    receiver.succeed();
+
+    eventually("the breaker closes", WAIT, || async {
+        let b = consumer.breaker(&endpoint).await;
+        (b["state"] == "CLOSED").then_some(())
+    })
+    .await;
+    let requests = receiver.requests();
+    let probes: Vec<_> = requests[5..].iter().filter(|r| r.status == 200).collect();
+    assert!(probes.len() >= 2, "two successful probes close it");
+    assert!(
+        probes[0].started >= opened_seen,
+        "the first probe comes after the cool-down"
+    );
+    assert!(
+        probes[1].started >= probes[0].finished,
+        "HALF_OPEN lets one probe through at a time"
+    );
+
+    // The held deliveries still have their attempts and arrive now.
+    eventually("every held delivery arrives", WAIT, || async {
+        let ok: HashSet<String> = receiver
+            .requests()
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.event_id())
+            .collect();
+        (ok.len() == events.len()).then_some(())
+    })
+    .await;
+    let dead = consumer.get("/deliveries?state=dead").await;
+    assert_eq!(dead["deliveries"].as_array().unwrap().len(), 0);
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_delivers_it_once() {
+    let (db, topic) = setup(1).await;
+    let receiver = Receiver::start().await;
+    receiver.fail_with(503);
+    let mut c = config(&db, &topic);
+    c.retry_schedule = "0ms,200ms,400ms".parse().unwrap();
+    c.breaker_failures = 100;
+    let consumer = TestConsumer::start(c).await;
+    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["message.*"]).await;
+    let kafka = producer();
+    let event = envelope(7);
+    produce(&kafka, &topic, &event).await;
+
+    let dead = eventually("the delivery is dead", WAIT, || async {
+        let page = consumer.get("/deliveries?state=dead").await;
+        page["deliveries"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(dead["event_id"], event.id.as_str());
+    assert_eq!(dead["attempts"], 3);
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 3, "three attempts, no more");
+    let gaps: Vec<Duration> = requests
+        .windows(2)
+        .map(|w| w[1].started - w[0].finished)
+        .collect();
+    // ±20% jitter on 200 ms and 400 ms.
+    assert!(gaps[0] >= Duration::from_millis(160), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(320), "{gaps:?}");
+    assert!(gaps[1] > gaps[0], "{gaps:?}");
+
+    let id = dead["id"].as_i64().unwrap();
+    let detail = consumer.get(&format!("/deliveries/{id}")).await;
+    let attempts = detail["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(attempts[0]["status_code"], 503);
+    assert_eq!(attempts[0]["response_body"], "answered 503");
+    assert_eq!(detail["correlation_id"], "req_test_7");
+
+    receiver.succeed();
+    let (status, replay) = consumer
+        .call(
+            "POST",
+            &format!("/endpoints/{endpoint}/replay"),
+            Some(json!({"since": "2000-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(replay["replayed"], 1);
+    eventually("the replay is delivered", WAIT, || async {
+        let d = consumer.get(&format!("/deliveries/{id}")).await;
+        (d["state"] == "succeeded").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered: Vec<_> = receiver
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .collect();
+    assert_eq!(delivered.len(), 1, "the replay delivers once");
+    assert_eq!(delivered[0].event_id(), event.id);
+
+    // A receiver that answers `webhook-delivery: abort-message` makes it dead at once.
+    receiver.fail_with(400);
+    receiver
+        .state
+        .abort
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let aborted = envelope(8);
+    produce(&kafka, &topic, &aborted).await;
+    let d = eventually("the aborted delivery is dead", WAIT, || async {
+        let page = consumer
+            .get(&format!("/deliveries?state=dead&event_id={}", aborted.id))
+            .await;
+        page["deliveries"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(d["attempts"], 1, "no retry after abort-message");
+    // Retry of one dead delivery, then 409 for a delivery that is not dead.
+    receiver
+        .state
+        .abort
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    receiver.succeed();
+    let (status, _) = consumer
+        .call("POST", &format!("/deliveries/{}/retry", d["id"]), None)
+        .await;
+    assert_eq!(status, 200);
+    eventually("the retried delivery succeeds", WAIT, || async {
+        let x = consumer.get(&format!("/deliveries/{}", d["id"])).await;
+        (x["state"] == "succeeded").then_some(())
+    })
+    .await;
+    let (status, body) = consumer
+        .call("POST", &format!("/deliveries/{}/retry", d["id"]), None)
+        .await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("not_dead")));
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_duplicates_once() {
+    let (db, topic) = setup(3).await;
+    let a = Receiver::start().await;
+    let b = Receiver::start().await;
+    // Slow receivers, so the kill lands while requests are in flight.
+    a.state.delay_ms.store(20, std::sync::atomic::Ordering::SeqCst);
+    b.state.delay_ms.store(20, std::sync::atomic::Ordering::SeqCst);
+    let mut c = config(&db, &topic);
+    c.endpoint_concurrency = 4;
+    c.delivery_lease = Duration::from_secs(2);
+    let first = TestConsumer::start(c.clone()).await;
+    let (ea, _) = first.create_endpoint(&a.url, &["message.created"]).await;
+    let (eb, _) = first.create_endpoint(&b.url, &["*"]).await;
+    let kafka = producer();
+    let events: Vec<_> = (0..300).map(envelope).collect();
+    for e in &events {
+        produce(&kafka, &topic, e).await;
+    }
+    eventually("some deliveries arrived", WAIT, || async {
+        (a.count() + b.count() >= 40).then_some(())
+    })
+    .await;
+    first.kill().await;
+    let at_kill = a.count() + b.count();
+    assert!(at_kill < 2 * events.len(), "killed before the end");
+
+    // The same events again: Kafka now holds every event twice.
+    for e in &events[..50] {
+        produce(&kafka, &topic, e).await;
+    }
+    let second = TestConsumer::start(c).await;
+    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    for receiver in [&a, &b] {
+        eventually("every event arrives at every endpoint", Duration::from_secs(60), || async {
+            let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
+            (seen == all).then_some(())
+        })
+        .await;
+    }
+    let count = |sql: &'static str| db.count(sql);
+    assert_eq!(count("select count(*) from inbox").await, 300);
+    assert_eq!(
+        count("select count(*) from deliveries where state = 'succeeded'").await,
+        600,
+        "one delivery per (event, endpoint)"
+    );
+    let dup = db
+        .count("select count(*) from (select event_id, endpoint_id from deliveries group by 1, 2 having count(*) > 1) x")
+        .await;
+    assert_eq!(dup, 0);
+    let _ = (ea, eb);
+
+    // Without a crash, a record produced twice reaches each endpoint exactly once.
+    let fresh: Vec<_> = (1000..1010).map(envelope).collect();
+    for e in fresh.iter().chain(fresh.iter()) {
+        produce(&kafka, &topic, e).await;
+    }
+    for receiver in [&a, &b] {
+        eventually("the fresh events arrive", WAIT, || async {
+            let counts = receiver.counts_by_event();
+            fresh
+                .iter()
+                .all(|e| counts.contains_key(&e.id))
+                .then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for receiver in [&a, &b] {
+        let counts = receiver.counts_by_event();
+        for e in &fresh {
+            assert_eq!(counts[&e.id], 1, "a duplicate record is delivered once");
+        }
+    }
+    let metrics = second
+        .http
+        .get(format!("{}/metrics", second.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("consumer_events_duplicate_total"), "{metrics}");
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_errors() {
+    let (db, topic) = setup(1).await;
+    let mut c = config(&db, &topic);
+    c.allow_private_endpoints = false;
+    c.admin_token = Some("s3cret".into());
+    let consumer = TestConsumer::start(c).await;
+    let kafka = producer();
+    produce_raw(&kafka, &topic, b"this is not json").await;
+    produce_raw(&kafka, &topic, br#"{"id": "evt_x"}"#).await;
+    let good = envelope(1);
+    produce(&kafka, &topic, &good).await;
+
+    let poison = eventually("poison records are listed", WAIT, || async {
+        let page = consumer.get("/events/poison").await;
+        let list = page["poison_records"].as_array().cloned().unwrap();
+        (list.len() == 2).then_some(list)
+    })
+    .await;
+    assert_eq!(poison[0]["topic"], topic.as_str());
+    assert_eq!(poison[0]["partition"], 0);
+    assert_eq!(poison[0]["offset"], 0);
+    assert_eq!(poison[1]["offset"], 1);
+    assert!(poison[0]["error"].as_str().unwrap().contains("envelope"));
+    eventually("the good event after the poison is recorded", WAIT, || async {
+        (db.count("select count(*) from inbox").await == 1).then_some(())
+    })
+    .await;
+
+    // Consumer lag comes from librdkafka's statistics once the offsets are committed.
+    eventually("the lag gauge shows the partition", WAIT, || async {
+        let text = consumer
+            .http
+            .get(format!("{}/metrics", consumer.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| l.starts_with("consumer_lag_records") && l.contains(&topic) && l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+
+    // Admin input.
+    let no_token = consumer
+        .http
+        .get(format!("{}/endpoints", consumer.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_token.status().as_u16(), 401);
+    let body: serde_json::Value = no_token.json().await.unwrap();
+    assert_eq!(body["code"], "unauthorized");
+
+    let cases = [
+        (json!({"url": "not a url", "event_types": ["*"]}), 422, "invalid_url"),
+        (json!({"url": "ftp://example.com/x", "event_types": ["*"]}), 422, "invalid_url"),
+        (json!({"url": "http://127.0.0.1:9/x", "event_types": ["*"]}), 422, "private_url"),
+        (json!({"url": "http://169.254.169.254/", "event_types": ["*"]}), 422, "private_url"),
+        (json!({"url": "http://localhost/", "event_types": ["*"]}), 422, "private_url"),
+        (json!({"url": "https://example.com/x", "event_types": ["Message Created"]}), 422, "invalid_event_type"),
+        (json!({"url": "https://example.com/x", "event_types": []}), 422, "invalid_event_type"),
+        (json!({"url": "https://example.com/x", "event_types": ["*"], "secret": "nope"}), 422, "invalid_secret"),
+        (json!({"url": "https://example.com/x"}), 422, "invalid_body"),
+        (json!({"url": "https://example.com/x", "event_types": ["*"], "colour": "red"}), 422, "invalid_body"),
+    ];
+    for (body, status, code) in cases {
+        let (got, answer) = consumer.call("POST", "/endpoints", Some(body.clone())).await;
+        assert_eq!((got, answer["code"].as_str()), (status, Some(code)), "{body} → {answer}");
+        assert!(answer["error"].is_string());
+    }
+    let raw = consumer
+        .http
+        .post(format!("{}/endpoints", consumer.base))
+        .bearer_auth("s3cret")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    let answer: serde_json::Value = raw.json().await.unwrap();
+    assert_eq!(answer["code"], "malformed_json");
+    assert_eq!(
+        db.count("select count(*) from endpoints").await,
+        0,
+        "bad input changed nothing"
+    );
+
+    // A good public endpoint (its event type matches nothing we produce, so nothing is sent).
+    let (status, created) = consumer
+        .call(
+            "POST",
+            "/endpoints",
+            Some(json!({"url": "https://example.com/hooks", "event_types": ["order.*"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    let id = created["id"].as_str().unwrap();
+    let (status, patched) = consumer
+        .call(
+            "PATCH",
+            &format!("/endpoints/{id}"),
+            Some(json!({"url": "http://10.0.0.1/x"})),
+        )
+        .await;
+    assert_eq!((status, patched["code"].as_str()), (422, Some("private_url")));
+    let (status, disabled) = consumer
+        .call("POST", &format!("/endpoints/{id}/disable"), None)
+        .await;
+    assert_eq!((status, disabled["enabled"].as_bool()), (200, Some(false)));
+    let listed = consumer.get("/endpoints").await;
+    assert!(listed["endpoints"][0].get("secret").is_none(), "lists hide secrets");
+    let (status, _) = consumer.call("GET", "/deliveries/abc", None).await;
+    assert_eq!(status, 400);
+    let (status, _) = consumer.call("GET", "/deliveries?state=weird", None).await;
+    assert_eq!(status, 400);
+    let (status, _) = consumer.call("DELETE", &format!("/endpoints/{id}"), None).await;
+    assert_eq!(status, 204);
+    let (status, gone) = consumer.call("GET", &format!("/endpoints/{id}"), None).await;
+    assert_eq!((status, gone["code"].as_str()), (404, Some("not_found")));
+    consumer.stop().await;
+}

@@ -1,0 +1,400 @@
+//! What the consumer's integration tests share: the consumer started in-process against a fresh
+//! database and topic, webhook receivers that record requests and fail on demand, a Kafka
+//! producer for envelopes, and an admin API client.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use consumer::Config;
+use outbox_core::envelope::{
+    Envelope, Metadata, HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
+};
+use outbox_core::testing::{self, TestDb};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// One request a receiver saw.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    pub started: Instant,
+    pub finished: Instant,
+    pub status: u16,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+    pub fn event_id(&self) -> String {
+        self.header("webhook-id").to_owned()
+    }
+}
+
+#[derive(Default)]
+pub struct ReceiverState {
+    pub requests: Mutex<Vec<Received>>,
+    /// The status answered; 0 means 200.
+    pub status: AtomicU16,
+    /// Answer `webhook-delivery: abort-message` too.
+    pub abort: AtomicBool,
+    pub delay_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+}
+
+/// A webhook receiver on 127.0.0.1.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    pub state: Arc<ReceiverState>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let state = Arc::new(ReceiverState::default());
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { url, state }
+    }
+
+    pub fn fail_with(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn succeed(&self) {
+        self.state.status.store(0, Ordering::SeqCst);
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// How often each event id arrived.
+    pub fn counts_by_event(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for r in self.requests() {
+            *counts.entry(r.event_id()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+async fn receive(
+    State(state): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let started = Instant::now();
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let status = match state.status.load(Ordering::SeqCst) {
+        0 => 200,
+        s => s,
+    };
+    let abort = state.abort.load(Ordering::SeqCst);
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    state.requests.lock().unwrap().push(Received {
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect(),
+        body: body.to_vec(),
+        started,
+        finished: Instant::now(),
+        status,
+    });
+    let mut response = (
+        StatusCode::from_u16(status).unwrap(),
+        format!("answered {status}"),
+    )
+        .into_response();
+    if abort {
+        response
+            .headers_mut()
+            .insert("webhook-delivery", "abort-message".parse().unwrap());
+    }
+    response
+}
+
+/// A configuration for tests: fast schedules, loopback endpoints allowed.
+pub fn config(db: &TestDb, topic: &str) -> Config {
+    let mut c: Config = outbox_core::config::from_env().expect("default config");
+    c.database.database_url = db.url.clone();
+    c.database.database_pool_size = 8;
+    c.kafka.kafka_brokers = testing::kafka_brokers();
+    c.consumer_topics = vec![topic.to_owned()];
+    c.consumer_group = format!("test-group-{}", uuid::Uuid::new_v4().simple());
+    c.allow_private_endpoints = true;
+    c.admin_token = None;
+    c.endpoints_file = None;
+    c.retry_schedule = "0ms,50ms,100ms".parse().unwrap();
+    c.retry_jitter = 0.2;
+    c.delivery_timeout = Duration::from_secs(2);
+    c.delivery_lease = Duration::from_secs(3);
+    c.breaker_failures = 5;
+    c.breaker_open_for = Duration::from_millis(300);
+    c.breaker_successes = 2;
+    c.dispatch_poll_interval = Duration::from_millis(20);
+    c.kafka_statistics_interval = Duration::from_millis(500);
+    c
+}
+
+/// The consumer running in-process.
+pub struct TestConsumer {
+    pub base: String,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl TestConsumer {
+    pub async fn start(config: Config) -> TestConsumer {
+        outbox_core::telemetry::init_logging();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let token = config.admin_token.clone();
+        let task = tokio::spawn(consumer::run(config, listener, shutdown.clone()));
+        let consumer = TestConsumer {
+            base,
+            shutdown,
+            task,
+            http: reqwest::Client::new(),
+            token,
+        };
+        testing::eventually("the consumer is ready", Duration::from_secs(30), || async {
+            let r = consumer
+                .http
+                .get(format!("{}/ready", consumer.base))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        consumer
+    }
+
+    /// Stops gracefully and waits.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Kills it: the task is aborted wherever it is, as in a crash.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = self.request(method, path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let response = r.send().await.expect("admin API answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.call("GET", path, None).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// Creates an endpoint for `url` with the given event types; returns (id, secret).
+    pub async fn create_endpoint(&self, url: &str, types: &[&str]) -> (String, String) {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/endpoints",
+                Some(json!({"url": url, "event_types": types, "description": "test"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["id"].as_str().unwrap().to_owned(),
+            body["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    pub async fn breaker(&self, endpoint_id: &str) -> Value {
+        let all = self.get("/circuit-breakers").await;
+        all["circuit_breakers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["endpoint_id"] == endpoint_id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+}
+
+/// A fresh database and a fresh single-partition topic.
+pub async fn setup(partitions: i32) -> (TestDb, String) {
+    let db = TestDb::create().await;
+    let topic = testing::unique_topic("consumer-test");
+    testing::create_topic(&topic, partitions).await;
+    (db, topic)
+}
+
+pub fn producer() -> FutureProducer {
+    outbox_core::kafka::base_config(&testing::kafka_brokers(), "consumer-test-producer")
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer")
+}
+
+/// A new message.created envelope.
+pub fn envelope(n: usize) -> Envelope {
+    Envelope::new(
+        "message.created",
+        &format!("agg-{n}"),
+        json!({"n": n, "text": format!("hello {n}")}),
+        Metadata {
+            source: "test".into(),
+            environment: "test".into(),
+            correlation_id: format!("req_test_{n}"),
+        },
+    )
+}
+
+/// Produces an envelope as the relay does: key = aggregate, headers with id, type, correlation.
+pub async fn produce(producer: &FutureProducer, topic: &str, e: &Envelope) {
+    let value = serde_json::to_vec(e).unwrap();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: HEADER_EVENT_ID,
+            value: Some(e.id.as_str()),
+        })
+        .insert(Header {
+            key: HEADER_EVENT_TYPE,
+            value: Some(e.event.as_str()),
+        })
+        .insert(Header {
+            key: HEADER_CORRELATION_ID,
+            value: Some(e.metadata.correlation_id.as_str()),
+        });
+    let key = e.idempotency_key.clone();
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key(&key)
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("Kafka accepts the record");
+}
+
+/// Produces raw bytes (for poison records).
+pub async fn produce_raw(producer: &FutureProducer, topic: &str, value: &[u8]) {
+    producer
+        .send(
+            FutureRecord::<(), [u8]>::to(topic).payload(value),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("Kafka accepts the record");
+}
+
+/// The Python interpreter with the `standardwebhooks` package (scripts/test.sh sets it).
+pub fn python() -> String {
+    std::env::var("TEST_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        format!("{home}/.cache/outbox-relay/test-venv/bin/python")
+    })
+}
+
+const VERIFY_PY: &str = r#"
+import base64, hashlib, hmac, json, sys
+from standardwebhooks.webhooks import Webhook
+case = json.load(sys.stdin)
+body = base64.b64decode(case["body"])
+h = case["headers"]
+def verify(secret):
+    try:
+        Webhook(secret).verify(body, {k: h[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")})
+        standard = True
+    except Exception:
+        standard = False
+    key = base64.b64decode(secret[len("whsec_"):])
+    signed = (h["x-webhook-id"] + "." + h["x-webhook-timestamp"] + ".").encode() + body
+    mac = hmac.new(key, signed, hashlib.sha256).hexdigest()
+    offered = [s[len("sha256="):] for s in h["x-webhook-signature"].split() if s.startswith("sha256=")]
+    older = any(hmac.compare_digest(mac, o) for o in offered)
+    return [standard, older]
+print(json.dumps([verify(s) for s in case["secrets"]]))
+"#;
+
+/// For each secret: [Standard Webhooks verifies, `X-Webhook-Signature` hex HMAC verifies], as
+/// Python's `standardwebhooks` package and `hmac` module compute them.
+pub async fn verify_in_python(request: &Received, secrets: &[&str]) -> Vec<[bool; 2]> {
+    use base64::Engine;
+    use tokio::io::AsyncWriteExt;
+    let case = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(&request.body),
+        "headers": request.headers,
+        "secrets": secrets,
+    });
+    let mut child = tokio::process::Command::new(python())
+        .arg("-c")
+        .arg(VERIFY_PY)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the test Python (TEST_PYTHON) runs; see scripts/test.sh");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(case.to_string().as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "python verifier failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("verifier prints JSON")
+}
