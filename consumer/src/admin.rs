@@ -311,7 +311,11 @@ async fn park_or_release(
     Ok(())
 }
 
-async fn set_enabled(state: &AppState, id: &str, enabled: bool) -> Result<Json<Endpoint>, ApiError> {
+async fn set_enabled(
+    state: &AppState,
+    id: &str,
+    enabled: bool,
+) -> Result<Json<Endpoint>, ApiError> {
     update_endpoint(
         state,
         id,
@@ -667,8 +671,8 @@ fn breaker_view(state: &AppState, row: &tokio_postgres::Row) -> BreakerView {
     let text: String = row.get(1);
     let breaker_state = BreakerState::parse(&text).unwrap_or(BreakerState::Closed);
     let opened_at: Option<DateTime<Utc>> = row.get(4);
-    let open_for = chrono::Duration::from_std(state.config.breaker_open_for)
-        .unwrap_or(chrono::Duration::MAX);
+    let open_for =
+        chrono::Duration::from_std(state.config.breaker_open_for).unwrap_or(chrono::Duration::MAX);
     BreakerView {
         endpoint_id: row.get(0),
         state: breaker_state,
@@ -698,7 +702,10 @@ async fn reset_breaker(
     Path(endpoint_id): Path<String>,
 ) -> Result<Json<BreakerView>, ApiError> {
     let client = state.pool.get().await?;
-    if endpoints::get(&client, &endpoint_id, false).await?.is_none() {
+    if endpoints::get(&client, &endpoint_id, false)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::not_found("endpoint"));
     }
     breaker::store::reset(&client, BREAKER_SCOPE, &endpoint_id).await?;
@@ -711,7 +718,9 @@ async fn reset_breaker(
             &[&endpoint_id],
         )
         .await?;
-    state.metrics.set_breaker(&endpoint_id, BreakerState::Closed);
+    state
+        .metrics
+        .set_breaker(&endpoint_id, BreakerState::Closed);
     state.wake.notify_waiters();
     tracing::info!(endpoint_id = %endpoint_id, "circuit breaker reset");
     let row = client

@@ -268,7 +268,10 @@ impl Dispatcher {
         let rows = client
             .query(
                 CLAIM,
-                &[&self.settings.batch_size, &self.settings.lease.as_secs_f64()],
+                &[
+                    &self.settings.batch_size,
+                    &self.settings.lease.as_secs_f64(),
+                ],
             )
             .await?;
         drop(client);
@@ -336,7 +339,9 @@ impl Dispatcher {
                     );
                 }
             }
-            Err(error) => tracing::warn!(%error, "cannot read circuit breakers; treating them as closed"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read circuit breakers; treating them as closed")
+            }
         }
         out
     }
@@ -366,14 +371,13 @@ impl Dispatcher {
             }
             // Cool-down over (or already half-open): ask for the probe slot under the row lock.
             let admission = match self.pool.get().await {
-                Ok(mut client) => breaker::store::update(
-                    &mut client,
-                    BREAKER_SCOPE,
-                    &endpoint_id,
-                    |b| b.admit(&policy, Utc::now()),
-                )
-                .await
-                .map(|(admission, _)| admission),
+                Ok(mut client) => {
+                    breaker::store::update(&mut client, BREAKER_SCOPE, &endpoint_id, |b| {
+                        b.admit(&policy, Utc::now())
+                    })
+                    .await
+                    .map(|(admission, _)| admission)
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot reach the breaker store");
                     Ok(Admission::Rejected { retry_at: recheck })
@@ -469,11 +473,9 @@ impl Dispatcher {
         let policy = self.settings.policy;
         let updated = match self.pool.get().await {
             Ok(mut client) => {
-                breaker::store::update(&mut client, BREAKER_SCOPE, endpoint_id, |b| {
-                    match verdict {
-                        Verdict::Success => b.on_success(&policy),
-                        Verdict::Failure => b.on_failure(&policy, Utc::now()),
-                    }
+                breaker::store::update(&mut client, BREAKER_SCOPE, endpoint_id, |b| match verdict {
+                    Verdict::Success => b.on_success(&policy),
+                    Verdict::Failure => b.on_failure(&policy, Utc::now()),
                 })
                 .await
             }
@@ -496,7 +498,9 @@ impl Dispatcher {
                 self.learn(endpoint_id, &after);
                 self.metrics.set_breaker(endpoint_id, after.state);
             }
-            Err(error) => tracing::warn!(endpoint_id, %error, "cannot record the breaker's outcome"),
+            Err(error) => {
+                tracing::warn!(endpoint_id, %error, "cannot record the breaker's outcome")
+            }
         }
     }
 
@@ -596,7 +600,13 @@ impl Dispatcher {
                 tracing::info!(attempt = number, status, error = error.as_deref().unwrap_or(""), next_attempt_at = %next, "delivery failed; will retry")
             }
             _ => {
-                tracing::warn!(attempt = number, status, error = error.as_deref().unwrap_or(""), aborted = abort, "delivery is dead")
+                tracing::warn!(
+                    attempt = number,
+                    status,
+                    error = error.as_deref().unwrap_or(""),
+                    aborted = abort,
+                    "delivery is dead"
+                )
             }
         }
         let done = Done {
@@ -616,8 +626,8 @@ impl Dispatcher {
     /// The signed request: the body bytes exactly as signed, the current secret and, during a
     /// rotation's grace period, the previous one.
     fn request(&self, d: &Claimed, timestamp: i64) -> Result<reqwest::RequestBuilder, String> {
-        let current =
-            Secret::parse(&d.secret).map_err(|e| format!("the endpoint's secret is unusable: {e}"))?;
+        let current = Secret::parse(&d.secret)
+            .map_err(|e| format!("the endpoint's secret is unusable: {e}"))?;
         let previous = d
             .previous_secret
             .as_deref()
@@ -838,9 +848,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let allow_private = self.allow_private;
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed: Vec<SocketAddr> = found
                 .into_iter()
                 .filter(|a| allow_private || !crate::endpoints::is_private(a.ip()))
@@ -876,6 +885,9 @@ mod tests {
     fn excerpts_are_bounded() {
         assert_eq!(excerpt(b""), None);
         let long = vec![b'a'; 5000];
-        assert_eq!(excerpt(&long).map(|s| s.len()), Some(RESPONSE_EXCERPT_BYTES));
+        assert_eq!(
+            excerpt(&long).map(|s| s.len()),
+            Some(RESPONSE_EXCERPT_BYTES)
+        );
     }
 }

@@ -46,9 +46,7 @@ impl InvalidEndpoint {
                 "invalid_url"
             }
             InvalidEndpoint::PrivateAddress(_) => "private_url",
-            InvalidEndpoint::EventTypeCount | InvalidEndpoint::EventType(_) => {
-                "invalid_event_type"
-            }
+            InvalidEndpoint::EventTypeCount | InvalidEndpoint::EventType(_) => "invalid_event_type",
             InvalidEndpoint::Secret(_) => "invalid_secret",
             InvalidEndpoint::Id => "invalid_id",
             InvalidEndpoint::RateLimit => "invalid_rate_limit",
@@ -254,9 +252,8 @@ pub fn read_file(path: &Path, allow_private: bool) -> anyhow::Result<Vec<Declare
             }
             Ok(())
         };
-        check().with_context(|| {
-            format!("endpoint '{}' in ENDPOINTS_FILE {}", e.id, path.display())
-        })?;
+        check()
+            .with_context(|| format!("endpoint '{}' in ENDPOINTS_FILE {}", e.id, path.display()))?;
     }
     Ok(declared)
 }
@@ -290,7 +287,10 @@ pub async fn upsert_declared_until_done(
     loop {
         match upsert_declared(pool, declared, grace).await {
             Ok(()) => {
-                tracing::info!(count = declared.len(), "endpoints from ENDPOINTS_FILE upserted");
+                tracing::info!(
+                    count = declared.len(),
+                    "endpoints from ENDPOINTS_FILE upserted"
+                );
                 return true;
             }
             Err(error) => {
@@ -392,7 +392,12 @@ mod tests {
             assert!(valid_filter(ok), "{ok}");
         }
         for bad in [
-            "", "message", "Message.Created", "message..created", "*.created", "message.**",
+            "",
+            "message",
+            "Message.Created",
+            "message..created",
+            "*.created",
+            "message.**",
             "a b.c",
         ] {
             assert!(!valid_filter(bad), "{bad}");

@@ -146,13 +146,17 @@ fn parse(record: &Incoming) -> Parsed {
     };
     let envelope: Envelope = match serde_json::from_str(json) {
         Ok(e) => e,
-        Err(error) => return Parsed::Poison(format!("the value is not an event envelope: {error}")),
+        Err(error) => {
+            return Parsed::Poison(format!("the value is not an event envelope: {error}"))
+        }
     };
     if envelope.id.is_empty() || envelope.id.len() > 256 {
         return Parsed::Poison("the envelope's id is empty or longer than 256 bytes".into());
     }
     if envelope.event.is_empty() || envelope.event.len() > 128 {
-        return Parsed::Poison("the envelope's event type is empty or longer than 128 bytes".into());
+        return Parsed::Poison(
+            "the envelope's event type is empty or longer than 128 bytes".into(),
+        );
     }
     let correlation_id = record
         .correlation_header
@@ -206,10 +210,7 @@ const RECORD_POISON: &str = "
 /// Records a batch in one transaction: inbox rows, deliveries, poison records. When PostgreSQL
 /// refuses a value (e.g. a `\u0000` that `jsonb` cannot hold), the batch is recorded record by
 /// record so that only the offending record turns poison.
-pub async fn record_batch(
-    pool: &PgPool,
-    records: &[Incoming],
-) -> Result<Recorded, RecordError> {
+pub async fn record_batch(pool: &PgPool, records: &[Incoming]) -> Result<Recorded, RecordError> {
     let parsed: Vec<Parsed> = records.iter().map(parse).collect();
     match record_parsed(pool, records, &parsed).await {
         Err(error) if error.is_data_error() => {
@@ -219,7 +220,8 @@ pub async fn record_batch(
                 let one = std::slice::from_ref(record);
                 let done = match record_parsed(pool, one, std::slice::from_ref(&parsed)).await {
                     Err(error) if error.is_data_error() => {
-                        let poison = Parsed::Poison(format!("PostgreSQL refused the event: {error}"));
+                        let poison =
+                            Parsed::Poison(format!("PostgreSQL refused the event: {error}"));
                         record_parsed(pool, one, &[poison]).await?
                     }
                     other => other?,
@@ -352,7 +354,9 @@ struct PoisonColumns<'a> {
 fn next_offsets(records: &[Incoming]) -> KafkaResult<TopicPartitionList> {
     let mut highest: HashMap<(&str, i32), i64> = HashMap::new();
     for r in records {
-        let e = highest.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        let e = highest
+            .entry((r.topic.as_str(), r.partition))
+            .or_insert(r.offset);
         *e = (*e).max(r.offset);
     }
     let mut tpl = TopicPartitionList::new();

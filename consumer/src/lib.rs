@@ -171,6 +171,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.delivery_lease > config.delivery_timeout,
+        "DELIVERY_LEASE ({:?}) must be longer than DELIVERY_TIMEOUT ({:?}): a delivery is only sent \
+         while its lease outlasts the request",
+        config.delivery_lease,
+        config.delivery_timeout
+    );
     let declared = match &config.endpoints_file {
         Some(path) => endpoints::read_file(path, config.allow_private_endpoints)?,
         None => Vec::new(),

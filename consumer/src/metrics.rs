@@ -185,7 +185,10 @@ pub async fn refresh_gauges(pool: PgPool, metrics: Metrics, shutdown: Cancellati
                 metrics.dead_letters.reset();
                 for row in rows {
                     let id: String = row.get(0);
-                    metrics.dead_letters.with_label_values(&[&id]).set(row.get(1));
+                    metrics
+                        .dead_letters
+                        .with_label_values(&[&id])
+                        .set(row.get(1));
                 }
             }
             if let Ok(rows) = client.query(BREAKERS, &[]).await {

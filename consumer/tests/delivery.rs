@@ -44,7 +44,11 @@ async fn signatures_verify_under_an_independent_implementation_also_during_rotat
     );
 
     let (status, rotated) = consumer
-        .call("POST", &format!("/endpoints/{endpoint}/rotate-secret"), None)
+        .call(
+            "POST",
+            &format!("/endpoints/{endpoint}/rotate-secret"),
+            None,
+        )
         .await;
     assert_eq!(status, 200, "{rotated}");
     let new_secret = rotated["secret"].as_str().unwrap().to_owned();
@@ -156,7 +160,9 @@ async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_deli
     c.retry_schedule = "0ms,200ms,400ms".parse().unwrap();
     c.breaker_failures = 100;
     let consumer = TestConsumer::start(c).await;
-    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["message.*"]).await;
+    let (endpoint, _) = consumer
+        .create_endpoint(&receiver.url, &["message.*"])
+        .await;
     let kafka = producer();
     let event = envelope(7);
     produce(&kafka, &topic, &event).await;
@@ -255,10 +261,15 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
     let a = Receiver::start().await;
     let b = Receiver::start().await;
     // Slow receivers, so the kill lands while requests are in flight.
-    a.state.delay_ms.store(20, std::sync::atomic::Ordering::SeqCst);
-    b.state.delay_ms.store(20, std::sync::atomic::Ordering::SeqCst);
+    a.state
+        .delay_ms
+        .store(20, std::sync::atomic::Ordering::SeqCst);
+    b.state
+        .delay_ms
+        .store(20, std::sync::atomic::Ordering::SeqCst);
     let mut c = config(&db, &topic);
     c.endpoint_concurrency = 4;
+    c.delivery_timeout = Duration::from_secs(1);
     c.delivery_lease = Duration::from_secs(2);
     let first = TestConsumer::start(c.clone()).await;
     let (ea, _) = first.create_endpoint(&a.url, &["message.created"]).await;
@@ -283,10 +294,14 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
     let second = TestConsumer::start(c).await;
     let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
     for receiver in [&a, &b] {
-        eventually("every event arrives at every endpoint", Duration::from_secs(60), || async {
-            let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
-            (seen == all).then_some(())
-        })
+        eventually(
+            "every event arrives at every endpoint",
+            Duration::from_secs(60),
+            || async {
+                let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
+                (seen == all).then_some(())
+            },
+        )
         .await;
     }
     let count = |sql: &'static str| db.count(sql);
@@ -333,7 +348,10 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("consumer_events_duplicate_total"), "{metrics}");
+    assert!(
+        metrics.contains("consumer_events_duplicate_total"),
+        "{metrics}"
+    );
     second.stop().await;
 }
 
@@ -361,9 +379,11 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     assert_eq!(poison[0]["offset"], 0);
     assert_eq!(poison[1]["offset"], 1);
     assert!(poison[0]["error"].as_str().unwrap().contains("envelope"));
-    eventually("the good event after the poison is recorded", WAIT, || async {
-        (db.count("select count(*) from inbox").await == 1).then_some(())
-    })
+    eventually(
+        "the good event after the poison is recorded",
+        WAIT,
+        || async { (db.count("select count(*) from inbox").await == 1).then_some(()) },
+    )
     .await;
 
     // Consumer lag comes from librdkafka's statistics once the offsets are committed.
@@ -378,7 +398,9 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
             .await
             .ok()?;
         text.lines()
-            .any(|l| l.starts_with("consumer_lag_records") && l.contains(&topic) && l.ends_with(" 0"))
+            .any(|l| {
+                l.starts_with("consumer_lag_records") && l.contains(&topic) && l.ends_with(" 0")
+            })
             .then_some(())
     })
     .await;
@@ -395,20 +417,62 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     assert_eq!(body["code"], "unauthorized");
 
     let cases = [
-        (json!({"url": "not a url", "event_types": ["*"]}), 422, "invalid_url"),
-        (json!({"url": "ftp://example.com/x", "event_types": ["*"]}), 422, "invalid_url"),
-        (json!({"url": "http://127.0.0.1:9/x", "event_types": ["*"]}), 422, "private_url"),
-        (json!({"url": "http://169.254.169.254/", "event_types": ["*"]}), 422, "private_url"),
-        (json!({"url": "http://localhost/", "event_types": ["*"]}), 422, "private_url"),
-        (json!({"url": "https://example.com/x", "event_types": ["Message Created"]}), 422, "invalid_event_type"),
-        (json!({"url": "https://example.com/x", "event_types": []}), 422, "invalid_event_type"),
-        (json!({"url": "https://example.com/x", "event_types": ["*"], "secret": "nope"}), 422, "invalid_secret"),
+        (
+            json!({"url": "not a url", "event_types": ["*"]}),
+            422,
+            "invalid_url",
+        ),
+        (
+            json!({"url": "ftp://example.com/x", "event_types": ["*"]}),
+            422,
+            "invalid_url",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/x", "event_types": ["*"]}),
+            422,
+            "private_url",
+        ),
+        (
+            json!({"url": "http://169.254.169.254/", "event_types": ["*"]}),
+            422,
+            "private_url",
+        ),
+        (
+            json!({"url": "http://localhost/", "event_types": ["*"]}),
+            422,
+            "private_url",
+        ),
+        (
+            json!({"url": "https://example.com/x", "event_types": ["Message Created"]}),
+            422,
+            "invalid_event_type",
+        ),
+        (
+            json!({"url": "https://example.com/x", "event_types": []}),
+            422,
+            "invalid_event_type",
+        ),
+        (
+            json!({"url": "https://example.com/x", "event_types": ["*"], "secret": "nope"}),
+            422,
+            "invalid_secret",
+        ),
         (json!({"url": "https://example.com/x"}), 422, "invalid_body"),
-        (json!({"url": "https://example.com/x", "event_types": ["*"], "colour": "red"}), 422, "invalid_body"),
+        (
+            json!({"url": "https://example.com/x", "event_types": ["*"], "colour": "red"}),
+            422,
+            "invalid_body",
+        ),
     ];
     for (body, status, code) in cases {
-        let (got, answer) = consumer.call("POST", "/endpoints", Some(body.clone())).await;
-        assert_eq!((got, answer["code"].as_str()), (status, Some(code)), "{body} → {answer}");
+        let (got, answer) = consumer
+            .call("POST", "/endpoints", Some(body.clone()))
+            .await;
+        assert_eq!(
+            (got, answer["code"].as_str()),
+            (status, Some(code)),
+            "{body} → {answer}"
+        );
         assert!(answer["error"].is_string());
     }
     let raw = consumer
@@ -447,20 +511,30 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
             Some(json!({"url": "http://10.0.0.1/x"})),
         )
         .await;
-    assert_eq!((status, patched["code"].as_str()), (422, Some("private_url")));
+    assert_eq!(
+        (status, patched["code"].as_str()),
+        (422, Some("private_url"))
+    );
     let (status, disabled) = consumer
         .call("POST", &format!("/endpoints/{id}/disable"), None)
         .await;
     assert_eq!((status, disabled["enabled"].as_bool()), (200, Some(false)));
     let listed = consumer.get("/endpoints").await;
-    assert!(listed["endpoints"][0].get("secret").is_none(), "lists hide secrets");
+    assert!(
+        listed["endpoints"][0].get("secret").is_none(),
+        "lists hide secrets"
+    );
     let (status, _) = consumer.call("GET", "/deliveries/abc", None).await;
     assert_eq!(status, 400);
     let (status, _) = consumer.call("GET", "/deliveries?state=weird", None).await;
     assert_eq!(status, 400);
-    let (status, _) = consumer.call("DELETE", &format!("/endpoints/{id}"), None).await;
+    let (status, _) = consumer
+        .call("DELETE", &format!("/endpoints/{id}"), None)
+        .await;
     assert_eq!(status, 204);
-    let (status, gone) = consumer.call("GET", &format!("/endpoints/{id}"), None).await;
+    let (status, gone) = consumer
+        .call("GET", &format!("/endpoints/{id}"), None)
+        .await;
     assert_eq!((status, gone["code"].as_str()), (404, Some("not_found")));
     consumer.stop().await;
 }

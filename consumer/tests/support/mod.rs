@@ -385,10 +385,7 @@ pub async fn verify_in_python(request: &Received, secrets: &[&str]) -> Vec<[bool
         .spawn()
         .expect("the test Python (TEST_PYTHON) runs; see scripts/test.sh");
     let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(case.to_string().as_bytes())
-        .await
-        .unwrap();
+    stdin.write_all(case.to_string().as_bytes()).await.unwrap();
     drop(stdin);
     let out = child.wait_with_output().await.unwrap();
     assert!(
