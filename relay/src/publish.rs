@@ -30,7 +30,8 @@ use crate::{Config, Metrics};
 /// `$2` lists the rows of batches still in flight (queued, not yet acknowledged and marked), which
 /// a pipelined claim must not take again; `$3`/`$4` their keys with each key's oldest in-flight
 /// row, which hold back newer rows of those keys: if an in-flight row fails, nothing of its key
-/// may have overtaken it.
+/// may have overtaken it. `$5` bounds a pipelined claim to the rows just after those in flight,
+/// so that a backlog of held-back keys is not scanned end to end while their rows are in flight.
 const CLAIM_DUE_ROWS: &str = "
     with held as (
         select aggregate_id, min(id) as from_id from outbox
@@ -44,6 +45,7 @@ const CLAIM_DUE_ROWS: &str = "
      where o.state in ('P', 'X') and o.next_attempt_at <= now()
        and not exists (select 1 from held h where h.aggregate_id = o.aggregate_id and h.from_id < o.id)
        and not exists (select 1 from unnest($2::bigint[]) in_flight(id) where in_flight.id = o.id)
+       and ($5::bigint is null or o.id <= $5)
      order by o.id
      limit $1";
 
@@ -183,6 +185,7 @@ impl Publisher {
     ) {
         self.ensure_topics(&self.configured_topics).await;
         let in_flight = Mutex::new(HashMap::<u64, Vec<(i64, String)>>::new());
+        let marked = Notify::new();
         let (to_marker, mut batches) = tokio::sync::mpsc::channel::<Batch>(PIPELINE_DEPTH);
         let claimer = async {
             let mut db_backoff = Duration::from_millis(100);
@@ -201,7 +204,8 @@ impl Publisher {
                         oldest.into_iter().map(|(k, id)| (k.to_owned(), id)).unzip();
                     (skip, keys, from)
                 };
-                let rows = match self.claim(&skip, &held_keys, &held_from).await {
+                let bound = skip.iter().max().map(|max| max + 2 * self.batch_size);
+                let rows = match self.claim(&skip, &held_keys, &held_from, bound).await {
                     Ok(rows) => rows,
                     Err(error) => {
                         tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "cannot claim due rows");
@@ -211,6 +215,15 @@ impl Publisher {
                     }
                 };
                 db_backoff = Duration::from_millis(100);
+                if rows.is_empty() && bound.is_some() {
+                    // Everything claimable now waits for the batches in flight.
+                    tokio::select! {
+                        _ = marked.notified() => {}
+                        _ = leadership.cancelled() => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
                 if rows.is_empty() {
                     let wait = self.until_next_due().await;
                     tokio::select! {
@@ -240,6 +253,7 @@ impl Publisher {
                     tracing::warn!(%error, "batch not marked; its rows stay unsent and are sent again");
                 }
                 in_flight.lock().expect("in-flight lock").remove(&seq);
+                marked.notify_one();
             }
         };
         tokio::join!(claimer, marker);
@@ -298,12 +312,13 @@ impl Publisher {
         in_flight: &[i64],
         held_keys: &[String],
         held_from: &[i64],
+        bound: Option<i64>,
     ) -> Result<Vec<Claimed>, BatchError> {
         let client = self.pool.get().await?;
         Ok(client
             .query(
                 CLAIM_DUE_ROWS,
-                &[&self.batch_size, &in_flight, &held_keys, &held_from],
+                &[&self.batch_size, &in_flight, &held_keys, &held_from, &bound],
             )
             .await?
             .iter()
