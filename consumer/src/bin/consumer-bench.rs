@@ -1,1 +1,287 @@
-fn main() {}
+//! consumer-bench: signed, durably recorded webhook deliveries per second, next to the ceiling of
+//! the receiver itself measured with `wrk` in the same run.
+//!
+//!   cargo run --release -p consumer --bin consumer-bench -- --events 50000
+//!
+//! It creates its own database and topic (like the tests), puts N envelopes into Kafka, starts a
+//! receiver that answers 200 at once, measures that receiver with `wrk`, then starts the consumer
+//! and waits until every delivery is recorded as succeeded.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use outbox_core::envelope::{Envelope, Metadata, HEADER_CORRELATION_ID, HEADER_EVENT_ID};
+use outbox_core::testing::{self, TestDb};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "consumer-bench",
+    about = "Webhook delivery throughput of the consumer"
+)]
+struct Args {
+    /// Events put into Kafka (one endpoint, so as many deliveries).
+    #[arg(long, default_value_t = 50_000)]
+    events: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// wrk connections when measuring the receiver's ceiling.
+    #[arg(long, default_value_t = 64)]
+    wrk_connections: u32,
+    /// How long wrk measures.
+    #[arg(long, default_value_t = 5)]
+    wrk_seconds: u32,
+}
+
+fn progress(text: &str) {
+    eprintln!("[consumer-bench] {text}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let n = args.events.max(1);
+
+    progress("creating a database and a topic");
+    let db = TestDb::create().await;
+    let topic = testing::unique_topic("consumer-bench");
+    testing::create_topic(&topic, args.partitions).await;
+
+    let received = Arc::new(AtomicU64::new(0));
+    let receiver_url = start_receiver(received.clone()).await?;
+    progress(&format!("receiver answering 200 at once on {receiver_url}"));
+
+    let ceiling = receiver_ceiling(&receiver_url, args.wrk_connections, args.wrk_seconds).await;
+
+    progress(&format!("putting {n} events into Kafka topic {topic}"));
+    produce(&topic, n).await?;
+
+    let client = db.client().await;
+    let secret = outbox_core::signature::Secret::generate();
+    client
+        .execute(
+            "insert into endpoints (id, url, event_types, secret) values ('bench', $1, '{*}', $2)",
+            &[&receiver_url, &secret.as_str()],
+        )
+        .await?;
+
+    let mut config: consumer::Config = outbox_core::config::from_env()?;
+    config.database.database_url = db.url.clone();
+    config.kafka.kafka_brokers = testing::kafka_brokers();
+    config.consumer_topics = vec![topic.clone()];
+    config.consumer_group = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    config.allow_private_endpoints = true;
+    config.endpoints_file = None;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let shutdown = CancellationToken::new();
+    progress("starting the consumer");
+    let started = Instant::now();
+    let task = tokio::spawn(consumer::run(config, listener, shutdown.clone()));
+
+    let deadline = started + Duration::from_secs(600);
+    let mut last_print = Instant::now();
+    loop {
+        let done: i64 = client
+            .query_one(
+                "select count(*) from deliveries where state = 'succeeded'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if done as usize >= n {
+            break;
+        }
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            let inbox: i64 = client
+                .query_one("select count(*) from inbox", &[])
+                .await?
+                .get(0);
+            progress(&format!(
+                "{:>6.1}s: {inbox} events recorded, {done} of {n} deliveries succeeded",
+                started.elapsed().as_secs_f64()
+            ));
+            last_print = Instant::now();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the benchmark did not finish in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wall = started.elapsed();
+    shutdown.cancel();
+    let _ = task.await;
+
+    let row = client
+        .query_one(
+            "select extract(epoch from max(delivered_at) - min(delivered_at))::float8,
+                    percentile_cont(0.5) within group (order by extract(epoch from delivered_at - i.received_at))::float8,
+                    percentile_cont(0.99) within group (order by extract(epoch from delivered_at - i.received_at))::float8
+               from deliveries d join inbox i using (event_id)
+              where d.state = 'succeeded'",
+            &[],
+        )
+        .await?;
+    let span: f64 = row.get(0);
+    let (e2e_p50, e2e_p99): (f64, f64) = (row.get(1), row.get(2));
+    let row = client
+        .query_one(
+            "select percentile_cont(0.5) within group (order by latency_ms)::float8,
+                    percentile_cont(0.99) within group (order by latency_ms)::float8,
+                    count(*)
+               from delivery_attempts",
+            &[],
+        )
+        .await?;
+    let (req_p50, req_p99, attempts): (f64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+    let overall = n as f64 / wall.as_secs_f64();
+    let steady = if span > 0.0 { n as f64 / span } else { overall };
+
+    println!();
+    println!(
+        "consumer-bench: {n} events, 1 endpoint, {} partitions, {} attempts recorded, {} requests received",
+        args.partitions,
+        attempts,
+        received.load(Ordering::Relaxed)
+    );
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| deliveries/s, first to last success (signed, attempt + state committed) | {steady:.0} |"
+    );
+    println!(
+        "| deliveries/s, whole run incl. start-up and group join ({:.1} s) | {overall:.0} |",
+        wall.as_secs_f64()
+    );
+    match ceiling {
+        Some(c) => {
+            println!(
+                "| receiver ceiling (wrk, {} connections, plain GET) | {c:.0} req/s |",
+                args.wrk_connections
+            );
+            println!("| ratio deliveries/s ÷ ceiling | {:.2} |", steady / c);
+        }
+        None => println!("| receiver ceiling | not measured (wrk is not installed) |"),
+    }
+    println!("| webhook request latency p50 / p99 | {req_p50:.0} ms / {req_p99:.0} ms |");
+    println!(
+        "| inbox recorded → delivery recorded p50 / p99 (all {n} queued at once) | {:.2} s / {:.2} s |",
+        e2e_p50, e2e_p99
+    );
+    Ok(())
+}
+
+async fn start_receiver(received: Arc<AtomicU64>) -> anyhow::Result<String> {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::any(move || {
+            let received = received.clone();
+            async move {
+                received.fetch_add(1, Ordering::Relaxed);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
+}
+
+/// Requests per second `wrk` gets from the receiver, or `None` when wrk is missing.
+async fn receiver_ceiling(url: &str, connections: u32, seconds: u32) -> Option<f64> {
+    let found = tokio::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .await
+        .is_ok();
+    if !found {
+        progress(
+            "wrk is not installed (apt-get install -y wrk); the receiver's ceiling is not measured",
+        );
+        return None;
+    }
+    progress(&format!(
+        "measuring the receiver's ceiling: wrk -t2 -c{connections} -d{seconds}s {url}"
+    ));
+    let out = tokio::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            url,
+        ])
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok());
+    if rate.is_none() {
+        progress(&format!("could not read wrk's output:\n{text}"));
+    }
+    rate
+}
+
+async fn produce(topic: &str, n: usize) -> anyhow::Result<()> {
+    let producer: FutureProducer =
+        outbox_core::kafka::base_config(&testing::kafka_brokers(), "consumer-bench")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .context("Kafka producer")?;
+    let started = Instant::now();
+    for chunk_start in (0..n).step_by(10_000) {
+        let sends = (chunk_start..(chunk_start + 10_000).min(n)).map(|i| {
+            let e = Envelope::new(
+                "message.created",
+                &format!("agg-{}", i % 1000),
+                serde_json::json!({"n": i, "text": "benchmark message with a little body to sign"}),
+                Metadata {
+                    source: "bench".into(),
+                    environment: "bench".into(),
+                    correlation_id: format!("req_bench_{i}"),
+                },
+            );
+            let producer = producer.clone();
+            let topic = topic.to_owned();
+            async move {
+                let value = serde_json::to_vec(&e)?;
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: HEADER_EVENT_ID,
+                        value: Some(e.id.as_str()),
+                    })
+                    .insert(Header {
+                        key: HEADER_CORRELATION_ID,
+                        value: Some(e.metadata.correlation_id.as_str()),
+                    });
+                producer
+                    .send(
+                        FutureRecord::to(&topic)
+                            .key(&e.idempotency_key)
+                            .payload(&value)
+                            .headers(headers),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)?;
+                anyhow::Ok(())
+            }
+        });
+        futures::future::try_join_all(sends).await?;
+    }
+    progress(&format!(
+        "{n} events in Kafka after {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
