@@ -28,7 +28,6 @@ pub const LOGGER: &str = "/webhooks/logger";
 /// The route that stores events and notifies by every configured channel.
 pub const NOTIFY: &str = "/webhooks/notify";
 
-const MAX_CORRELATION_ID_BYTES: usize = 128;
 /// Longest accepted webhook id: it is a primary key, and btree entries have a size limit.
 const MAX_WEBHOOK_ID_BYTES: usize = 256;
 const MAX_EVENT_TYPE_CHARS: usize = 200;
@@ -69,20 +68,6 @@ impl Received {
     }
 }
 
-/// `X-Correlation-Id` when it is a sane token; anything else is ignored rather than logged.
-fn correlation_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("x-correlation-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_CORRELATION_ID_BYTES
-                && v.chars().all(|c| c.is_ascii_graphic())
-        })
-        .map(str::to_owned)
-}
-
 fn webhook_span(route: &'static str, correlation_id: Option<&str>) -> Span {
     tracing::info_span!(
         "webhook",
@@ -97,7 +82,11 @@ fn claimed_id(headers: &HeaderMap) -> Option<String> {
     ["webhook-id", "x-webhook-id"]
         .iter()
         .find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
-        .map(|id| id.chars().take(MAX_CORRELATION_ID_BYTES).collect())
+        .map(|id| {
+            id.chars()
+                .take(outbox_core::http::MAX_CORRELATION_ID_BYTES)
+                .collect()
+        })
 }
 
 /// Verifies and parses a webhook. Every refusal is counted and answered with a 4xx; nothing has
@@ -164,7 +153,7 @@ fn receive(
     Ok(Received {
         webhook_id: verified.id,
         event_type,
-        correlation_id: correlation_id(headers),
+        correlation_id: outbox_core::http::correlation_id(headers),
         payload,
     })
 }
@@ -181,7 +170,10 @@ async fn log_webhook(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let span = webhook_span(LOGGER, correlation_id(&headers).as_deref());
+    let span = webhook_span(
+        LOGGER,
+        outbox_core::http::correlation_id(&headers).as_deref(),
+    );
     async move {
         let event = receive(&state, LOGGER, &headers, body)?;
         let client = state.pool.get().await?;
@@ -265,7 +257,10 @@ async fn notify_webhook(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let span = webhook_span(NOTIFY, correlation_id(&headers).as_deref());
+    let span = webhook_span(
+        NOTIFY,
+        outbox_core::http::correlation_id(&headers).as_deref(),
+    );
     async move {
         let event = match receive(&state, NOTIFY, &headers, body) {
             Ok(event) => event,

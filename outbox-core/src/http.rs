@@ -88,6 +88,24 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
+/// Longest accepted `X-Correlation-Id`.
+pub const MAX_CORRELATION_ID_BYTES: usize = 128;
+
+/// The request's `X-Correlation-Id` when it is a sane token (1 to 128 visible ASCII characters);
+/// anything else is ignored rather than logged or forwarded.
+pub fn correlation_id(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_CORRELATION_ID_BYTES
+                && v.chars().all(|c| c.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+}
+
 /// A JSON request body; malformed JSON, a wrong content type or wrong field types answer with
 /// the shared error shape instead of axum's plain-text rejections.
 pub struct JsonBody<T>(pub T);

@@ -22,7 +22,6 @@ use crate::AppState;
 /// Longest accepted `content`, in bytes.
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
 const MAX_KEY_BYTES: usize = 256;
-const MAX_HEADER_ID_BYTES: usize = 128;
 
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
@@ -61,21 +60,6 @@ pub struct CreateMessage {
     /// Extra JSON carried in the event's `data.data`.
     #[schema(value_type = Option<Object>)]
     pub data: Option<Value>,
-}
-
-/// Takes `X-Correlation-Id` when it is a sane token, else makes one.
-fn correlation_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-correlation-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_HEADER_ID_BYTES
-                && v.chars().all(|c| c.is_ascii_graphic())
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(new_correlation_id)
 }
 
 fn validate(request: &CreateMessage) -> Result<(), ApiError> {
@@ -146,7 +130,8 @@ pub async fn create_message(
     headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let correlation_id = correlation_id(&headers);
+    let correlation_id =
+        outbox_core::http::correlation_id(&headers).unwrap_or_else(new_correlation_id);
     let span = tracing::info_span!("create_message", correlation_id = %correlation_id);
     let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
     let request: CreateMessage = serde_json::from_value(body)
