@@ -439,7 +439,7 @@ impl Dispatcher {
                     let (result, verdict) = self.send(&d).await;
                     let known_failures = self.view(endpoint_id).failures;
                     if verdict == Verdict::Failure || known_failures > 0 {
-                        self.report(endpoint_id, &stored, verdict).await;
+                        self.report(endpoint_id, stored, verdict).await;
                     }
                     result
                 }
