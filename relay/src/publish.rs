@@ -26,26 +26,16 @@ use crate::{Config, Metrics};
 /// before it, and the idempotent producer keeps their order within the partition. The keys to
 /// hold back come from the few rows waiting for a later retry, found by `outbox_unsent_due`, so a
 /// claim costs the same however long the backlog is.
-///
-/// `$2` lists the rows of batches still in flight (queued, not yet acknowledged and marked), which
-/// a pipelined claim must not take again; `$3`/`$4` their keys with each key's oldest in-flight
-/// row, which hold back newer rows of those keys: if an in-flight row fails, nothing of its key
-/// may have overtaken it. `$5` bounds a pipelined claim to the rows just after those in flight,
-/// so that a backlog of held-back keys is not scanned end to end while their rows are in flight.
 const CLAIM_DUE_ROWS: &str = "
     with held as (
         select aggregate_id, min(id) as from_id from outbox
          where state in ('P', 'X') and next_attempt_at > now()
-         group by aggregate_id
-        union all
-        select * from unnest($3::text[], $4::bigint[]))
+         group by aggregate_id)
     select o.id, o.topic, o.aggregate_id, o.payload::text, o.headers, o.attempts, o.created_at,
            o.last_error_kind = 'permanent' as solo
       from outbox o
      where o.state in ('P', 'X') and o.next_attempt_at <= now()
        and not exists (select 1 from held h where h.aggregate_id = o.aggregate_id and h.from_id < o.id)
-       and not exists (select 1 from unnest($2::bigint[]) in_flight(id) where in_flight.id = o.id)
-       and ($5::bigint is null or o.id <= $5)
      order by o.id
      limit $1";
 
@@ -171,12 +161,6 @@ impl Publisher {
 
     /// Publishes batches while `leadership` and `shutdown` hold; sleeps until NOTIFY, the next due
     /// row or the poll interval when nothing is due.
-    ///
-    /// Two halves run concurrently: the claimer claims a batch and hands its records to
-    /// librdkafka; the marker waits for that batch's acknowledgements and marks it, while the
-    /// claimer already claims the next one (skipping rows still in flight). At most
-    /// `PIPELINE_DEPTH` batches are in flight. On the way out every claimed batch is still
-    /// acknowledged and marked.
     pub async fn lead(
         &self,
         wake: &Notify,
@@ -184,47 +168,10 @@ impl Publisher {
         shutdown: &CancellationToken,
     ) {
         self.ensure_topics(&self.configured_topics).await;
-        let in_flight = Mutex::new(HashMap::<u64, Vec<(i64, String)>>::new());
-        let marked = Notify::new();
-        let (to_marker, mut batches) = tokio::sync::mpsc::channel::<Batch>(PIPELINE_DEPTH);
-        let claimer = async {
-            let mut db_backoff = Duration::from_millis(100);
-            let mut seq = 0u64;
-            while !leadership.is_cancelled() && !shutdown.is_cancelled() {
-                let (skip, held_keys, held_from) = {
-                    let in_flight = in_flight.lock().expect("in-flight lock");
-                    let mut oldest: HashMap<&str, i64> = HashMap::new();
-                    let mut skip = Vec::new();
-                    for (id, key) in in_flight.values().flatten() {
-                        skip.push(*id);
-                        let from = oldest.entry(key.as_str()).or_insert(*id);
-                        *from = (*from).min(*id);
-                    }
-                    let (keys, from): (Vec<String>, Vec<i64>) =
-                        oldest.into_iter().map(|(k, id)| (k.to_owned(), id)).unzip();
-                    (skip, keys, from)
-                };
-                let bound = skip.iter().max().map(|max| max + 2 * self.batch_size);
-                let rows = match self.claim(&skip, &held_keys, &held_from, bound).await {
-                    Ok(rows) => rows,
-                    Err(error) => {
-                        tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "cannot claim due rows");
-                        sleep_or_cancel(db_backoff, leadership).await;
-                        db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                };
-                db_backoff = Duration::from_millis(100);
-                if rows.is_empty() && bound.is_some() {
-                    // Everything claimable now waits for the batches in flight.
-                    tokio::select! {
-                        _ = marked.notified() => {}
-                        _ = leadership.cancelled() => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                    continue;
-                }
-                if rows.is_empty() {
+        let mut db_backoff = Duration::from_millis(100);
+        while !leadership.is_cancelled() && !shutdown.is_cancelled() {
+            match self.publish_batch().await {
+                Ok(0) => {
                     let wait = self.until_next_due().await;
                     tokio::select! {
                         _ = wake.notified() => {}
@@ -232,31 +179,15 @@ impl Publisher {
                         _ = leadership.cancelled() => {}
                         _ = shutdown.cancelled() => {}
                     }
-                    continue;
                 }
-                seq += 1;
-                in_flight
-                    .lock()
-                    .expect("in-flight lock")
-                    .insert(seq, rows.iter().map(|r| (r.id, r.key.clone())).collect());
-                let batch = self.send(seq, rows).await;
-                if to_marker.send(batch).await.is_err() {
-                    break;
+                Ok(_) => db_backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
+                    sleep_or_cancel(db_backoff, leadership).await;
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            drop(to_marker);
-        };
-        let marker = async {
-            while let Some(batch) = batches.recv().await {
-                let seq = batch.seq;
-                if let Err(error) = self.acknowledge_and_mark(batch).await {
-                    tracing::warn!(%error, "batch not marked; its rows stay unsent and are sent again");
-                }
-                in_flight.lock().expect("in-flight lock").remove(&seq);
-                marked.notify_one();
-            }
-        };
-        tokio::join!(claimer, marker);
+        }
     }
 
     async fn until_next_due(&self) -> Duration {
@@ -307,37 +238,31 @@ impl Publisher {
         }
     }
 
-    async fn claim(
-        &self,
-        in_flight: &[i64],
-        held_keys: &[String],
-        held_from: &[i64],
-        bound: Option<i64>,
-    ) -> Result<Vec<Claimed>, BatchError> {
-        let client = self.pool.get().await?;
-        Ok(client
-            .query(
-                CLAIM_DUE_ROWS,
-                &[&self.batch_size, &in_flight, &held_keys, &held_from, &bound],
-            )
-            .await?
-            .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                topic: r.get(1),
-                key: r.get(2),
-                payload: r.get(3),
-                headers: r.get(4),
-                attempts: r.get(5),
-                created_at: r.get(6),
-                solo: r.get::<_, Option<bool>>(7).unwrap_or(false),
-            })
-            .collect())
-    }
-
-    /// Hands a claimed batch to librdkafka in id order. Returns once every record is queued (or,
-    /// for `solo` rows, acknowledged), with the acknowledgements still to come.
-    async fn send(&self, seq: u64, rows: Vec<Claimed>) -> Batch {
+    /// Claims one batch, publishes it and marks every row: E with its partition and offset, or X/D
+    /// with the error and the next attempt time. Returns how many rows the batch had.
+    pub async fn publish_batch(&self) -> Result<usize, BatchError> {
+        let claim_started = std::time::Instant::now();
+        let rows: Vec<Claimed> = {
+            let client = self.pool.get().await?;
+            client
+                .query(CLAIM_DUE_ROWS, &[&self.batch_size])
+                .await?
+                .iter()
+                .map(|r| Claimed {
+                    id: r.get(0),
+                    topic: r.get(1),
+                    key: r.get(2),
+                    payload: r.get(3),
+                    headers: r.get(4),
+                    attempts: r.get(5),
+                    created_at: r.get(6),
+                    solo: r.get::<_, Option<bool>>(7).unwrap_or(false),
+                })
+                .collect()
+        };
+        if rows.is_empty() {
+            return Ok(0);
+        }
         self.metrics.batch_size.observe(rows.len() as f64);
         let batch_topics: Vec<String> = rows
             .iter()
@@ -346,22 +271,11 @@ impl Publisher {
             .into_iter()
             .collect();
         self.ensure_topics(&batch_topics).await;
-        let producer = self.producer();
-        let deliveries = self.send_in_order(&producer, &rows).await;
-        Batch {
-            seq,
-            rows,
-            deliveries,
-        }
-    }
 
-    /// Waits for a batch's acknowledgements and marks every row in two statements: E with its
-    /// partition and offset, or X/D with the error and the next attempt time.
-    async fn acknowledge_and_mark(&self, batch: Batch) -> Result<(), BatchError> {
-        let Batch {
-            rows, deliveries, ..
-        } = batch;
-        let outcomes = Self::acknowledged(deliveries).await;
+        let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
+        let send_started = std::time::Instant::now();
+        let producer = self.producer();
+        let outcomes = self.send_in_order(&producer, &rows).await;
         let mut sent = Sent::default();
         let mut failed = Failed::default();
         for (row, outcome) in rows.iter().zip(outcomes) {
@@ -403,7 +317,17 @@ impl Publisher {
                 }
             }
         }
+        let total = rows.len();
+        let send_ms = send_started.elapsed().as_secs_f64() * 1000.0;
+        let mark_started = std::time::Instant::now();
         self.mark(&sent, &failed).await?;
+        tracing::debug!(
+            rows = total,
+            claim_ms,
+            send_ms,
+            mark_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
+            "batch timing"
+        );
         for (topic, n) in &sent.per_topic {
             self.metrics
                 .published
@@ -413,49 +337,47 @@ impl Publisher {
         if !failed.ids.is_empty() {
             tracing::warn!(sent = sent.ids.len(), failed = failed.ids.len(), first_error = %failed.errors[0], "batch partly failed; failed rows turned X (or D)");
         } else {
-            tracing::debug!(sent = rows.len(), "batch published");
+            tracing::debug!(sent = total, "batch published");
         }
         self.replace_producer_if_fatal();
-        Ok(())
+        Ok(total)
     }
 
-    /// Queues the rows in id order. Rows flagged `solo` go alone: everything queued before them
-    /// is acknowledged first, and they are acknowledged before anything after them is queued, so
-    /// they share no request with other records and per-key order holds around them.
-    async fn send_in_order(&self, producer: &FutureProducer, rows: &[Claimed]) -> Vec<Delivery> {
-        let mut deliveries = Vec::with_capacity(rows.len());
+    /// Sends the rows in id order and returns each one's outcome. Rows flagged `solo` are sent
+    /// alone: everything before them is acknowledged first, and they are acknowledged before
+    /// anything after them is sent, so per-key order holds around them too.
+    async fn send_in_order(
+        &self,
+        producer: &FutureProducer,
+        rows: &[Claimed],
+    ) -> Vec<Result<(i32, i64), KafkaError>> {
+        let mut outcomes = Vec::with_capacity(rows.len());
+        let mut pending = Vec::new();
         for row in rows {
             if row.solo {
-                let earlier = std::mem::take(&mut deliveries);
-                deliveries = Self::acknowledged(earlier)
-                    .await
-                    .into_iter()
-                    .map(Delivery::Done)
-                    .collect();
-                let alone = vec![Delivery::from(self.enqueue(producer, row).await)];
-                deliveries.extend(
-                    Self::acknowledged(alone)
-                        .await
-                        .into_iter()
-                        .map(Delivery::Done),
-                );
+                outcomes.extend(Self::acknowledged(std::mem::take(&mut pending)).await);
+                let alone = vec![self.enqueue(producer, row).await];
+                outcomes.extend(Self::acknowledged(alone).await);
             } else {
-                deliveries.push(Delivery::from(self.enqueue(producer, row).await));
+                pending.push(self.enqueue(producer, row).await);
             }
         }
-        deliveries
+        outcomes.extend(Self::acknowledged(pending).await);
+        outcomes
     }
 
-    async fn acknowledged(deliveries: Vec<Delivery>) -> Vec<Result<(i32, i64), KafkaError>> {
-        let mut outcomes = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
+    async fn acknowledged(
+        pending: Vec<Result<rdkafka::producer::DeliveryFuture, KafkaError>>,
+    ) -> Vec<Result<(i32, i64), KafkaError>> {
+        let mut outcomes = Vec::with_capacity(pending.len());
+        for delivery in pending {
             outcomes.push(match delivery {
-                Delivery::Done(outcome) => outcome,
-                Delivery::Pending(future) => match future.await {
+                Ok(future) => match future.await {
                     Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
                     Ok(Err((error, _))) => Err(error),
                     Err(_) => Err(KafkaError::Canceled),
                 },
+                Err(error) => Err(error),
             });
         }
         outcomes
@@ -546,31 +468,6 @@ impl Publisher {
                 Ok(fresh) => *self.producer.lock().expect("producer lock") = fresh,
                 Err(error) => tracing::error!(%error, "cannot recreate the Kafka producer"),
             }
-        }
-    }
-}
-
-/// How many claimed batches may wait for acknowledgements and marking at once.
-const PIPELINE_DEPTH: usize = 2;
-
-/// A claimed batch whose records are queued in librdkafka.
-struct Batch {
-    seq: u64,
-    rows: Vec<Claimed>,
-    deliveries: Vec<Delivery>,
-}
-
-/// One record's delivery: still awaited, or already known.
-enum Delivery {
-    Pending(rdkafka::producer::DeliveryFuture),
-    Done(Result<(i32, i64), KafkaError>),
-}
-
-impl From<Result<rdkafka::producer::DeliveryFuture, KafkaError>> for Delivery {
-    fn from(queued: Result<rdkafka::producer::DeliveryFuture, KafkaError>) -> Self {
-        match queued {
-            Ok(future) => Delivery::Pending(future),
-            Err(error) => Delivery::Done(Err(error)),
         }
     }
 }
