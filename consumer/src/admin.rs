@@ -671,8 +671,8 @@ fn breaker_view(state: &AppState, row: &tokio_postgres::Row) -> BreakerView {
     let text: String = row.get(1);
     let breaker_state = BreakerState::parse(&text).unwrap_or(BreakerState::Closed);
     let opened_at: Option<DateTime<Utc>> = row.get(4);
-    let open_for =
-        chrono::Duration::from_std(state.config.breaker_open_for).unwrap_or(chrono::Duration::MAX);
+    let open_for = chrono::Duration::from_std(state.config.breaker.breaker_open_for)
+        .unwrap_or(chrono::Duration::MAX);
     BreakerView {
         endpoint_id: row.get(0),
         state: breaker_state,

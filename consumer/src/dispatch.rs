@@ -204,7 +204,7 @@ impl Dispatcher {
                 allow_private: config.allow_private_endpoints,
             }))
             .build()?;
-        let open_for = config.breaker_open_for;
+        let open_for = config.breaker.breaker_open_for;
         Ok(Dispatcher {
             pool,
             http,

@@ -63,15 +63,8 @@ pub struct Config {
     /// Longest time one webhook request may take (connect, headers and the read body).
     #[arg(long, env = "DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub delivery_timeout: Duration,
-    /// Consecutive failures of an endpoint that open its circuit breaker.
-    #[arg(long, env = "BREAKER_FAILURES", default_value_t = 5)]
-    pub breaker_failures: u32,
-    /// How long an open breaker sends nothing to its endpoint before one probe may go through.
-    #[arg(long, env = "BREAKER_OPEN_FOR", default_value = "60s", value_parser = parse_duration)]
-    pub breaker_open_for: Duration,
-    /// Successful probes that close a half-open breaker.
-    #[arg(long, env = "BREAKER_SUCCESSES", default_value_t = 2)]
-    pub breaker_successes: u32,
+    #[command(flatten)]
+    pub breaker: outbox_core::config::BreakerArgs,
     /// Accept endpoint URLs on private, loopback and link-local addresses (local stacks, tests).
     #[arg(
         long,
@@ -119,12 +112,8 @@ impl Config {
     /// The breaker thresholds. A probe may take a whole delivery plus its bookkeeping before
     /// another instance may probe in its place.
     pub fn breaker_policy(&self) -> BreakerPolicy {
-        BreakerPolicy {
-            failures_to_open: self.breaker_failures.max(1),
-            open_for: self.breaker_open_for,
-            successes_to_close: self.breaker_successes.max(1),
-            probe_timeout: self.delivery_timeout * 2 + Duration::from_secs(5),
-        }
+        self.breaker
+            .policy(self.delivery_timeout * 2 + Duration::from_secs(5))
     }
 }
 

@@ -90,7 +90,7 @@ async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it
         .unwrap();
     c.endpoint_concurrency = 1;
     c.dispatch_workers = 2;
-    c.breaker_open_for = Duration::from_millis(800);
+    c.breaker.breaker_open_for = Duration::from_millis(800);
     let consumer = TestConsumer::start(c).await;
     let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["*"]).await;
     let kafka = producer();
@@ -158,7 +158,7 @@ async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_deli
     receiver.fail_with(503);
     let mut c = config(&db, &topic);
     c.retry_schedule = "0ms,200ms,400ms".parse().unwrap();
-    c.breaker_failures = 100;
+    c.breaker.breaker_failures = 100;
     let consumer = TestConsumer::start(c).await;
     let (endpoint, _) = consumer
         .create_endpoint(&receiver.url, &["message.*"])

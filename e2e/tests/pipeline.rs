@@ -48,8 +48,13 @@ impl Drop for Service {
     }
 }
 
+/// Binds `port` (0: any). A restarted service takes its predecessor's port, which the predecessor's
+/// aborted tasks may hold for a moment longer.
 async fn listen(port: u16) -> (TcpListener, u16) {
-    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+    let listener = eventually("the port is free", Duration::from_secs(10), || async {
+        TcpListener::bind(("127.0.0.1", port)).await.ok()
+    })
+    .await;
     let port = listener.local_addr().unwrap().port();
     (listener, port)
 }
@@ -158,7 +163,7 @@ impl Stack {
             .unwrap();
         c.delivery_timeout = Duration::from_secs(2);
         c.delivery_lease = Duration::from_secs(3);
-        c.breaker_open_for = Duration::from_millis(500);
+        c.breaker.breaker_open_for = Duration::from_millis(500);
         c.dispatch_poll_interval = Duration::from_millis(20);
         c.kafka_statistics_interval = Duration::from_millis(500);
         let (listener, port) = listen(port).await;

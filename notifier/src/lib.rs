@@ -52,15 +52,8 @@ pub struct Config {
     /// Largest accepted distance between a webhook's timestamp and now (anti-replay).
     #[arg(long, env = "WEBHOOK_TOLERANCE", default_value = "5m", value_parser = parse_duration)]
     pub webhook_tolerance: Duration,
-    /// Consecutive failures of a channel that open its circuit breaker.
-    #[arg(long, env = "BREAKER_FAILURES", default_value_t = 5)]
-    pub breaker_failures: u32,
-    /// How long an open breaker sends nothing before it lets one probe through.
-    #[arg(long, env = "BREAKER_OPEN_FOR", default_value = "60s", value_parser = parse_duration)]
-    pub breaker_open_for: Duration,
-    /// Successful probes that close a half-open breaker.
-    #[arg(long, env = "BREAKER_SUCCESSES", default_value_t = 2)]
-    pub breaker_successes: u32,
+    #[command(flatten)]
+    pub breaker: outbox_core::config::BreakerArgs,
     /// SMTP server for email notifications (plain SMTP, no TLS); unset: no email channel.
     #[arg(long, env = "SMTP_HOST")]
     pub smtp_host: Option<String>,
@@ -99,12 +92,8 @@ impl Config {
     /// The breaker thresholds. A probe may take as long as a notification plus its bookkeeping
     /// before another instance may probe in its place.
     pub fn breaker_policy(&self) -> BreakerPolicy {
-        BreakerPolicy {
-            failures_to_open: self.breaker_failures.max(1),
-            open_for: self.breaker_open_for,
-            successes_to_close: self.breaker_successes.max(1),
-            probe_timeout: self.notify_timeout * 2 + Duration::from_secs(5),
-        }
+        self.breaker
+            .policy(self.notify_timeout * 2 + Duration::from_secs(5))
     }
 }
 

@@ -26,6 +26,34 @@ pub struct KafkaArgs {
     pub kafka_brokers: String,
 }
 
+/// `BREAKER_FAILURES`, `BREAKER_OPEN_FOR`, `BREAKER_SUCCESSES`: the circuit breaker thresholds of
+/// the consumer (per endpoint) and the notifier (per channel).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BreakerArgs {
+    /// Consecutive failures that open a circuit breaker.
+    #[arg(long, env = "BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker lets nothing through before one probe may go.
+    #[arg(long, env = "BREAKER_OPEN_FOR", default_value = "60s", value_parser = parse_duration)]
+    pub breaker_open_for: Duration,
+    /// Successful probes that close a half-open breaker.
+    #[arg(long, env = "BREAKER_SUCCESSES", default_value_t = 2)]
+    pub breaker_successes: u32,
+}
+
+impl BreakerArgs {
+    /// The policy, with `probe_timeout`: how long one probe may take before another instance may
+    /// probe in its place.
+    pub fn policy(&self, probe_timeout: Duration) -> crate::breaker::BreakerPolicy {
+        crate::breaker::BreakerPolicy {
+            failures_to_open: self.breaker_failures.max(1),
+            open_for: self.breaker_open_for,
+            successes_to_close: self.breaker_successes.max(1),
+            probe_timeout,
+        }
+    }
+}
+
 /// A service configuration read from the environment alone, with the defaults for everything
 /// unset: what tests start from before overriding fields.
 pub fn from_env<T: clap::Args>() -> Result<T, clap::Error> {

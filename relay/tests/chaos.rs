@@ -222,13 +222,12 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
             killed_at = Some(Instant::now());
         }
     }
-    let takeover = eventually(
+    eventually(
         "the standby takes over",
         Duration::from_secs(20),
         || async { is_leader(&http, &second).await.filter(|&l| l).map(|_| ()) },
     )
     .await;
-    let _ = takeover;
     eprintln!(
         "standby leads {:?} after the leader was killed",
         killed_at.unwrap().elapsed()

@@ -155,9 +155,9 @@ pub fn config(db: &TestDb, topic: &str) -> Config {
     c.retry_jitter = 0.2;
     c.delivery_timeout = Duration::from_secs(2);
     c.delivery_lease = Duration::from_secs(3);
-    c.breaker_failures = 5;
-    c.breaker_open_for = Duration::from_millis(300);
-    c.breaker_successes = 2;
+    c.breaker.breaker_failures = 5;
+    c.breaker.breaker_open_for = Duration::from_millis(300);
+    c.breaker.breaker_successes = 2;
     c.dispatch_poll_interval = Duration::from_millis(20);
     c.kafka_statistics_interval = Duration::from_millis(500);
     c
