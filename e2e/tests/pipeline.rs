@@ -7,18 +7,17 @@
 //! unexpected = received − attempted. Duplicates are counted, not fatal (the notifier drops them).
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use outbox_core::signature::Secret;
-use outbox_core::testing::{eventually, kafka_brokers, unique_topic, TestDb};
+use outbox_core::testing::{
+    chaos_stack, eventually, kafka_brokers, unique_topic, TestDb, CHAOS_BROKER,
+};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-const CHAOS_BROKER: &str = "127.0.0.1:19092";
 
 #[derive(Parser)]
 struct NotifierCli {
@@ -80,7 +79,7 @@ impl Stack {
         outbox_core::telemetry::init_logging();
         let db = TestDb::create().await;
         let topic = unique_topic("e2e");
-        outbox_core::kafka::ensure_topics(brokers, &[topic.clone()], 3)
+        outbox_core::kafka::ensure_topics(brokers, std::slice::from_ref(&topic), 3)
             .await
             .expect("topic");
         let secret = Secret::generate();
@@ -346,22 +345,6 @@ async fn a_posted_message_reaches_the_notifier_signed_once_with_its_correlation_
         &stack.notifier,
         &stack.group,
     );
-}
-
-fn chaos_stack(subcommand: &str) {
-    let script = std::env::var("TEST_STACK_SCRIPT")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh").to_owned());
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(subcommand)
-        .env("OUTBOX_STACK_DIR", "/var/tmp/outbox-chaos")
-        .env("KAFKA_PORT", "19092")
-        .env("KAFKA_CONTROLLER_PORT", "19093")
-        .env("KAFKA_HEAP", "384m")
-        .env("PG_PORT", "15432")
-        .status()
-        .expect("run scripts/stack.sh");
-    assert!(status.success(), "scripts/stack.sh {subcommand} failed");
 }
 
 #[tokio::test]

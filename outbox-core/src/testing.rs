@@ -215,3 +215,26 @@ pub async fn read_topic_from(
     }
     records
 }
+
+/// The broker the chaos tests stop and start (other tests keep the shared one on 9092).
+pub const CHAOS_BROKER: &str = "127.0.0.1:19092";
+/// The PostgreSQL server the chaos tests stop and start.
+pub const CHAOS_POSTGRES: &str = "postgres://postgres@127.0.0.1:15432/postgres";
+
+/// Runs `scripts/stack.sh <subcommand>` (`kafka-stop`, `kafka-start`, `pg-stop`, `pg-start`) on
+/// the chaos stack: its own state directory and ports, so stopping it disturbs no other test.
+pub fn chaos_stack(subcommand: &str) {
+    let script = std::env::var("TEST_STACK_SCRIPT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh").to_owned());
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(subcommand)
+        .env("OUTBOX_STACK_DIR", "/var/tmp/outbox-chaos")
+        .env("KAFKA_PORT", "19092")
+        .env("KAFKA_CONTROLLER_PORT", "19093")
+        .env("KAFKA_HEAP", "384m")
+        .env("PG_PORT", "15432")
+        .status()
+        .expect("run scripts/stack.sh");
+    assert!(status.success(), "scripts/stack.sh {subcommand} failed");
+}

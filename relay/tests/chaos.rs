@@ -10,26 +10,10 @@ use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use outbox_core::testing::{eventually, kafka_brokers, read_topic, read_topic_from};
+use outbox_core::testing::{
+    chaos_stack, eventually, kafka_brokers, read_topic, read_topic_from, CHAOS_BROKER,
+};
 use support::{contents_by_key, id_counts, message, Pipeline};
-
-const CHAOS_BROKER: &str = "127.0.0.1:19092";
-
-fn chaos_stack(subcommand: &str) {
-    let script = std::env::var("TEST_STACK_SCRIPT")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh").to_owned());
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(subcommand)
-        .env("OUTBOX_STACK_DIR", "/var/tmp/outbox-chaos")
-        .env("KAFKA_PORT", "19092")
-        .env("KAFKA_CONTROLLER_PORT", "19093")
-        .env("KAFKA_HEAP", "384m")
-        .env("PG_PORT", "15432")
-        .status()
-        .expect("run scripts/stack.sh");
-    assert!(status.success(), "scripts/stack.sh {subcommand} failed");
-}
 
 #[tokio::test]
 async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
@@ -255,9 +239,7 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
 #[tokio::test]
 async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_resumes() {
     chaos_stack("pg-start");
-    let db =
-        outbox_core::testing::TestDb::create_on("postgres://postgres@127.0.0.1:15432/postgres")
-            .await;
+    let db = outbox_core::testing::TestDb::create_on(outbox_core::testing::CHAOS_POSTGRES).await;
     let topic = outbox_core::testing::unique_topic("relay-pg-outage");
     let stop = tokio_util::sync::CancellationToken::new();
     let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
