@@ -1,0 +1,83 @@
+//! Rebalances lose nothing: a second consumer joins the group while events stream in, then the
+//! first one leaves, and every event still reaches the endpoint, once per (event, endpoint).
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox_core::testing::eventually;
+use support::{config, envelope, produce, producer, setup, Receiver, TestConsumer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_joining_and_one_leaving_lose_nothing() {
+    let (db, topic) = setup(6).await;
+    let receiver = Receiver::start().await;
+    let c = config(&db, &topic);
+    let first = TestConsumer::start(c.clone()).await;
+    first.create_endpoint(&receiver.url, &["*"]).await;
+    let kafka = producer();
+    let events: Vec<_> = (0..600).map(envelope).collect();
+
+    for e in &events[..200] {
+        produce(&kafka, &topic, e).await;
+    }
+    // A second member joins: the group rebalances while records are being read.
+    let second = TestConsumer::start(c.clone()).await;
+    for e in &events[200..400] {
+        produce(&kafka, &topic, e).await;
+    }
+    // The first member leaves: its partitions move to the second.
+    let consumed_by_first = consumed(&first).await;
+    first.stop().await;
+    for e in &events[400..] {
+        produce(&kafka, &topic, e).await;
+    }
+
+    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    eventually(
+        "every event at the endpoint",
+        Duration::from_secs(60),
+        || async {
+            let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
+            (seen == all).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(db.count("select count(*) from inbox").await, 600);
+    assert_eq!(
+        db.count("select count(*) from deliveries where state = 'succeeded'")
+            .await,
+        600,
+        "one delivery per event"
+    );
+    let consumed_by_second = consumed(&second).await;
+    assert!(consumed_by_first > 0, "the first member read records");
+    assert!(
+        consumed_by_second > 0,
+        "the second member took partitions over"
+    );
+    let extra_requests = receiver.count() - 600;
+    eprintln!(
+        "rebalance: 600 events, 600 deliveries, {extra_requests} repeated requests; \
+         records read: first {consumed_by_first}, second {consumed_by_second}"
+    );
+    second.stop().await;
+}
+
+/// `consumer_events_consumed_total` of one member, summed over topics.
+async fn consumed(consumer: &TestConsumer) -> u64 {
+    let text = consumer
+        .http
+        .get(format!("{}/metrics", consumer.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("consumer_events_consumed_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
