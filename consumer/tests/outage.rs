@@ -1,0 +1,76 @@
+//! PostgreSQL stopped under the consumer while events keep arriving: it stays up, reports
+//! not-ready, and once PostgreSQL is back every event is recorded and delivered once. Runs on the
+//! chaos stack's own PostgreSQL (`scripts/stack.sh pg-stop` / `pg-start`), so other tests keep theirs.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox_core::testing::{self, chaos_stack, eventually, TestDb, CHAOS_POSTGRES};
+use support::{config, envelope, produce, producer, Receiver, TestConsumer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_under_the_consumer_loses_nothing() {
+    chaos_stack("pg-start");
+    let db = TestDb::create_on(CHAOS_POSTGRES).await;
+    let topic = testing::unique_topic("consumer-pg-outage");
+    testing::create_topic(&topic, 3).await;
+    let receiver = Receiver::start().await;
+    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    consumer.create_endpoint(&receiver.url, &["*"]).await;
+    let kafka = producer();
+    let events: Vec<_> = (0..150).map(envelope).collect();
+    for e in &events[..50] {
+        produce(&kafka, &topic, e).await;
+    }
+    eventually(
+        "the first events delivered",
+        Duration::from_secs(30),
+        || async { (receiver.counts_by_event().len() == 50).then_some(()) },
+    )
+    .await;
+
+    chaos_stack("pg-stop");
+    for e in &events[50..] {
+        produce(&kafka, &topic, e).await;
+    }
+    eventually(
+        "the consumer reports not-ready",
+        Duration::from_secs(15),
+        || async {
+            let r = consumer
+                .http
+                .get(format!("{}/ready", consumer.base))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 503).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !consumer.task.is_finished(),
+        "the consumer keeps running while PostgreSQL is down"
+    );
+
+    chaos_stack("pg-start");
+    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    eventually(
+        "every event delivered after PostgreSQL's return",
+        Duration::from_secs(60),
+        || async {
+            let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
+            (seen == all).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(db.count("select count(*) from inbox").await, 150);
+    assert_eq!(
+        db.count("select count(*) from deliveries where state = 'succeeded'")
+            .await,
+        150
+    );
+    consumer.stop().await;
+    chaos_stack("pg-stop");
+}
