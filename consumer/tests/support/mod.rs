@@ -395,3 +395,19 @@ pub async fn verify_in_python(request: &Received, secrets: &[&str]) -> Vec<[bool
     );
     serde_json::from_slice(&out.stdout).expect("verifier prints JSON")
 }
+
+/// Waits until exactly `n` deliveries are recorded as succeeded: a success is recorded just after
+/// the receiver answered, so a test that saw every request must still wait for the bookkeeping.
+pub async fn wait_for_succeeded(db: &TestDb, n: i64) {
+    testing::eventually(
+        &format!("{n} deliveries recorded as succeeded"),
+        Duration::from_secs(20),
+        || async {
+            let succeeded = db
+                .count("select count(*) from deliveries where state = 'succeeded'")
+                .await;
+            (succeeded == n).then_some(())
+        },
+    )
+    .await;
+}
