@@ -72,8 +72,5 @@ async fn consumed(consumer: &TestConsumer) -> u64 {
         .text()
         .await
         .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("consumer_events_consumed_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    outbox_core::testing::metric_total(&text, "consumer_events_consumed_total", &[]) as u64
 }

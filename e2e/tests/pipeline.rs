@@ -274,7 +274,7 @@ impl Stack {
             .collect()
     }
 
-    async fn notifier_metric(&self, needle: &str) -> u64 {
+    async fn notifier_metric(&self, name: &str, labels: &[&str]) -> u64 {
         let text = self
             .http
             .get(format!("http://127.0.0.1:{}/metrics", self.notifier_port))
@@ -284,10 +284,7 @@ impl Stack {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .filter(|l| l.contains(needle))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        outbox_core::testing::metric_total(&text, name, labels) as u64
     }
 }
 
@@ -448,7 +445,12 @@ async fn kafka_stopped_consumer_killed_receiver_down_under_load_nothing_acknowle
     .await;
     let lost: Vec<&String> = acked.difference(&received).collect();
     let unexpected = received.difference(&acked).count();
-    let duplicates = stack.notifier_metric("outcome=\"duplicate\"").await;
+    let duplicates = stack
+        .notifier_metric(
+            "notifier_webhooks_received_total",
+            &["outcome=\"duplicate\""],
+        )
+        .await;
     eprintln!(
         "outage run: {attempted} attempted, {} acknowledged, {} received, {} lost, {unexpected} unexpected, \
          {duplicates} duplicate deliveries dropped by the notifier (faults over after {faults_over:?}, drained {:?} later)",

@@ -238,3 +238,16 @@ pub fn chaos_stack(subcommand: &str) {
         .expect("run scripts/stack.sh");
     assert!(status.success(), "scripts/stack.sh {subcommand} failed");
 }
+
+/// The sum of the samples of metric `name` in Prometheus text, over the series whose labels
+/// include every one of `labels` (written like `outcome="duplicate"`).
+pub fn metric_total(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
