@@ -36,8 +36,8 @@ create table outbox (
     created_at      timestamptz not null default now(),
     sent_at         timestamptz
 );
--- Keep the envelope out of line (TOAST, uncompressed): marking a row sent then writes a small
--- tuple instead of copying the whole payload, which is what bounds the relay's drain rate.
+-- Envelopes that make a row longer than ~2 KB (PostgreSQL's fixed toasting threshold) go out of
+-- line, uncompressed, so that marking the row sent does not copy them. Smaller ones stay inline.
 alter table outbox alter column payload set storage external;
 alter table outbox set (toast_tuple_target = 128);
 -- Finding due rows stays cheap however many sent rows pile up: only unsent rows are indexed.

@@ -25,7 +25,8 @@ use crate::{Config, Metrics};
 /// (that row would then be overtaken). Older due rows of the same key are in the same batch,
 /// before it, and the idempotent producer keeps their order within the partition. The keys to
 /// hold back come from the few rows waiting for a later retry, found by `outbox_unsent_due`, so a
-/// claim costs the same however long the backlog is.
+/// claim costs the same however long the backlog is. `$2` are the rows of the previous batch,
+/// acknowledged by Kafka but whose marks are still being written.
 const CLAIM_DUE_ROWS: &str = "
     with held as (
         select aggregate_id, min(id) as from_id from outbox
@@ -36,6 +37,7 @@ const CLAIM_DUE_ROWS: &str = "
       from outbox o
      where o.state in ('P', 'X') and o.next_attempt_at <= now()
        and not exists (select 1 from held h where h.aggregate_id = o.aggregate_id and h.from_id < o.id)
+       and not exists (select 1 from unnest($2::bigint[]) marking(id) where marking.id = o.id)
      order by o.id
      limit $1";
 
@@ -169,8 +171,9 @@ impl Publisher {
     ) {
         self.ensure_topics(&self.configured_topics).await;
         let mut db_backoff = Duration::from_millis(100);
+        let mut pipeline = Pipeline::default();
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
-            match self.publish_batch().await {
+            match self.publish_batch(&mut pipeline, leadership).await {
                 Ok(0) => {
                     let wait = self.until_next_due().await;
                     tokio::select! {
@@ -183,11 +186,14 @@ impl Publisher {
                 Ok(_) => db_backoff = Duration::from_millis(100),
                 Err(error) => {
                     tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
+                    pipeline.next = None;
                     sleep_or_cancel(db_backoff, leadership).await;
                     db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        // Leadership lost or shutting down: the marks in flight still get their chance.
+        let _ = pipeline.settle().await;
     }
 
     async fn until_next_due(&self) -> Duration {
@@ -240,27 +246,28 @@ impl Publisher {
 
     /// Claims one batch, publishes it and marks every row: E with its partition and offset, or X/D
     /// with the error and the next attempt time. Returns how many rows the batch had.
-    pub async fn publish_batch(&self) -> Result<usize, BatchError> {
+    ///
+    /// When the whole batch was acknowledged, its marks are written in the background while the
+    /// next batch is claimed (without those rows) and sent. That batch is only claimed after every
+    /// row before it is in Kafka, so per-key order holds as in a sequential loop. (Claiming it
+    /// while this one is still in Kafka was measured slower: on two cores the claim then competes
+    /// with the send.) A batch with a failure is marked before anything else is claimed, so that
+    /// its keys hold back.
+    async fn publish_batch(
+        &self,
+        pipeline: &mut Pipeline,
+        leadership: &CancellationToken,
+    ) -> Result<usize, BatchError> {
         let claim_started = std::time::Instant::now();
-        let rows: Vec<Claimed> = {
-            let client = self.pool.get().await?;
-            client
-                .query(CLAIM_DUE_ROWS, &[&self.batch_size])
-                .await?
-                .iter()
-                .map(|r| Claimed {
-                    id: r.get(0),
-                    topic: r.get(1),
-                    key: r.get(2),
-                    payload: r.get(3),
-                    headers: r.get(4),
-                    attempts: r.get(5),
-                    created_at: r.get(6),
-                    solo: r.get::<_, Option<bool>>(7).unwrap_or(false),
-                })
-                .collect()
+        let rows = match pipeline.next.take() {
+            Some(rows) => rows,
+            None => {
+                pipeline.settle().await?;
+                self.claim(&[]).await?
+            }
         };
         if rows.is_empty() {
+            pipeline.settle().await?;
             return Ok(0);
         }
         self.metrics.batch_size.observe(rows.len() as f64);
@@ -319,26 +326,39 @@ impl Publisher {
         }
         let total = rows.len();
         let send_ms = send_started.elapsed().as_secs_f64() * 1000.0;
-        let mark_started = std::time::Instant::now();
-        self.mark(&sent, &failed).await?;
-        tracing::debug!(
-            rows = total,
-            claim_ms,
-            send_ms,
-            mark_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
-            "batch timing"
-        );
         for (topic, n) in &sent.per_topic {
             self.metrics
                 .published
                 .with_label_values(&[topic])
                 .inc_by(*n);
         }
-        if !failed.ids.is_empty() {
-            tracing::warn!(sent = sent.ids.len(), failed = failed.ids.len(), first_error = %failed.errors[0], "batch partly failed; failed rows turned X (or D)");
-        } else {
+        let mark_started = std::time::Instant::now();
+        // The previous batch's marks are written before claiming again: the claim excludes only
+        // this batch's rows.
+        pipeline.settle().await?;
+        let marks = Marks {
+            pool: self.pool.clone(),
+            sent_ids: sent.ids,
+            partitions: sent.partitions,
+            offsets: sent.offsets,
+            failed,
+        };
+        if marks.failed.ids.is_empty() {
+            pipeline.marking_ids = rows.iter().map(|r| r.id).collect();
+            pipeline.marking = Some(tokio::spawn(marks.write_until_done(leadership.clone())));
+            pipeline.next = Some(self.claim(&pipeline.marking_ids).await?);
             tracing::debug!(sent = total, "batch published");
+        } else {
+            marks.write().await?;
+            tracing::warn!(sent = marks.sent_ids.len(), failed = marks.failed.ids.len(), first_error = %marks.failed.errors[0], "batch partly failed; failed rows turned X (or D)");
         }
+        tracing::debug!(
+            rows = total,
+            claim_ms,
+            send_ms,
+            settle_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
+            "batch timing"
+        );
         self.replace_producer_if_fatal();
         Ok(total)
     }
@@ -430,28 +450,26 @@ impl Publisher {
         }
     }
 
-    async fn mark(&self, sent: &Sent<'_>, failed: &Failed) -> Result<(), BatchError> {
+    /// Due rows in id order, without the rows in `marking` (sent, marks not yet committed).
+    async fn claim(&self, marking: &[i64]) -> Result<Vec<Claimed>, BatchError> {
         let client = self.pool.get().await?;
-        if !sent.ids.is_empty() {
-            client
-                .execute(MARK_SENT, &[&sent.ids, &sent.partitions, &sent.offsets])
-                .await?;
-        }
-        if !failed.ids.is_empty() {
-            client
-                .execute(
-                    MARK_FAILED,
-                    &[
-                        &failed.ids,
-                        &failed.states,
-                        &failed.errors,
-                        &failed.kinds,
-                        &failed.delays_ms,
-                    ],
-                )
-                .await?;
-        }
-        Ok(())
+        // Not prepared: a generic plan made while the table holds only unsent rows would walk
+        // the primary key instead of the unsent index once sent rows pile up.
+        Ok(client
+            .query(CLAIM_DUE_ROWS, &[&self.batch_size, &marking])
+            .await?
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                topic: r.get(1),
+                key: r.get(2),
+                payload: r.get(3),
+                headers: r.get(4),
+                attempts: r.get(5),
+                created_at: r.get(6),
+                solo: r.get::<_, Option<bool>>(7).unwrap_or(false),
+            })
+            .collect())
     }
 
     /// A fatal idempotent-producer error poisons the instance: drop it and start a new one. The
@@ -480,6 +498,82 @@ struct Sent<'a> {
     per_topic: HashMap<&'a str, u64>,
 }
 
+/// The batch whose marks are being written and the batch claimed meanwhile.
+#[derive(Default)]
+struct Pipeline {
+    marking: Option<tokio::task::JoinHandle<Result<(), BatchError>>>,
+    marking_ids: Vec<i64>,
+    next: Option<Vec<Claimed>>,
+}
+
+impl Pipeline {
+    /// Waits until the marks in flight are committed.
+    async fn settle(&mut self) -> Result<(), BatchError> {
+        self.marking_ids.clear();
+        match self.marking.take() {
+            Some(task) => task.await.unwrap_or(Err(BatchError::MarkAbandoned)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A batch's outcome, to be written in one statement for the sent rows and one for the failed.
+struct Marks {
+    pool: PgPool,
+    sent_ids: Vec<i64>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    failed: Failed,
+}
+
+impl Marks {
+    async fn write(&self) -> Result<(), BatchError> {
+        let client = self.pool.get().await?;
+        if !self.sent_ids.is_empty() {
+            let mark_sent = client.prepare_cached(MARK_SENT).await?;
+            client
+                .execute(
+                    &mark_sent,
+                    &[&self.sent_ids, &self.partitions, &self.offsets],
+                )
+                .await?;
+        }
+        let failed = &self.failed;
+        if !failed.ids.is_empty() {
+            client
+                .execute(
+                    MARK_FAILED,
+                    &[
+                        &failed.ids,
+                        &failed.states,
+                        &failed.errors,
+                        &failed.kinds,
+                        &failed.delays_ms,
+                    ],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Retries until written: the next batch is already in Kafka, so giving up would send these
+    /// rows again after it. Only a lost leadership ends the attempts (the next leader resends).
+    async fn write_until_done(self, leadership: CancellationToken) -> Result<(), BatchError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.write().await {
+                Ok(()) => return Ok(()),
+                Err(error) if leadership.is_cancelled() => return Err(error),
+                Err(error) => {
+                    tracing::warn!(%error, rows = self.sent_ids.len(), retry_in_ms = delay.as_millis() as u64, "sent rows not marked yet");
+                    sleep_or_cancel(delay, &leadership).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Failed {
     ids: Vec<i64>,
@@ -496,4 +590,6 @@ pub enum BatchError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("PostgreSQL error: {0}")]
     Query(#[from] tokio_postgres::Error),
+    #[error("the task writing a batch's marks ended abnormally")]
+    MarkAbandoned,
 }
