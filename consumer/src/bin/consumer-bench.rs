@@ -162,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
     match ceiling {
         Some(c) => {
             println!(
-                "| receiver ceiling (wrk, {} connections, plain GET) | {c:.0} req/s |",
+                "| receiver ceiling (wrk, {} connections, the same signed POST) | {c:.0} req/s |",
                 args.wrk_connections
             );
             println!("| ratio deliveries/s ÷ ceiling | {:.2} |", steady / c);
@@ -207,14 +207,37 @@ async fn receiver_ceiling(url: &str, connections: u32, seconds: u32) -> Option<f
         );
         return None;
     }
+    // The same request the consumer sends: a POST of an envelope of the benchmark's size with
+    // the Standard Webhooks headers, so the ceiling is not flattered by empty GETs.
+    let secret = outbox_core::signature::Secret::generate();
+    let body = serde_json::to_string(&envelope(0)).ok()?;
+    let mut script = String::from("wrk.method = \"POST\"\n");
+    script.push_str(&format!("wrk.body = {}\n", lua_string(&body)));
+    script.push_str("wrk.headers[\"Content-Type\"] = \"application/json\"\n");
+    for (name, value) in
+        outbox_core::signature::sign_headers(&[&secret], "evt_x", 1, body.as_bytes())
+    {
+        script.push_str(&format!(
+            "wrk.headers[{}] = {}\n",
+            lua_string(name.as_ref()),
+            lua_string(&value)
+        ));
+    }
+    let script_path =
+        std::env::temp_dir().join(format!("consumer-bench-{}.lua", std::process::id()));
+    std::fs::write(&script_path, script).ok()?;
     progress(&format!(
-        "measuring the receiver's ceiling: wrk -t2 -c{connections} -d{seconds}s {url}"
+        "measuring the receiver's ceiling: wrk -t2 -c{connections} -d{seconds}s -s {} {url} (POST, {} byte body, signed headers)",
+        script_path.display(),
+        body.len()
     ));
     let out = tokio::process::Command::new("wrk")
         .args([
             "-t2",
             &format!("-c{connections}"),
             &format!("-d{seconds}s"),
+            "-s",
+            &script_path.to_string_lossy(),
             url,
         ])
         .output()
@@ -241,16 +264,7 @@ async fn produce(topic: &str, n: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     for chunk_start in (0..n).step_by(10_000) {
         let sends = (chunk_start..(chunk_start + 10_000).min(n)).map(|i| {
-            let e = Envelope::new(
-                "message.created",
-                &format!("agg-{}", i % 1000),
-                serde_json::json!({"n": i, "text": "benchmark message with a little body to sign"}),
-                Metadata {
-                    source: "bench".into(),
-                    environment: "bench".into(),
-                    correlation_id: format!("req_bench_{i}"),
-                },
-            );
+            let e = envelope(i);
             let producer = producer.clone();
             let topic = topic.to_owned();
             async move {
@@ -284,4 +298,23 @@ async fn produce(topic: &str, n: usize) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// The benchmark's event number `i`.
+fn envelope(i: usize) -> Envelope {
+    Envelope::new(
+        "message.created",
+        &format!("agg-{}", i % 1000),
+        serde_json::json!({"n": i, "text": "benchmark message with a little body to sign"}),
+        Metadata {
+            source: "bench".into(),
+            environment: "bench".into(),
+            correlation_id: format!("req_bench_{i}"),
+        },
+    )
+}
+
+/// A Lua string literal.
+fn lua_string(text: &str) -> String {
+    format!("{text:?}")
 }
