@@ -79,19 +79,21 @@ const RECORD_ATTEMPTS: &str = "
     select * from unnest($1::bigint[], $2::int[], $3::int[], $4::int[], $5::text[], $6::text[],
                          $7::timestamptz[])";
 
-/// One claimed delivery with everything needed to send it.
+/// One leased delivery with everything needed to send it.
 #[derive(Debug, Clone)]
-struct Claimed {
-    id: i64,
-    event_id: String,
-    endpoint_id: String,
-    attempts: i32,
-    body: Bytes,
-    correlation_id: Option<String>,
-    url: String,
-    secret: String,
-    previous_secret: Option<String>,
-    rate_limit: Option<i32>,
+pub struct Claimed {
+    pub id: i64,
+    pub event_id: String,
+    pub endpoint_id: String,
+    pub attempts: i32,
+    /// The envelope exactly as read from Kafka: the bytes that are signed and sent.
+    pub body: Bytes,
+    pub correlation_id: Option<String>,
+    pub url: String,
+    pub secret: String,
+    /// The previous secret while its rotation grace period lasts.
+    pub previous_secret: Option<String>,
+    pub rate_limit: Option<i32>,
 }
 
 /// A delivery's new state after this batch.
@@ -275,31 +277,47 @@ impl Dispatcher {
             )
             .await?;
         drop(client);
-        if rows.is_empty() {
+        let Some(first) = rows.first() else {
             return Ok(0);
-        }
-        let lease: DateTime<Utc> = rows[0].get(10);
+        };
+        let lease: DateTime<Utc> = first.get(10);
+        let claimed = rows
+            .iter()
+            .map(|row| {
+                let body: String = row.get(4);
+                Claimed {
+                    id: row.get(0),
+                    event_id: row.get(1),
+                    endpoint_id: row.get(2),
+                    attempts: row.get(3),
+                    body: Bytes::from(body),
+                    correlation_id: row.get(5),
+                    url: row.get(6),
+                    secret: row.get(7),
+                    previous_secret: row.get(8),
+                    rate_limit: row.get(9),
+                }
+            })
+            .collect();
+        Ok(self.deliver(claimed, lease, shutdown).await)
+    }
+
+    /// Sends deliveries leased until `lease` (claimed here, or leased when ingest recorded them)
+    /// and records the results. Returns how many there were.
+    pub async fn deliver(
+        &self,
+        claimed: Vec<Claimed>,
+        lease: DateTime<Utc>,
+        shutdown: &CancellationToken,
+    ) -> usize {
+        let count = claimed.len();
         let mut groups: Vec<(String, Vec<Claimed>)> = Vec::new();
-        for row in &rows {
-            let body: String = row.get(4);
-            let claimed = Claimed {
-                id: row.get(0),
-                event_id: row.get(1),
-                endpoint_id: row.get(2),
-                attempts: row.get(3),
-                body: Bytes::from(body),
-                correlation_id: row.get(5),
-                url: row.get(6),
-                secret: row.get(7),
-                previous_secret: row.get(8),
-                rate_limit: row.get(9),
-            };
-            match groups.iter_mut().find(|(id, _)| *id == claimed.endpoint_id) {
-                Some((_, group)) => group.push(claimed),
-                None => groups.push((claimed.endpoint_id.clone(), vec![claimed])),
+        for d in claimed {
+            match groups.iter_mut().find(|(id, _)| *id == d.endpoint_id) {
+                Some((_, group)) => group.push(d),
+                None => groups.push((d.endpoint_id.clone(), vec![d])),
             }
         }
-        let count = rows.len();
         let breakers = self.load_breakers(&groups).await;
         let batch = tracing::info_span!("dispatch_batch", deliveries = count);
         let results = futures::future::join_all(groups.into_iter().map(|(endpoint_id, group)| {
@@ -310,7 +328,7 @@ impl Dispatcher {
         .await;
         let done: Vec<Done> = results.into_iter().flatten().collect();
         self.record_until_done(&done, lease, shutdown).await;
-        Ok(count)
+        count
     }
 
     async fn load_breakers(&self, groups: &[(String, Vec<Claimed>)]) -> HashMap<String, Breaker> {

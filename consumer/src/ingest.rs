@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use outbox_core::db::PgPool;
 use outbox_core::envelope::{Envelope, HEADER_CORRELATION_ID};
@@ -19,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::dispatch::Claimed;
 use crate::{Config, Metrics};
 
 /// The rdkafka context of the consumer: turns statistics into the lag gauge, logs rebalances.
@@ -172,7 +175,7 @@ fn parse(record: &Incoming) -> Parsed {
 }
 
 /// What one recorded batch did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recorded {
     pub events: u64,
     pub duplicates: u64,
@@ -180,27 +183,43 @@ pub struct Recorded {
     pub poison: u64,
 }
 
+/// Deliveries recorded already leased to this instance, to be sent from memory.
+#[derive(Debug)]
+pub struct Leased {
+    pub deliveries: Vec<Claimed>,
+    pub until: DateTime<Utc>,
+}
+
 // Inbox rows for new event ids only; deliveries for those, one per enabled endpoint whose filter
-// matches ('*', the exact type, or a 'prefix.*'). Re-read records insert nothing.
+// matches ('*', the exact type, or a 'prefix.*'). Re-read records insert nothing. With a lease ($8
+// seconds) the deliveries are born leased to this instance, which sends them straight from
+// memory; without one they wait for the dispatchers' claim. One row per planned delivery with what
+// sending it needs, or a single row of nulls when none was planned; the first column counts the
+// new events.
 const RECORD_EVENTS: &str = "
     with new as (
         insert into inbox (event_id, event_type, topic, kafka_partition, kafka_offset, correlation_id, payload)
-        select id, t, topic, p, o, c, j::jsonb
+        select id, t, topic, p, o, c, j::json
           from unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[])
                as r(id, t, topic, p, o, c, j)
         on conflict (event_id) do nothing
         returning event_id, event_type
     ), planned as (
-        insert into deliveries (event_id, endpoint_id)
-        select new.event_id, e.id
+        insert into deliveries (event_id, endpoint_id, leased_until, next_attempt_at)
+        select new.event_id, e.id, now() + make_interval(secs => $8),
+               coalesce(now() + make_interval(secs => $8), now())
           from new join endpoints e on e.enabled and exists (
                select 1 from unnest(e.event_types) f
                 where f = '*' or f = new.event_type
                    or (right(f, 2) = '.*' and starts_with(new.event_type, left(f, -1))))
         on conflict do nothing
-        returning 1
+        returning id, event_id, endpoint_id, leased_until
     )
-    select (select count(*) from new), (select count(*) from planned)";
+    select (select count(*) from new), p.id, p.event_id, p.endpoint_id, p.leased_until, e.url,
+           e.secret, case when e.previous_secret_expires_at > now() then e.previous_secret end,
+           e.rate_limit_per_second
+      from (select 1) as one
+      left join (planned p join endpoints e on e.id = p.endpoint_id) on true";
 
 const RECORD_POISON: &str = "
     insert into poison_records (topic, kafka_partition, kafka_offset, error, payload)
@@ -210,28 +229,36 @@ const RECORD_POISON: &str = "
 /// Records a batch in one transaction: inbox rows, deliveries, poison records. When PostgreSQL
 /// refuses a value (e.g. a `\u0000` that `jsonb` cannot hold), the batch is recorded record by
 /// record so that only the offending record turns poison.
-pub async fn record_batch(pool: &PgPool, records: &[Incoming]) -> Result<Recorded, RecordError> {
+///
+/// With `lease` (seconds) the new deliveries are returned leased to the caller, which must send
+/// them; a batch recorded record by record leases nothing.
+pub async fn record_batch(
+    pool: &PgPool,
+    records: &[Incoming],
+    lease: Option<f64>,
+) -> Result<(Recorded, Option<Leased>), RecordError> {
     let parsed: Vec<Parsed> = records.iter().map(parse).collect();
-    match record_parsed(pool, records, &parsed).await {
+    match record_parsed(pool, records, &parsed, lease).await {
         Err(error) if error.is_data_error() => {
             tracing::warn!(%error, "a record in the batch was refused; recording one by one");
             let mut total = Recorded::default();
             for (record, parsed) in records.iter().zip(parsed) {
                 let one = std::slice::from_ref(record);
-                let done = match record_parsed(pool, one, std::slice::from_ref(&parsed)).await {
-                    Err(error) if error.is_data_error() => {
-                        let poison =
-                            Parsed::Poison(format!("PostgreSQL refused the event: {error}"));
-                        record_parsed(pool, one, &[poison]).await?
-                    }
-                    other => other?,
-                };
+                let (done, _) =
+                    match record_parsed(pool, one, std::slice::from_ref(&parsed), None).await {
+                        Err(error) if error.is_data_error() => {
+                            let poison =
+                                Parsed::Poison(format!("PostgreSQL refused the event: {error}"));
+                            record_parsed(pool, one, &[poison], None).await?
+                        }
+                        other => other?,
+                    };
                 total.events += done.events;
                 total.duplicates += done.duplicates;
                 total.deliveries += done.deliveries;
                 total.poison += done.poison;
             }
-            Ok(total)
+            Ok((total, None))
         }
         other => other,
     }
@@ -241,7 +268,8 @@ async fn record_parsed(
     pool: &PgPool,
     records: &[Incoming],
     parsed: &[Parsed],
-) -> Result<Recorded, RecordError> {
+    lease: Option<f64>,
+) -> Result<(Recorded, Option<Leased>), RecordError> {
     let mut events = EventColumns::default();
     let mut poison = PoisonColumns::default();
     for (record, p) in records.iter().zip(parsed) {
@@ -272,9 +300,11 @@ async fn record_parsed(
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let mut recorded = Recorded::default();
+    let mut leased = Vec::new();
+    let mut until = None;
     if !events.ids.is_empty() {
-        let row = tx
-            .query_one(
+        let rows = tx
+            .query(
                 RECORD_EVENTS,
                 &[
                     &events.ids,
@@ -284,12 +314,40 @@ async fn record_parsed(
                     &events.offsets,
                     &events.correlation,
                     &events.json,
+                    &lease,
                 ],
             )
             .await?;
-        recorded.events = row.get::<_, i64>(0) as u64;
-        recorded.deliveries = row.get::<_, i64>(1) as u64;
+        recorded.events = rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64;
         recorded.duplicates = events.ids.len() as u64 - recorded.events;
+        let planned = rows.iter().filter(|r| r.get::<_, Option<i64>>(1).is_some());
+        let bodies: HashMap<&str, (&str, Option<&str>)> = events
+            .ids
+            .iter()
+            .zip(events.json.iter().zip(&events.correlation))
+            .map(|(id, (json, correlation))| (*id, (*json, *correlation)))
+            .collect();
+        for row in planned {
+            recorded.deliveries += 1;
+            let Some(leased_until) = row.get::<_, Option<DateTime<Utc>>>(4) else {
+                continue;
+            };
+            until = Some(leased_until);
+            let event_id: String = row.get(2);
+            let (json, correlation) = bodies.get(event_id.as_str()).copied().unwrap_or_default();
+            leased.push(Claimed {
+                id: row.get(1),
+                body: Bytes::copy_from_slice(json.as_bytes()),
+                correlation_id: correlation.map(str::to_owned),
+                event_id,
+                endpoint_id: row.get(3),
+                attempts: 0,
+                url: row.get(5),
+                secret: row.get(6),
+                previous_secret: row.get(7),
+                rate_limit: row.get(8),
+            });
+        }
     }
     if !poison.topics.is_empty() {
         tx.execute(
@@ -306,7 +364,11 @@ async fn record_parsed(
         recorded.poison = poison.topics.len() as u64;
     }
     tx.commit().await?;
-    Ok(recorded)
+    let leased = until.map(|until| Leased {
+        deliveries: leased,
+        until,
+    });
+    Ok((recorded, leased))
 }
 
 /// Why a batch could not be recorded; the caller retries it as a whole.
@@ -385,14 +447,16 @@ fn to_incoming(message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
 }
 
 /// Reads records in small batches until `shutdown`, records each batch durably (retrying while
-/// PostgreSQL is down), commits its offsets, and wakes the dispatchers. Never returns early
-/// because a dependency is down.
+/// PostgreSQL is down), commits its offsets, and hands the new deliveries on: leased, to a fast
+/// lane that sends them from memory when one is free, otherwise to the dispatchers' claim (woken).
+/// Never returns early because a dependency is down.
 pub async fn consume(
     consumer: Arc<KafkaConsumer>,
     config: &Config,
     pool: PgPool,
     metrics: Metrics,
     wake: Arc<Notify>,
+    lanes: tokio::sync::mpsc::Sender<Leased>,
     shutdown: CancellationToken,
 ) {
     let mut stream = consumer
@@ -418,7 +482,10 @@ pub async fn consume(
         if records.is_empty() {
             continue;
         }
-        let Some(recorded) = record_until_done(&pool, &records, &shutdown).await else {
+        let lane = lanes.try_reserve().ok();
+        let lease = lane.as_ref().map(|_| config.delivery_lease.as_secs_f64());
+        let Some((recorded, leased)) = record_until_done(&pool, &records, lease, &shutdown).await
+        else {
             // Shutdown while PostgreSQL was down: nothing committed, the records are read again.
             break;
         };
@@ -442,8 +509,10 @@ pub async fn consume(
             poison = recorded.poison,
             "batch recorded"
         );
-        if recorded.deliveries > 0 {
-            wake.notify_waiters();
+        match (lane, leased) {
+            (Some(lane), Some(leased)) => lane.send(leased),
+            _ if recorded.deliveries > 0 => wake.notify_waiters(),
+            _ => {}
         }
         match next_offsets(&records) {
             Ok(tpl) => {
@@ -466,11 +535,12 @@ pub async fn consume(
 async fn record_until_done(
     pool: &PgPool,
     records: &[Incoming],
+    lease: Option<f64>,
     shutdown: &CancellationToken,
-) -> Option<Recorded> {
+) -> Option<(Recorded, Option<Leased>)> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match record_batch(pool, records).await {
+        match record_batch(pool, records, lease).await {
             Ok(recorded) => return Some(recorded),
             Err(error) => {
                 tracing::warn!(%error, records = records.len(), retry_in_ms = delay.as_millis() as u64, "cannot record batch yet")

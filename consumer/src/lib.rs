@@ -223,11 +223,29 @@ pub async fn run(
                 state.metrics.clone(),
                 shutdown.clone(),
             )));
+            let workers = state.config.dispatch_workers.max(1);
             let mut dispatchers = tokio::task::JoinSet::new();
-            for worker in 0..state.config.dispatch_workers.max(1) {
+            for worker in 0..workers {
                 let dispatcher = dispatcher.clone();
                 let shutdown = shutdown.clone();
                 dispatchers.spawn(async move { dispatcher.work(worker, shutdown).await });
+            }
+            // Fast lanes: new deliveries, leased as they are recorded, sent without a claim.
+            // They end once ingest stops and the batches handed to them are recorded.
+            let (lanes, leased) = tokio::sync::mpsc::channel::<ingest::Leased>(workers);
+            let leased = Arc::new(tokio::sync::Mutex::new(leased));
+            for _ in 0..workers {
+                let (dispatcher, leased, shutdown) =
+                    (dispatcher.clone(), leased.clone(), shutdown.clone());
+                dispatchers.spawn(async move {
+                    loop {
+                        let next = leased.lock().await.recv().await;
+                        let Some(batch) = next else { break };
+                        dispatcher
+                            .deliver(batch.deliveries, batch.until, &shutdown)
+                            .await;
+                    }
+                });
             }
             ingest::consume(
                 state.kafka.clone(),
@@ -235,6 +253,7 @@ pub async fn run(
                 state.pool.clone(),
                 state.metrics.clone(),
                 state.wake.clone(),
+                lanes,
                 shutdown.clone(),
             )
             .await;

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/V3__breakers_notifier.sql"),
     ),
     (5, "notifier", include_str!("../../sql/V5__notifier.sql")),
+    (
+        6,
+        "inbox_payload_json",
+        include_str!("../../sql/V6__inbox_payload_json.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
