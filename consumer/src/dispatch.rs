@@ -59,7 +59,9 @@ const BREAKERS: &str = "
     select name, state, failure_count, success_count, opened_at, probe_until
       from circuit_breakers where scope = 'endpoint' and name = any($1)";
 
-/// Writes a batch's results, but only for rows still under this batch's lease ($8).
+/// Writes a batch's results, but only for rows still under this batch's lease ($8): a lease is only
+/// ever held by pending rows. (No `state = 'pending'` here: with it the planner may pick the
+/// `deliveries_due` index and read every pending delivery to find this batch's few hundred.)
 const RECORD_RESULTS: &str = "
     update deliveries d
        set state = u.state, attempts = u.attempts, next_attempt_at = u.next_attempt_at,
@@ -71,7 +73,7 @@ const RECORD_RESULTS: &str = "
       from unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[], $6::text[],
                   $7::bool[], $9::timestamptz[])
            as u(id, state, attempts, next_attempt_at, status, error, sent, at)
-     where d.id = u.id and d.state = 'pending' and d.leased_until = $8";
+     where d.id = u.id and d.leased_until = $8";
 
 const RECORD_ATTEMPTS: &str = "
     insert into delivery_attempts
@@ -733,7 +735,8 @@ impl Dispatcher {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &ids, &states, &attempts, &nexts, &statuses, &errors, &sent, &lease, &ats,
         ];
-        let update = tx.execute(RECORD_RESULTS, &params);
+        let statement = tx.prepare_cached(RECORD_RESULTS).await?;
+        let update = tx.execute(&statement, &params);
         let insert = async {
             if a_ids.is_empty() {
                 return Ok(0);
