@@ -347,7 +347,13 @@ async fn delete_endpoint(
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    // Deliveries and their attempts go with the endpoint (on delete cascade).
+    // Deliveries go with the endpoint (on delete cascade); their attempts have no foreign key.
+    tx.execute(
+        "delete from delivery_attempts a using deliveries d
+          where d.id = a.delivery_id and d.endpoint_id = $1",
+        &[&id],
+    )
+    .await?;
     let deleted = tx
         .execute("delete from endpoints where id = $1", &[&id])
         .await?;

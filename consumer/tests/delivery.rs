@@ -252,6 +252,28 @@ async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_deli
         .call("POST", &format!("/deliveries/{}/retry", d["id"]), None)
         .await;
     assert_eq!((status, body["code"].as_str()), (409, Some("not_dead")));
+    // Deleting the endpoint takes its deliveries and their attempts with it.
+    let endpoint_id = d["endpoint_id"].as_str().unwrap().to_owned();
+    let (status, _) = consumer
+        .call("DELETE", &format!("/endpoints/{endpoint_id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    let client = db.client().await;
+    let left: (i64, i64) = {
+        let row = client
+            .query_one(
+                "select (select count(*) from deliveries), (select count(*) from delivery_attempts)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        left,
+        (0, 0),
+        "deliveries and attempts of the deleted endpoint"
+    );
     consumer.stop().await;
 }
 

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "inbox_payload_json",
         include_str!("../../sql/V6__inbox_payload_json.sql"),
     ),
+    (
+        7,
+        "delivery_hot_path",
+        include_str!("../../sql/V7__delivery_hot_path.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
