@@ -7,6 +7,11 @@
 mod leader;
 mod metrics;
 mod publish;
+/// The relay's claim and mark statements, for relay-bench's PostgreSQL-only ceiling.
+#[cfg(feature = "bench")]
+pub mod statements {
+    pub use crate::publish::{CLAIM_DUE_ROWS, MARK_SENT};
+}
 mod retention;
 
 use std::sync::Arc;
@@ -108,7 +113,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let routes = TopicRoutes::parse(&config.topic_routes, &config.kafka_topic)
         .map_err(anyhow::Error::msg)?;
-    let pool = db::pool(
+    // Everything the relay writes is redone if lost (marks: the row is sent again; retention:
+    // the rows are deleted next time), so its commits need not wait for the WAL flush.
+    let pool = db::pool_without_flush_wait(
         &config.database.database_url,
         config.database.database_pool_size,
     )?;

@@ -27,7 +27,7 @@ use crate::{Config, Metrics};
 /// hold back come from the few rows waiting for a later retry, found by `outbox_unsent_due`, so a
 /// claim costs the same however long the backlog is. `$2` are the rows of the previous batch,
 /// acknowledged by Kafka but whose marks are still being written.
-const CLAIM_DUE_ROWS: &str = "
+pub const CLAIM_DUE_ROWS: &str = "
     with held as (
         select aggregate_id, min(id) as from_id from outbox
          where state in ('P', 'X') and next_attempt_at > now()
@@ -41,7 +41,7 @@ const CLAIM_DUE_ROWS: &str = "
      order by o.id
      limit $1";
 
-const MARK_SENT: &str = "
+pub const MARK_SENT: &str = "
     update outbox o
        set state = 'E', kafka_partition = u.partition, kafka_offset = u.kafka_offset,
            sent_at = now(), attempts = o.attempts + 1, last_error = null, last_error_kind = null

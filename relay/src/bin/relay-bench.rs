@@ -61,6 +61,59 @@ fn envelope_like(id: &str, content: &str) -> String {
     .to_string()
 }
 
+/// Writes `args.events` unsent outbox rows for `topic`, as the producer would.
+async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> anyhow::Result<()> {
+    progress(&format!("writing a backlog of {} outbox rows", args.events));
+    let client = db.client().await;
+    client
+        .execute(
+            "insert into outbox (event_id, event_type, aggregate_id, topic, payload, headers)
+             select 'evt_bench_' || g, 'message.created', 'key-' || (g % $3), $1,
+                    json_build_object('id', 'evt_bench_' || g, 'event', 'message.created', 'version', '1.0',
+                        'idempotency_key', 'message.created-bench-' || g, 'timestamp', '2026-11-23T10:30:45.123Z',
+                        'data', json_build_object('content', $4::text),
+                        'metadata', json_build_object('source', 'bench', 'environment', 'bench', 'correlation_id', 'req_bench')),
+                    jsonb_build_object('event_id', 'evt_bench_' || g, 'event_type', 'message.created', 'correlation_id', 'req_bench')
+               from generate_series(1, $2::bigint) g",
+            &[&topic, &args.events, &args.keys, &content],
+        )
+        .await?;
+    client.batch_execute("vacuum analyze outbox").await?;
+    Ok(())
+}
+
+/// Rows per second PostgreSQL moves through the relay's claim and mark statements alone, one
+/// batch after the other on one connection, as the relay's commits do (no flush wait).
+async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
+    let db = TestDb::create().await;
+    write_backlog(&db, "bench-postgres-only", args, content).await?;
+    let pool = outbox_core::db::pool_without_flush_wait(&db.url, 1)?;
+    let client = pool.get().await?;
+    let mark = client.prepare_cached(relay::statements::MARK_SENT).await?;
+    let none: Vec<i64> = Vec::new();
+    let started = Instant::now();
+    loop {
+        let rows = client
+            .query(
+                relay::statements::CLAIM_DUE_ROWS,
+                &[&args.batch_size, &none],
+            )
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        // The payloads are read, as the relay reads them.
+        let bytes: usize = rows.iter().map(|r| r.get::<_, &str>(3).len()).sum();
+        anyhow::ensure!(bytes > 0, "claimed rows without payload");
+        let partitions = vec![0i32; ids.len()];
+        client.execute(&mark, &[&ids, &partitions, &ids]).await?;
+    }
+    let rate = args.events as f64 / started.elapsed().as_secs_f64();
+    progress(&format!("PostgreSQL alone moved {rate:.0} rows/s"));
+    Ok(rate)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -334,27 +387,18 @@ async fn main() -> anyhow::Result<()> {
     let fresh_lat = relay_latency(&fresh, &args, content.clone(), "fresh").await?;
     fresh.stop().await;
 
-    // 3. Drain of a backlog written beforehand.
+    // 3. The database alone: the relay's own claim and mark statements on the same backlog,
+    // with made-up partitions and offsets instead of Kafka.
+    progress(&format!(
+        "PostgreSQL alone: claim + mark of a backlog of {} rows, no Kafka",
+        args.events
+    ));
+    let pg_rate = postgres_ceiling(&args, &content).await?;
+
+    // 4. Drain of a backlog written beforehand.
     let db = TestDb::create().await;
     let topic = unique_topic("bench-drain");
-    progress(&format!("writing a backlog of {} outbox rows", args.events));
-    {
-        let client = db.client().await;
-        client
-            .execute(
-                "insert into outbox (event_id, event_type, aggregate_id, topic, payload, headers)
-                 select 'evt_bench_' || g, 'message.created', 'key-' || (g % $3), $1,
-                        json_build_object('id', 'evt_bench_' || g, 'event', 'message.created', 'version', '1.0',
-                            'idempotency_key', 'message.created-bench-' || g, 'timestamp', '2026-11-23T10:30:45.123Z',
-                            'data', json_build_object('content', $4::text),
-                            'metadata', json_build_object('source', 'bench', 'environment', 'bench', 'correlation_id', 'req_bench')),
-                        jsonb_build_object('event_id', 'evt_bench_' || g, 'event_type', 'message.created', 'correlation_id', 'req_bench')
-                   from generate_series(1, $2::bigint) g",
-                &[&topic, &args.events, &args.keys, &*content],
-            )
-            .await?;
-        client.batch_execute("vacuum analyze outbox").await?;
-    }
+    write_backlog(&db, &topic, &args, &content).await?;
     kafka::ensure_topics(&brokers, &[topic.clone()], args.partitions)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -378,7 +422,7 @@ async fn main() -> anyhow::Result<()> {
     let drain_rate = args.events as f64 / drain_secs;
     progress(&format!("relay drained {drain_rate:.0} events/s"));
 
-    // 4. The same latency right after the drain: the outbox's indexes still hold the dead entries
+    // 5. The same latency right after the drain: the outbox's indexes still hold the dead entries
     // of every row just marked, until autovacuum clears them.
     progress("relay latency right after the drain");
     let after_lat = relay_latency(&drained, &args, content.clone(), "after").await?;
@@ -397,8 +441,18 @@ async fn main() -> anyhow::Result<()> {
     println!("|------------------------------------------------|---------:|-------------:|");
     println!("| raw Kafka produce (idempotent, acks=all)       | {raw_rate:>8.0} |        100 % |");
     println!(
+        "| PostgreSQL alone: claim + mark, no Kafka       | {pg_rate:>8.0} | {:>10.0} % |",
+        100.0 * pg_rate / raw_rate
+    );
+    println!(
         "| relay: outbox backlog drained to Kafka         | {drain_rate:>8.0} | {:>10.0} % |",
         100.0 * drain_rate / raw_rate
+    );
+    println!();
+    println!(
+        "relay drain ÷ PostgreSQL alone: {:.0} %; ÷ the lower of the two limits: {:.0} %",
+        100.0 * drain_rate / pg_rate,
+        100.0 * drain_rate / pg_rate.min(raw_rate)
     );
     println!();
     println!("| latency at {:>5} events/s, {latency_events:>6} events          |  p50 ms |  p99 ms |  max ms |", args.rate);
