@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod endpoints;
 pub mod ingest;
 mod metrics;
+pub mod retention;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,6 +107,14 @@ pub struct Config {
     /// Largest accepted admin request body in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    /// Succeeded and dead deliveries (with their attempts) last updated longer ago than this are
+    /// deleted, and inbox rows received longer ago that have no delivery left. Kafka records
+    /// redelivered within this window are still recognised as duplicates.
+    #[arg(long, env = "CONSUMER_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub consumer_retention: Duration,
+    /// How often retention runs.
+    #[arg(long, env = "CONSUMER_RETENTION_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub consumer_retention_interval: Duration,
 }
 
 impl Config {
@@ -220,6 +229,13 @@ pub async fn run(
             }
             let _gauges = AbortOnDrop(tokio::spawn(metrics::refresh_gauges(
                 state.pool.clone(),
+                state.metrics.clone(),
+                shutdown.clone(),
+            )));
+            let _retention = AbortOnDrop(tokio::spawn(retention::run(
+                state.pool.clone(),
+                state.config.consumer_retention,
+                state.config.consumer_retention_interval,
                 state.metrics.clone(),
                 shutdown.clone(),
             )));

@@ -46,13 +46,15 @@ pub struct Metrics {
     pub dead_letters: IntGaugeVec,
     /// By `endpoint_id` and `state`: 1 for the current state, 0 for the others.
     pub breaker_state: IntGaugeVec,
+    /// By `table` (`deliveries`, `delivery_attempts`, `inbox`): rows retention deleted.
+    pub retention_deleted: IntCounterVec,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
-        Metrics {
+        let metrics = Metrics {
             lag: register(
                 r,
                 IntGaugeVec::new(
@@ -144,8 +146,24 @@ impl Metrics {
                 )
                 .expect("metric"),
             ),
+            retention_deleted: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "consumer_retention_deleted_rows_total",
+                        "Finished deliveries, their attempts and inbox rows deleted by retention",
+                    ),
+                    &["table"],
+                )
+                .expect("metric"),
+            ),
             registry,
+        };
+        // Every series from the start, so rate() sees the first deletions.
+        for table in ["deliveries", "delivery_attempts", "inbox"] {
+            metrics.retention_deleted.with_label_values(&[table]);
         }
+        metrics
     }
 
     /// Sets the 0/1 state gauges of one endpoint's breaker.
