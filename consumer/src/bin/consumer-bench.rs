@@ -59,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
 
     let ceiling = receiver_ceiling(&receiver_url, args.wrk_connections, args.wrk_seconds).await;
 
+    let postgres = postgres_ceiling(n).await?;
+
     progress(&format!("putting {n} events into Kafka topic {topic}"));
     produce(&topic, n).await?;
 
@@ -170,6 +172,19 @@ async fn main() -> anyhow::Result<()> {
         }
         None => println!("| receiver ceiling | not measured (wrk is not installed) |"),
     }
+    println!(
+        "| PostgreSQL alone: the consumer's record + result statements, no Kafka or HTTP | {postgres:.0} deliveries/s |"
+    );
+    println!(
+        "| ratio deliveries/s ÷ PostgreSQL alone | {:.2} |",
+        steady / postgres
+    );
+    if let Some(c) = ceiling {
+        println!(
+            "| ratio deliveries/s ÷ the lower of the two limits | {:.2} |",
+            steady / c.min(postgres)
+        );
+    }
     println!("| webhook request latency p50 / p99 | {req_p50:.0} ms / {req_p99:.0} ms |");
     println!(
         "| inbox recorded → delivery recorded p50 / p99 (all {n} queued at once) | {:.2} s / {:.2} s |",
@@ -220,7 +235,7 @@ async fn receiver_ceiling(url: &str, connections: u32, seconds: u32) -> Option<f
     {
         script.push_str(&format!(
             "wrk.headers[{}] = {}\n",
-            lua_string(name.as_ref()),
+            lua_string(name),
             lua_string(&value)
         ));
     }
@@ -318,4 +333,77 @@ fn envelope(i: usize) -> Envelope {
 /// A Lua string literal.
 fn lua_string(text: &str) -> String {
     format!("{text:?}")
+}
+
+/// Deliveries per second PostgreSQL records with the consumer's own statements and nothing else:
+/// batches of events recorded with their deliveries leased (as ingest does), then recorded as
+/// answered 200 (as a fast lane does), from as many concurrent tasks as the consumer runs.
+async fn postgres_ceiling(n: usize) -> anyhow::Result<f64> {
+    const BATCH: usize = 500;
+    const TASKS: usize = 2;
+    progress(&format!(
+        "PostgreSQL alone: recording {n} events and their deliveries, {TASKS} tasks, batches of {BATCH}"
+    ));
+    let db = TestDb::create().await;
+    db.client()
+        .await
+        .execute(
+            "insert into endpoints (id, url, event_types, secret) values ('pg', 'http://127.0.0.1:9/', '{*}', $1)",
+            &[&outbox_core::signature::Secret::generate().as_str()],
+        )
+        .await?;
+    let mut config: consumer::Config = outbox_core::config::from_env()?;
+    config.database.database_url = db.url.clone();
+    let pool = outbox_core::db::pool(&db.url, TASKS * 2)?;
+    let dispatcher = Arc::new(consumer::dispatch::Dispatcher::new(
+        &config,
+        pool.clone(),
+        consumer::Metrics::new(),
+        Arc::new(tokio::sync::Notify::new()),
+    )?);
+    let records: Vec<consumer::ingest::Incoming> = (0..n)
+        .map(|i| consumer::ingest::Incoming {
+            topic: "bench".into(),
+            partition: (i % 6) as i32,
+            offset: i as i64,
+            payload: serde_json::to_vec(&envelope(i)).expect("envelope"),
+            correlation_header: None,
+        })
+        .collect();
+    let records = Arc::new(records);
+    let lease = config.delivery_lease.as_secs_f64();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let (records, pool, dispatcher) = (records.clone(), pool.clone(), dispatcher.clone());
+        tasks.spawn(async move {
+            for chunk in records.chunks(BATCH).skip(task).step_by(TASKS) {
+                let (_, leased) = consumer::ingest::record_batch(&pool, chunk, Some(lease)).await?;
+                let leased = leased.context("deliveries were leased")?;
+                dispatcher
+                    .record_as_delivered(&leased.deliveries, leased.until)
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let succeeded: i64 = db
+        .client()
+        .await
+        .query_one(
+            "select count(*) from deliveries where state = 'succeeded'",
+            &[],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        succeeded as usize == n,
+        "{succeeded} of {n} deliveries recorded"
+    );
+    progress(&format!("PostgreSQL alone recorded {rate:.0} deliveries/s"));
+    Ok(rate)
 }

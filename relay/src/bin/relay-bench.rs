@@ -361,7 +361,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 1. Raw produce: the same records, the same producer settings, no database.
     let raw_topic = unique_topic("bench-raw");
-    kafka::ensure_topics(&brokers, &[raw_topic.clone()], args.partitions)
+    kafka::ensure_topics(&brokers, std::slice::from_ref(&raw_topic), args.partitions)
         .await
         .map_err(anyhow::Error::msg)?;
     let producer: FutureProducer =
@@ -399,7 +399,7 @@ async fn main() -> anyhow::Result<()> {
     let db = TestDb::create().await;
     let topic = unique_topic("bench-drain");
     write_backlog(&db, &topic, &args, &content).await?;
-    kafka::ensure_topics(&brokers, &[topic.clone()], args.partitions)
+    kafka::ensure_topics(&brokers, std::slice::from_ref(&topic), args.partitions)
         .await
         .map_err(anyhow::Error::msg)?;
     progress("starting the relay on the backlog");
