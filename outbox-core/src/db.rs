@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "delivery_hot_path",
         include_str!("../../sql/V7__delivery_hot_path.sql"),
     ),
+    (
+        8,
+        "outbox_payloads",
+        include_str!("../../sql/V8__outbox_payloads.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.

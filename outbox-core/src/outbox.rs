@@ -53,8 +53,9 @@ impl OutboxState {
 /// The channel the relay LISTENs on; a commit that adds outbox rows NOTIFYs it.
 pub const NOTIFY_CHANNEL: &str = "outbox";
 
-/// Inserts the outbox row for `envelope` (state `P`) and wakes the relay when the caller's
-/// transaction commits. Call it inside the transaction that writes the domain row.
+/// Inserts the outbox row for `envelope` (state `P`, the envelope itself in `outbox_payloads`)
+/// and wakes the relay when the caller's transaction commits. Call it inside the transaction
+/// that writes the domain row.
 pub async fn insert_event(
     tx: &impl GenericClient,
     envelope: &Envelope,
@@ -69,8 +70,13 @@ pub async fn insert_event(
     });
     let row = tx
         .query_one(
-            "insert into outbox (event_id, event_type, aggregate_id, topic, payload, headers)
-             values ($1, $2, $3, $4, $5, $6) returning id",
+            "with row as (
+                 insert into outbox (event_id, event_type, aggregate_id, topic, headers)
+                 values ($1, $2, $3, $4, $6) returning id
+             ), envelope as (
+                 insert into outbox_payloads (outbox_id, payload) select id, $5 from row
+             )
+             select id from row",
             &[
                 &envelope.id,
                 &envelope.event,

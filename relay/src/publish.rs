@@ -32,7 +32,9 @@ pub const CLAIM_DUE_ROWS: &str = "
         select aggregate_id, min(id) as from_id from outbox
          where state in ('P', 'X') and next_attempt_at > now()
          group by aggregate_id)
-    select o.id, o.topic, o.aggregate_id, o.payload::text, o.headers, o.attempts, o.created_at,
+    select o.id, o.topic, o.aggregate_id,
+           (select p.payload::text from outbox_payloads p where p.outbox_id = o.id),
+           o.headers, o.attempts, o.created_at,
            o.last_error_kind = 'permanent' as solo
       from outbox o
      where o.state in ('P', 'X') and o.next_attempt_at <= now()
@@ -63,7 +65,9 @@ struct Claimed {
     id: i64,
     topic: String,
     key: String,
-    payload: String,
+    /// None only if the row's `outbox_payloads` row was deleted by hand: sent as a record Kafka
+    /// refuses, so the row turns dead after its attempts instead of blocking its key.
+    payload: Option<String>,
     headers: Value,
     attempts: i32,
     created_at: DateTime<Utc>,
@@ -408,6 +412,11 @@ impl Publisher {
         producer: &FutureProducer,
         row: &Claimed,
     ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+        let Some(payload) = &row.payload else {
+            return Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::InvalidMessage,
+            ));
+        };
         let header = |name: &str| {
             row.headers
                 .get(name)
@@ -435,7 +444,7 @@ impl Publisher {
             });
         let mut record = FutureRecord::to(&row.topic)
             .key(&row.key)
-            .payload(&row.payload)
+            .payload(payload)
             .headers(headers);
         loop {
             match producer.send_result(record) {

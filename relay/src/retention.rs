@@ -12,12 +12,19 @@ use crate::Metrics;
 
 const BATCH: i64 = 1000;
 
+/// Returns the number of outbox rows deleted, their envelopes with them.
 const DELETE_OLD_SENT: &str = "
-    delete from outbox where id in (
-        select id from outbox
-         where created_at < now() - ($1::bigint * interval '1 millisecond')
-           and state = 'E' and sent_at < now() - ($1::bigint * interval '1 millisecond')
-         limit $2)";
+    with gone as (
+        delete from outbox where id in (
+            select id from outbox
+             where created_at < now() - ($1::bigint * interval '1 millisecond')
+               and state = 'E' and sent_at < now() - ($1::bigint * interval '1 millisecond')
+             limit $2)
+        returning id
+    ), envelopes as (
+        delete from outbox_payloads where outbox_id in (select id from gone)
+    )
+    select count(*) from gone";
 
 /// Runs until `stop` (leadership ends): every `interval`, deletes old sent rows in batches.
 pub async fn run(
@@ -31,11 +38,10 @@ pub async fn run(
     while !stop.is_cancelled() {
         loop {
             let deleted = match pool.get().await {
-                Ok(client) => {
-                    client
-                        .execute(DELETE_OLD_SENT, &[&retention_ms, &BATCH])
-                        .await
-                }
+                Ok(client) => client
+                    .query_one(DELETE_OLD_SENT, &[&retention_ms, &BATCH])
+                    .await
+                    .map(|row| row.get::<_, i64>(0).max(0) as u64),
                 Err(error) => {
                     tracing::warn!(%error, "retention skipped: PostgreSQL unavailable");
                     break;

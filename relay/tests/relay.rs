@@ -214,6 +214,11 @@ async fn retention_deletes_old_sent_rows_only() {
         (p.db.count("select count(*) from outbox").await == 2).then_some(())
     })
     .await;
+    assert_eq!(
+        p.db.count("select count(*) from outbox_payloads").await,
+        2,
+        "the deleted rows' envelopes go with them"
+    );
     // A message whose outbox row is gone still reads as sent.
     let id: uuid::Uuid =
         p.db.client()

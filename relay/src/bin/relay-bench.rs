@@ -67,18 +67,25 @@ async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> 
     let client = db.client().await;
     client
         .execute(
-            "insert into outbox (event_id, event_type, aggregate_id, topic, payload, headers)
-             select 'evt_bench_' || g, 'message.created', 'key-' || (g % $3), $1,
-                    json_build_object('id', 'evt_bench_' || g, 'event', 'message.created', 'version', '1.0',
-                        'idempotency_key', 'message.created-bench-' || g, 'timestamp', '2026-11-23T10:30:45.123Z',
+            "with row as (
+                 insert into outbox (event_id, event_type, aggregate_id, topic, headers)
+                 select 'evt_bench_' || g, 'message.created', 'key-' || (g % $3), $1,
+                        jsonb_build_object('event_id', 'evt_bench_' || g, 'event_type', 'message.created', 'correlation_id', 'req_bench')
+                   from generate_series(1, $2::bigint) g
+                 returning id, event_id
+             )
+             insert into outbox_payloads (outbox_id, payload)
+             select id, json_build_object('id', event_id, 'event', 'message.created', 'version', '1.0',
+                        'idempotency_key', 'message.created-bench-' || event_id, 'timestamp', '2026-11-23T10:30:45.123Z',
                         'data', json_build_object('content', $4::text),
-                        'metadata', json_build_object('source', 'bench', 'environment', 'bench', 'correlation_id', 'req_bench')),
-                    jsonb_build_object('event_id', 'evt_bench_' || g, 'event_type', 'message.created', 'correlation_id', 'req_bench')
-               from generate_series(1, $2::bigint) g",
+                        'metadata', json_build_object('source', 'bench', 'environment', 'bench', 'correlation_id', 'req_bench'))
+               from row",
             &[&topic, &args.events, &args.keys, &content],
         )
         .await?;
-    client.batch_execute("vacuum analyze outbox").await?;
+    client
+        .batch_execute("vacuum analyze outbox, outbox_payloads")
+        .await?;
     Ok(())
 }
 
