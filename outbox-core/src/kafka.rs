@@ -38,7 +38,7 @@ pub fn idempotent_producer_config(
             "message.timeout.ms",
             message_timeout.as_millis().to_string(),
         )
-        .set("linger.ms", "2")
+        .set("linger.ms", "0")
         .set("batch.num.messages", "10000")
         .set("batch.size", "1000000")
         .set("compression.type", "lz4")

@@ -1,7 +1,7 @@
 //! Claiming due outbox rows, publishing them with the idempotent producer, and marking the batch
 //! from the delivery reports: one statement for the sent rows, one for the failed ones.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -252,11 +252,11 @@ impl Publisher {
     /// with the error and the next attempt time. Returns how many rows the batch had.
     ///
     /// When the whole batch was acknowledged, its marks are written in the background while the
-    /// next batch is claimed (without those rows) and sent. That batch is only claimed after every
-    /// row before it is in Kafka, so per-key order holds as in a sequential loop. (Claiming it
-    /// while this one is still in Kafka was measured slower: on two cores the claim then competes
-    /// with the send.) A batch with a failure is marked before anything else is claimed, so that
-    /// its keys hold back.
+    /// next batch is claimed (without the rows whose marks are in flight) and sent. That batch is
+    /// only claimed after every row before it is in Kafka, so per-key order holds as in a
+    /// sequential loop. (Claiming it while this one is still in Kafka was measured slower: on two
+    /// cores the claim then competes with the send.) A batch with a failure is marked before
+    /// anything else is claimed, so that its keys hold back.
     async fn publish_batch(
         &self,
         pipeline: &mut Pipeline,
@@ -337,9 +337,6 @@ impl Publisher {
                 .inc_by(*n);
         }
         let mark_started = std::time::Instant::now();
-        // The previous batch's marks are written before claiming again: the claim excludes only
-        // this batch's rows.
-        pipeline.settle().await?;
         let marks = Marks {
             pool: self.pool.clone(),
             sent_ids: sent.ids,
@@ -348,11 +345,15 @@ impl Publisher {
             failed,
         };
         if marks.failed.ids.is_empty() {
-            pipeline.marking_ids = rows.iter().map(|r| r.id).collect();
-            pipeline.marking = Some(tokio::spawn(marks.write_until_done(leadership.clone())));
-            pipeline.next = Some(self.claim(&pipeline.marking_ids).await?);
+            pipeline.make_room().await?;
+            pipeline.marking.push_back(Marking {
+                ids: rows.iter().map(|r| r.id).collect(),
+                task: tokio::spawn(marks.write_until_done(leadership.clone())),
+            });
+            pipeline.next = Some(self.claim(&pipeline.unmarked()).await?);
             tracing::debug!(sent = total, "batch published");
         } else {
+            pipeline.settle().await?;
             marks.write().await?;
             tracing::warn!(sent = marks.sent_ids.len(), failed = marks.failed.ids.len(), first_error = %marks.failed.errors[0], "batch partly failed; failed rows turned X (or D)");
         }
@@ -360,7 +361,7 @@ impl Publisher {
             rows = total,
             claim_ms,
             send_ms,
-            settle_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
+            next_claim_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
             "batch timing"
         );
         self.replace_producer_if_fatal();
@@ -507,22 +508,56 @@ struct Sent<'a> {
     per_topic: HashMap<&'a str, u64>,
 }
 
-/// The batch whose marks are being written and the batch claimed meanwhile.
+/// The batches whose marks are being written, oldest first, and the batch claimed meanwhile.
 #[derive(Default)]
 struct Pipeline {
-    marking: Option<tokio::task::JoinHandle<Result<(), BatchError>>>,
-    marking_ids: Vec<i64>,
+    marking: VecDeque<Marking>,
     next: Option<Vec<Claimed>>,
 }
 
+struct Marking {
+    ids: Vec<i64>,
+    task: tokio::task::JoinHandle<Result<(), BatchError>>,
+}
+
 impl Pipeline {
-    /// Waits until the marks in flight are committed.
+    /// Batches whose marks may be in flight at once. Two keep a slow commit off the path of the
+    /// next claim; the claim excludes their rows.
+    const MAX_MARKING: usize = 2;
+
+    /// Waits until every mark in flight is committed.
     async fn settle(&mut self) -> Result<(), BatchError> {
-        self.marking_ids.clear();
-        match self.marking.take() {
-            Some(task) => task.await.unwrap_or(Err(BatchError::MarkAbandoned)),
-            None => Ok(()),
+        while let Some(marking) = self.marking.pop_front() {
+            marking.finish().await?;
         }
+        Ok(())
+    }
+
+    /// Collects the marks already written, and waits for the oldest while the pipeline is full.
+    async fn make_room(&mut self) -> Result<(), BatchError> {
+        while let Some(oldest) = self.marking.front() {
+            if !oldest.task.is_finished() && self.marking.len() < Self::MAX_MARKING {
+                break;
+            }
+            if let Some(marking) = self.marking.pop_front() {
+                marking.finish().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows sent whose marks are not known to be committed.
+    fn unmarked(&self) -> Vec<i64> {
+        self.marking
+            .iter()
+            .flat_map(|m| m.ids.iter().copied())
+            .collect()
+    }
+}
+
+impl Marking {
+    async fn finish(self) -> Result<(), BatchError> {
+        self.task.await.unwrap_or(Err(BatchError::MarkAbandoned))
     }
 }
 
