@@ -9,6 +9,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 scripts/stack.sh deps
+# wrk measures the webhook receiver's ceiling next to the consumer.
+if ! command -v wrk >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null; } || true
+fi
 export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export TEST_KAFKA_BROKERS=${TEST_KAFKA_BROKERS:-127.0.0.1:9092}
 which=${1:-all}

@@ -561,7 +561,7 @@ impl Dispatcher {
             Ok(request) => request.send().await.map_err(describe),
             Err(error) => Err(error),
         };
-        let (status, abort, excerpt, error) = match response {
+        let (status, abort, retry_after, excerpt, error) = match response {
             Ok(response) => {
                 let status = response.status();
                 let abort = response
@@ -569,15 +569,26 @@ impl Dispatcher {
                     .get("webhook-delivery")
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.trim().eq_ignore_ascii_case("abort-message"));
+                let retry_after = matches!(status.as_u16(), 429 | 503)
+                    .then(|| response.headers().get(reqwest::header::RETRY_AFTER))
+                    .flatten()
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, Utc::now()));
                 let (excerpt, body_error) = read_excerpt(response).await;
                 let error = match (status.is_success(), body_error) {
                     (true, _) => None,
                     (false, Some(e)) => Some(format!("HTTP {}: {e}", status.as_u16())),
                     (false, None) => Some(format!("HTTP {}", status.as_u16())),
                 };
-                (Some(status.as_u16() as i32), abort, excerpt, error)
+                (
+                    Some(status.as_u16() as i32),
+                    abort,
+                    retry_after,
+                    excerpt,
+                    error,
+                )
             }
-            Err(error) => (None, false, None, Some(error)),
+            Err(error) => (None, false, None, None, Some(error)),
         };
         let elapsed = started.elapsed();
         self.metrics
@@ -603,7 +614,12 @@ impl Dispatcher {
             match self.settings.schedule.delay_after(number.max(0) as u32) {
                 Some(delay) => (
                     "pending",
-                    now + chrono_duration(with_jitter(delay, self.settings.jitter)),
+                    // A receiver that says when to come back (429/503 with Retry-After) is not
+                    // retried sooner; the attempt still counts.
+                    now + chrono_duration(
+                        with_jitter(delay, self.settings.jitter)
+                            .max(retry_after.unwrap_or_default()),
+                    ),
                     outcome::FAILURE,
                     Verdict::Failure,
                 ),
@@ -797,6 +813,23 @@ impl Dispatcher {
     }
 }
 
+/// The longest `Retry-After` honoured: a receiver cannot park a delivery for longer.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
+
+/// A `Retry-After` value, in seconds or as an HTTP date, as a wait from `now` (at most
+/// [`MAX_RETRY_AFTER`]).
+fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&Utc) - now).to_std().unwrap_or_default()
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
 /// PostgreSQL text cannot hold NUL characters.
 fn clean(text: &str) -> String {
     text.replace('\0', "")
@@ -933,6 +966,27 @@ mod tests {
         let wait = bucket.take(2.0, start).expect("empty");
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
         assert_eq!(bucket.take(2.0, start + Duration::from_millis(500)), None);
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_or_as_a_date_and_capped() {
+        let now = DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Mon, 23 Nov 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Mon, 23 Nov 2026 09:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     #[test]

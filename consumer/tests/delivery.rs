@@ -152,6 +152,55 @@ async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_answering_429_with_retry_after_is_not_retried_sooner() {
+    let (db, topic) = setup(1).await;
+    let receiver = Receiver::start().await;
+    receiver.fail_with(429);
+    receiver
+        .state
+        .retry_after_secs
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let mut c = config(&db, &topic);
+    c.retry_schedule = "0ms,10ms,10ms".parse().unwrap();
+    let consumer = TestConsumer::start(c).await;
+    consumer
+        .create_endpoint(&receiver.url, &["message.*"])
+        .await;
+    let event = envelope(9);
+    produce(&producer(), &topic, &event).await;
+    eventually("the first attempt", WAIT, || async {
+        (receiver.count() == 1).then_some(())
+    })
+    .await;
+    receiver.succeed();
+    receiver
+        .state
+        .retry_after_secs
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let delivered = eventually("the delivery succeeds", WAIT, || async {
+        let page = consumer
+            .get(&format!("/deliveries?event_id={}", event.id))
+            .await;
+        page["deliveries"]
+            .as_array()
+            .unwrap()
+            .first()
+            .filter(|d| d["state"] == "succeeded")
+            .cloned()
+    })
+    .await;
+    assert_eq!(delivered["attempts"], 2);
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 2);
+    let gap = requests[1].started - requests[0].finished;
+    assert!(
+        gap >= Duration::from_millis(990),
+        "retried {gap:?} after a 429 asking for 1 s (the schedule alone says 10 ms)"
+    );
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_delivers_it_once() {
     let (db, topic) = setup(1).await;
     let receiver = Receiver::start().await;

@@ -49,6 +49,8 @@ pub struct ReceiverState {
     pub status: AtomicU16,
     /// Answer `webhook-delivery: abort-message` too.
     pub abort: AtomicBool,
+    /// Answer `Retry-After` with this many seconds too (0: no header).
+    pub retry_after_secs: AtomicU64,
     pub delay_ms: AtomicU64,
     in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
@@ -136,6 +138,12 @@ async fn receive(
         response
             .headers_mut()
             .insert("webhook-delivery", "abort-message".parse().unwrap());
+    }
+    let retry_after = state.retry_after_secs.load(Ordering::SeqCst);
+    if retry_after > 0 {
+        response
+            .headers_mut()
+            .insert("retry-after", retry_after.to_string().parse().unwrap());
     }
     response
 }
