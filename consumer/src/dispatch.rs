@@ -55,10 +55,6 @@ const CLAIM: &str = "
               case when e.previous_secret_expires_at > now() then e.previous_secret end,
               e.rate_limit_per_second, d.leased_until";
 
-const BREAKERS: &str = "
-    select name, state, failure_count, success_count, opened_at, probe_until
-      from circuit_breakers where scope = 'endpoint' and name = any($1)";
-
 /// Writes a batch's results, but only for rows still under this batch's lease ($8): a lease is only
 /// ever held by pending rows. (No `state = 'pending'` here: with it the planner may pick the
 /// `deliveries_due` index and read every pending delivery to find this batch's few hundred.)
@@ -335,35 +331,16 @@ impl Dispatcher {
 
     async fn load_breakers(&self, groups: &[(String, Vec<Claimed>)]) -> HashMap<String, Breaker> {
         let names: Vec<&str> = groups.iter().map(|(id, _)| id.as_str()).collect();
-        let mut out = HashMap::new();
-        let rows = match self.pool.get().await {
-            Ok(client) => client.query(BREAKERS, &[&names]).await,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read circuit breakers; treating them as closed");
-                return out;
-            }
+        let loaded = match self.pool.get().await {
+            Ok(client) => breaker::store::get_many(&client, BREAKER_SCOPE, &names)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
         };
-        match rows {
-            Ok(rows) => {
-                for row in rows {
-                    let state: String = row.get(1);
-                    out.insert(
-                        row.get::<_, String>(0),
-                        Breaker {
-                            state: BreakerState::parse(&state).unwrap_or(BreakerState::Closed),
-                            failure_count: row.get::<_, i32>(2).max(0) as u32,
-                            success_count: row.get::<_, i32>(3).max(0) as u32,
-                            opened_at: row.get(4),
-                            probe_until: row.get(5),
-                        },
-                    );
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot read circuit breakers; treating them as closed")
-            }
-        }
-        out
+        loaded.unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read circuit breakers; treating them as closed");
+            HashMap::new()
+        })
     }
 
     /// Sends one endpoint's share of a batch as the breaker allows.

@@ -184,6 +184,7 @@ pub mod store {
 
     use super::*;
     use deadpool_postgres::GenericClient;
+    use std::collections::HashMap;
     use tokio_postgres::Row;
 
     /// One breaker as stored.
@@ -239,6 +240,26 @@ pub mod store {
             .await?
             .map(|row| from_row(&row).breaker)
             .unwrap_or_default())
+    }
+
+    /// The stored breakers of `names` in one query, by name; names never written are absent
+    /// (CLOSED with zero counts).
+    pub async fn get_many(
+        db: &impl GenericClient,
+        scope: &str,
+        names: &[&str],
+    ) -> Result<HashMap<String, Breaker>, tokio_postgres::Error> {
+        let sql =
+            format!("select {COLUMNS} from circuit_breakers where scope = $1 and name = any($2)");
+        Ok(db
+            .query(&sql, &[&scope, &names])
+            .await?
+            .iter()
+            .map(|row| {
+                let stored = from_row(row);
+                (stored.name, stored.breaker)
+            })
+            .collect())
     }
 
     /// Loads the breaker under a row lock, applies `change`, and writes it back, in one transaction.
