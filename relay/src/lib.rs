@@ -49,7 +49,7 @@ pub struct Config {
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub topic_partitions: i32,
     /// Outbox rows claimed and published per batch.
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2000)]
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 4000)]
     pub batch_size: i64,
     /// Fallback poll interval; NOTIFY wakes the relay sooner.
     #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]

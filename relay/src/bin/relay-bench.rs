@@ -29,8 +29,8 @@ struct Args {
     /// Approximate size of each event's envelope, in bytes.
     #[arg(long, default_value_t = 1024)]
     payload_bytes: usize,
-    /// Rows per relay batch.
-    #[arg(long, default_value_t = 2000)]
+    /// Rows per relay batch (the relay's default, RELAY_BATCH_SIZE).
+    #[arg(long, default_value_t = 4000)]
     batch_size: i64,
     /// Offered rate for the latency measurement, events per second.
     #[arg(long, default_value_t = 1000)]
@@ -374,6 +374,10 @@ async fn main() -> anyhow::Result<()> {
     let producer: FutureProducer =
         kafka::idempotent_producer_config(&brokers, "bench-raw", Duration::from_secs(30))
             .create()?;
+    // A broker just started runs interpreted Java for a while: warm it up so that neither side
+    // of the comparison pays for the JIT.
+    progress("warming the broker up (not measured)");
+    raw_produce(&producer, &raw_topic, args.events, args.keys, &content).await?;
     progress(&format!("raw produce of {} records", args.events));
     let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, &content).await?;
     progress(&format!("raw produce latency at {} events/s", args.rate));
