@@ -88,7 +88,8 @@ pub struct Config {
     /// Webhook requests in flight at once to one endpoint.
     #[arg(long, env = "ENDPOINT_CONCURRENCY", default_value_t = 64)]
     pub endpoint_concurrency: usize,
-    /// Dispatcher loops per instance; each claims, sends and records its own batches.
+    /// Dispatcher loops per instance, each claiming, sending and recording its own batches (retries,
+    /// overflow), and as many fast lanes sending new deliveries straight from ingest.
     #[arg(long, env = "DISPATCH_WORKERS", default_value_t = 4)]
     pub dispatch_workers: usize,
     /// Deliveries claimed per dispatcher batch.
