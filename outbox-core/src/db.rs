@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_payloads",
         include_str!("../../sql/V8__outbox_payloads.sql"),
     ),
+    (
+        9,
+        "inbox_received_brin",
+        include_str!("../../sql/V9__inbox_received_brin.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
