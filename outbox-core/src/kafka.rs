@@ -39,6 +39,7 @@ pub fn idempotent_producer_config(
             message_timeout.as_millis().to_string(),
         )
         .set("linger.ms", "0")
+        .set("socket.nagle.disable", "true")
         .set("batch.num.messages", "10000")
         .set("batch.size", "1000000")
         .set("compression.type", "lz4")

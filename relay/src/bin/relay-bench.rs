@@ -96,16 +96,15 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     write_backlog(&db, "bench-postgres-only", args, content).await?;
     let pool = outbox_core::db::pool_without_flush_wait(&db.url, 1)?;
     let client = pool.get().await?;
+    // Both prepared, as the relay prepares them.
+    let claim = client
+        .prepare_cached(relay::statements::CLAIM_DUE_ROWS)
+        .await?;
     let mark = client.prepare_cached(relay::statements::MARK_SENT).await?;
     let none: Vec<i64> = Vec::new();
     let started = Instant::now();
     loop {
-        let rows = client
-            .query(
-                relay::statements::CLAIM_DUE_ROWS,
-                &[&args.batch_size, &none],
-            )
-            .await?;
+        let rows = client.query(&claim, &[&args.batch_size, &none]).await?;
         if rows.is_empty() {
             break;
         }
