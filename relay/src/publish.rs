@@ -464,7 +464,7 @@ impl Publisher {
     async fn claim(&self, marking: &[i64]) -> Result<Vec<Claimed>, BatchError> {
         let client = self.pool.get().await?;
         // Prepared: planning this query cost about as much as running it for small batches
-        // (relay-bench: drain +10 %, latency p50 9-12 → 4-10 ms). A generic plan made while nearly
+        // (relay-bench: drain +10 %, latency p50 9-14 → 4-12 ms). A generic plan made while nearly
         // every row is unsent may walk the primary key; once sent rows pile up, autoanalyze
         // invalidates it and the next plan takes the unsent index.
         let claim = client.prepare_cached(CLAIM_DUE_ROWS).await?;
