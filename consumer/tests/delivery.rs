@@ -407,15 +407,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
             assert_eq!(counts[&e.id], 1, "a duplicate record is delivered once");
         }
     }
-    let metrics = second
-        .http
-        .get(format!("{}/metrics", second.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = second.metrics().await;
     assert!(
         metrics.contains("consumer_events_duplicate_total"),
         "{metrics}"

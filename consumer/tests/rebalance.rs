@@ -63,14 +63,6 @@ async fn a_consumer_joining_and_one_leaving_lose_nothing() {
 
 /// `consumer_events_consumed_total` of one member, summed over topics.
 async fn consumed(consumer: &TestConsumer) -> u64 {
-    let text = consumer
-        .http
-        .get(format!("{}/metrics", consumer.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = consumer.metrics().await;
     outbox_core::testing::metric_total(&text, "consumer_events_consumed_total", &[]) as u64
 }

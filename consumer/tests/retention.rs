@@ -282,15 +282,7 @@ async fn the_consumer_runs_retention_every_interval() {
         set(&["evt_recent"])
     );
     assert_eq!(db.count("select count(*) from delivery_attempts").await, 1);
-    let metrics = consumer
-        .http
-        .get(format!("{}/metrics", consumer.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = consumer.metrics().await;
     for (table, n) in [
         ("deliveries", 1.0),
         ("delivery_attempts", 2.0),
