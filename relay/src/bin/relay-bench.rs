@@ -158,16 +158,25 @@ async fn start_relay(
     })
 }
 
+/// Whether any row is unsent: one index probe, so that polling it does not slow the relay.
+async fn any_unsent(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    Ok(client
+        .query_one(
+            "select exists (select 1 from outbox where state in ('P', 'X'))",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 impl Relay {
-    /// Whether any row is unsent: one index probe, so that polling it does not slow the relay.
-    async fn any_unsent(&self, client: &tokio_postgres::Client) -> anyhow::Result<bool> {
-        Ok(client
-            .query_one(
-                "select exists (select 1 from outbox where state in ('P', 'X'))",
-                &[],
-            )
-            .await?
-            .get(0))
+    /// Returns once every row is sent, probing every `every`.
+    async fn wait_until_sent(&self, every: Duration) -> anyhow::Result<()> {
+        let client = self.db.client().await;
+        while any_unsent(&client).await? {
+            tokio::time::sleep(every).await;
+        }
+        Ok(())
     }
 
     /// Counts unsent rows (a scan of the unsent index: for progress reports only).
@@ -279,10 +288,7 @@ async fn relay_latency(
         );
         outbox_core::outbox::insert_event(&tx, &envelope, "warm-up", &relay.topic).await?;
         tx.commit().await?;
-        let poll = relay.db.client().await;
-        while relay.any_unsent(&poll).await? {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        relay.wait_until_sent(Duration::from_millis(20)).await?;
     }
     let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
@@ -317,10 +323,7 @@ async fn relay_latency(
         let (id, at) = w.await??;
         committed_at.insert(id, at);
     }
-    let poll = relay.db.client().await;
-    while relay.any_unsent(&poll).await? {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    relay.wait_until_sent(Duration::from_millis(50)).await?;
     // sent_at is taken by the statement that marks the row, after Kafka acknowledged it; both
     // clocks are this machine's.
     let client = relay.db.client().await;
@@ -417,7 +420,7 @@ async fn main() -> anyhow::Result<()> {
     let drained = start_relay(&args, &brokers, db, topic).await?;
     let mut last_report = Instant::now();
     let poll = drained.db.client().await;
-    while drained.any_unsent(&poll).await? {
+    while any_unsent(&poll).await? {
         if last_report.elapsed() > Duration::from_secs(2) {
             let left = drained.unsent().await?;
             progress(&format!(
