@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/circuit-breakers", get(list_breakers))
         .route("/circuit-breakers/{endpoint_id}/reset", post(reset_breaker))
         .route("/events/poison", get(list_poison))
+        .route("/events/poison/{id}/replay", post(replay_poison))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .merge(admin)
@@ -780,4 +781,43 @@ async fn list_poison(
     Ok(Json(
         json!({"poison_records": records, "next_after": next_after}),
     ))
+}
+
+/// Reads a poison record again (once its cause is fixed): 200 with the event it now is and the
+/// deliveries planned for it; 422 when it still is not an event (with why); 404 when unknown.
+async fn replay_poison(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: i64 = id
+        .parse()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::not_found("poison record"))?;
+    let outcome = crate::ingest::replay_poison(&state.pool, id)
+        .await
+        .map_err(|error| match error {
+            crate::ingest::RecordError::Pool(e) => ApiError::from(e),
+            crate::ingest::RecordError::Db(e) => ApiError::from(e),
+        })?;
+    match outcome {
+        crate::ingest::PoisonReplay::NotFound => Err(ApiError::not_found("poison record")),
+        crate::ingest::PoisonReplay::StillPoison(error) => Err(ApiError::unprocessable(
+            "still_poison",
+            format!("the record still cannot be read as an event: {error}"),
+        )),
+        crate::ingest::PoisonReplay::Recorded {
+            event_id,
+            deliveries,
+            duplicate,
+        } => {
+            state.wake.notify_waiters();
+            Ok(Json(json!({
+                "id": id,
+                "event_id": event_id,
+                "deliveries": deliveries,
+                "duplicate": duplicate,
+            })))
+        }
+    }
 }

@@ -26,6 +26,7 @@ use outbox_core::schedule::{with_jitter, RetrySchedule};
 use outbox_core::signature::{sign_headers, Secret};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::metrics::outcome;
@@ -135,11 +136,15 @@ impl Done {
     }
 }
 
-/// What the breaker learns from one response.
+/// What the breaker learns from one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     Success,
     Failure,
+    /// The request could not even be built (e.g. a stored event id that is no valid header):
+    /// the delivery's fault, not the endpoint's. The breaker learns nothing, and a probe slot this
+    /// attempt held is given back so that the next delivery can probe.
+    Unsendable,
 }
 
 /// Fixed settings of the dispatchers.
@@ -171,6 +176,20 @@ pub struct Dispatcher {
     /// What this instance last learnt of each endpoint's breaker (from a batch's read or its own
     /// writes): checked before every request.
     views: Mutex<HashMap<String, BreakerView>>,
+    /// Each endpoint's share of a batch is sent and recorded on a task of its own, so that a slow
+    /// or hung endpoint holds up neither another endpoint's deliveries nor the dispatcher or fast
+    /// lane that handed them over.
+    shares: TaskTracker,
+    /// Cancelled when the consumer is dropped without a shutdown (a crash, or a test aborting
+    /// `run`): the share tasks stop where they are, with the rest of the instance.
+    crashed: CancellationToken,
+    /// Deliveries in this instance's memory (handed over, not yet recorded). `deliver` waits for
+    /// room, which is what makes the dispatchers claim less and ingest lease less under load.
+    in_memory: Arc<Semaphore>,
+    /// Deliveries in memory per endpoint: one endpoint may hold at most `endpoint_share_limit`,
+    /// so a hung endpoint cannot take the room every other endpoint needs.
+    in_memory_by_endpoint: Mutex<HashMap<String, usize>>,
+    endpoint_share_limit: usize,
 }
 
 /// An instance's knowledge of one breaker.
@@ -205,6 +224,10 @@ impl Dispatcher {
             }))
             .build()?;
         let open_for = config.breaker.breaker_open_for;
+        // As much as every dispatcher and every fast lane holding a full batch at once, twice.
+        let in_memory = 2
+            * config.dispatch_workers.max(1)
+            * (config.dispatch_batch_size.max(1) as usize).max(config.consumer_batch_size.max(1));
         Ok(Dispatcher {
             pool,
             http,
@@ -226,13 +249,31 @@ impl Dispatcher {
             endpoint_slots: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
+            shares: TaskTracker::new(),
+            crashed: CancellationToken::new(),
+            in_memory: Arc::new(Semaphore::new(in_memory)),
+            in_memory_by_endpoint: Mutex::new(HashMap::new()),
+            endpoint_share_limit: (in_memory / 2).max(1),
         })
+    }
+
+    /// A guard to keep while the dispatcher runs: dropping it without [`Dispatcher::finish`]
+    /// (a crash) stops every share still being sent, unrecorded, as a crash would.
+    pub fn crash_guard(&self) -> tokio_util::sync::DropGuard {
+        self.crashed.clone().drop_guard()
+    }
+
+    /// Waits until every share handed to [`Dispatcher::deliver`] is sent (or handed back) and
+    /// recorded. Call after the dispatcher loops and lanes have stopped.
+    pub async fn finish(&self) {
+        self.shares.close();
+        self.shares.wait().await;
     }
 
     /// One dispatcher loop: claims and sends batches until `shutdown`; sleeps for the poll
     /// interval (or until woken by new deliveries) when nothing is due. A batch in hand is
     /// finished: requests in flight complete, unsent deliveries are handed back, all is recorded.
-    pub async fn work(&self, worker: usize, shutdown: CancellationToken) {
+    pub async fn work(self: &Arc<Self>, worker: usize, shutdown: CancellationToken) {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let wake = self.wake.notified();
@@ -263,7 +304,10 @@ impl Dispatcher {
     }
 
     /// Claims one batch, sends it, records it. Returns how many deliveries were claimed.
-    pub async fn dispatch_once(&self, shutdown: &CancellationToken) -> anyhow::Result<usize> {
+    pub async fn dispatch_once(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<usize> {
         let client = self.pool.get().await?;
         let rows = client
             .query(
@@ -301,9 +345,12 @@ impl Dispatcher {
     }
 
     /// Sends deliveries leased until `lease` (claimed here, or leased when ingest recorded them)
-    /// and records the results. Returns how many there were.
+    /// and records the results. Each endpoint's share goes on a task of its own (see `shares`), so
+    /// this returns once every share is under way; it waits only while this instance already
+    /// holds its limit of deliveries in memory. An endpoint already holding its own limit gets its
+    /// new deliveries handed back at once, due again shortly. Returns how many there were.
     pub async fn deliver(
-        &self,
+        self: &Arc<Self>,
         claimed: Vec<Claimed>,
         lease: DateTime<Utc>,
         shutdown: &CancellationToken,
@@ -317,16 +364,74 @@ impl Dispatcher {
             }
         }
         let breakers = self.load_breakers(&groups).await;
-        let batch = tracing::info_span!("dispatch_batch", deliveries = count);
-        let results = futures::future::join_all(groups.into_iter().map(|(endpoint_id, group)| {
+        for (endpoint_id, group) in groups {
+            let (share, overflow) = self.take_share(&endpoint_id, group);
+            if !overflow.is_empty() {
+                let until = Utc::now() + chrono_duration(ENDPOINT_FULL_RECHECK);
+                let held: Vec<Done> = overflow.iter().map(|d| Done::held(d, until)).collect();
+                self.record_until_done(&held, lease, shutdown).await;
+            }
+            if share.is_empty() {
+                continue;
+            }
+            // The semaphore is never closed; a share is at most half its permits.
+            let Ok(room) = self
+                .in_memory
+                .clone()
+                .acquire_many_owned(share.len() as u32)
+                .await
+            else {
+                continue;
+            };
             let stored = breakers.get(&endpoint_id).cloned().unwrap_or_default();
-            self.send_group(endpoint_id, group, stored, lease, shutdown)
-        }))
-        .instrument(batch)
-        .await;
-        let done: Vec<Done> = results.into_iter().flatten().collect();
-        self.record_until_done(&done, lease, shutdown).await;
+            let span = tracing::info_span!("dispatch_share", endpoint_id = %endpoint_id, deliveries = share.len());
+            let (this, shutdown, crashed) = (self.clone(), shutdown.clone(), self.crashed.clone());
+            self.shares.spawn(
+                async move {
+                    let held = share.len();
+                    let work = async {
+                        let done = this
+                            .send_group(endpoint_id.clone(), share, stored, lease, &shutdown)
+                            .await;
+                        this.record_until_done(&done, lease, &shutdown).await;
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = crashed.cancelled() => {}
+                        _ = work => {}
+                    }
+                    this.give_back_share(&endpoint_id, held);
+                    drop(room);
+                }
+                .instrument(span),
+            );
+        }
         count
+    }
+
+    /// Takes as much of `group` as its endpoint's limit of deliveries in memory allows; returns
+    /// that and the rest.
+    fn take_share(
+        &self,
+        endpoint_id: &str,
+        mut group: Vec<Claimed>,
+    ) -> (Vec<Claimed>, Vec<Claimed>) {
+        let mut held = lock(&self.in_memory_by_endpoint);
+        let taken = held.entry(endpoint_id.to_owned()).or_default();
+        let room = self.endpoint_share_limit.saturating_sub(*taken);
+        let overflow = group.split_off(room.min(group.len()));
+        *taken += group.len();
+        (group, overflow)
+    }
+
+    fn give_back_share(&self, endpoint_id: &str, n: usize) {
+        let mut held = lock(&self.in_memory_by_endpoint);
+        if let Some(taken) = held.get_mut(endpoint_id) {
+            *taken = taken.saturating_sub(n);
+            if *taken == 0 {
+                held.remove(endpoint_id);
+            }
+        }
     }
 
     async fn load_breakers(&self, groups: &[(String, Vec<Claimed>)]) -> HashMap<String, Breaker> {
@@ -435,7 +540,12 @@ impl Dispatcher {
                     };
                     let (result, verdict) = self.send(&d).await;
                     let known_failures = self.view(endpoint_id).failures;
-                    if verdict == Verdict::Failure || known_failures > 0 {
+                    let tell_breaker = match verdict {
+                        Verdict::Failure => true,
+                        Verdict::Success => known_failures > 0,
+                        Verdict::Unsendable => false,
+                    };
+                    if tell_breaker {
                         self.report(endpoint_id, stored, verdict).await;
                     }
                     result
@@ -473,6 +583,7 @@ impl Dispatcher {
                 breaker::store::update(&mut client, BREAKER_SCOPE, endpoint_id, |b| match verdict {
                     Verdict::Success => b.on_success(&policy),
                     Verdict::Failure => b.on_failure(&policy, Utc::now()),
+                    Verdict::Unsendable => b.on_no_verdict(),
                 })
                 .await
             }
@@ -535,9 +646,16 @@ impl Dispatcher {
         let at = Utc::now();
         let started = Instant::now();
         let response = match self.request(d, at.timestamp()) {
-            Ok(request) => request.send().await.map_err(describe),
-            Err(error) => Err(error),
+            Ok(request) => request.send().await.map_err(|e| {
+                if e.is_builder() {
+                    Failed::Unsendable(describe(e))
+                } else {
+                    Failed::Sending(describe(e))
+                }
+            }),
+            Err(error) => Err(Failed::Unsendable(error)),
         };
+        let unsendable = matches!(response, Err(Failed::Unsendable(_)));
         let (status, abort, retry_after, excerpt, error) = match response {
             Ok(response) => {
                 let status = response.status();
@@ -565,7 +683,14 @@ impl Dispatcher {
                     error,
                 )
             }
-            Err(error) => (None, false, None, None, Some(error)),
+            Err(Failed::Sending(error)) => (None, false, None, None, Some(error)),
+            Err(Failed::Unsendable(error)) => (
+                None,
+                false,
+                None,
+                None,
+                Some(format!("the request cannot be built: {error}")),
+            ),
         };
         let elapsed = started.elapsed();
         self.metrics
@@ -587,6 +712,9 @@ impl Dispatcher {
         } else if abort {
             // The receiver is up and asks us to stop: not the endpoint's failure.
             ("dead", now, outcome::ABORTED, Verdict::Success)
+        } else if unsendable {
+            // Nothing reached the endpoint, and another attempt would build the same request.
+            ("dead", now, outcome::UNSENDABLE, Verdict::Unsendable)
         } else {
             match self.settings.schedule.delay_after(number.max(0) as u32) {
                 Some(delay) => (
@@ -637,8 +765,18 @@ impl Dispatcher {
     }
 
     /// The signed request: the body bytes exactly as signed, the current secret and, during a
-    /// rotation's grace period, the previous one.
+    /// rotation's grace period, the previous one. Every value that becomes a header is checked
+    /// here, so a delivery recorded before those checks existed fails as unsendable rather than
+    /// as a request error charged to the endpoint. A correlation id that is no valid header is
+    /// replaced by the event id, as a missing one is.
     fn request(&self, d: &Claimed, timestamp: i64) -> Result<reqwest::RequestBuilder, String> {
+        outbox_core::envelope::check_event_id(&d.event_id)
+            .map_err(|e| format!("{e}: {:?}", d.event_id))?;
+        let correlation_id = d
+            .correlation_id
+            .as_deref()
+            .filter(|c| outbox_core::envelope::check_correlation_id(c).is_ok())
+            .unwrap_or(&d.event_id);
         let current = Secret::parse(&d.secret)
             .map_err(|e| format!("the endpoint's secret is unusable: {e}"))?;
         let previous = d
@@ -650,10 +788,7 @@ impl Dispatcher {
             .http
             .post(&d.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
-                "x-correlation-id",
-                d.correlation_id.as_deref().unwrap_or(&d.event_id),
-            );
+            .header("x-correlation-id", correlation_id);
         for (name, value) in sign_headers(&secrets, &d.event_id, timestamp, &d.body) {
             request = request.header(name, value);
         }
@@ -788,6 +923,18 @@ impl Dispatcher {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// When deliveries handed back because their endpoint already holds its limit in memory are due
+/// again.
+const ENDPOINT_FULL_RECHECK: Duration = Duration::from_secs(1);
+
+/// Why an attempt got no response.
+enum Failed {
+    /// The request was sent (or tried to be) and failed: connect, timeout, reading.
+    Sending(String),
+    /// The request could not be built: see [`Verdict::Unsendable`].
+    Unsendable(String),
 }
 
 /// The longest `Retry-After` honoured: a receiver cannot park a delivery for longer.

@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use outbox_core::db::PgPool;
-use outbox_core::envelope::{Envelope, HEADER_CORRELATION_ID};
+use outbox_core::envelope::{self, HEADER_CORRELATION_ID};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
@@ -141,36 +141,26 @@ enum Parsed {
     Poison(String),
 }
 
-/// Checks a record against the envelope contract.
+/// Checks a record against the envelope contract. `data` is not parsed (any depth is read), and
+/// the fields that become webhook headers must be valid header values, so that an event either
+/// can be sent to every endpoint or is visibly poison, never a delivery that cannot be built.
+/// A correlation id that cannot be a header is dropped (the event id is sent in its place).
 fn parse(record: &Incoming) -> Parsed {
-    let json = match std::str::from_utf8(&record.payload) {
-        Ok(text) => text,
-        Err(_) => return Parsed::Poison("the value is not UTF-8".into()),
+    let head = match envelope::read_head(&record.payload) {
+        Ok(head) => head,
+        Err(error) => return Parsed::Poison(error.to_string()),
     };
-    let envelope: Envelope = match serde_json::from_str(json) {
-        Ok(e) => e,
-        Err(error) => {
-            return Parsed::Poison(format!("the value is not an event envelope: {error}"))
-        }
-    };
-    if envelope.id.is_empty() || envelope.id.len() > 256 {
-        return Parsed::Poison("the envelope's id is empty or longer than 256 bytes".into());
-    }
-    if envelope.event.is_empty() || envelope.event.len() > 128 {
-        return Parsed::Poison(
-            "the envelope's event type is empty or longer than 128 bytes".into(),
-        );
-    }
     let correlation_id = record
         .correlation_header
         .clone()
-        .or_else(|| Some(envelope.metadata.correlation_id.clone()))
-        .filter(|c| !c.is_empty());
+        .filter(|c| envelope::check_correlation_id(c).is_ok())
+        .or(head.correlation_id);
     Parsed::Event {
-        id: envelope.id,
-        event_type: envelope.event,
+        id: head.id,
+        event_type: head.event,
         correlation_id,
-        json: json.to_owned(),
+        // Valid UTF-8: read_head checked it.
+        json: String::from_utf8_lossy(&record.payload).into_owned(),
     }
 }
 
@@ -190,12 +180,15 @@ pub struct Leased {
     pub until: DateTime<Utc>,
 }
 
-// Inbox rows for new event ids only; deliveries for those, one per enabled endpoint whose filter
-// matches ('*', the exact type, or a 'prefix.*'). Re-read records insert nothing. With a lease ($8
-// seconds) the deliveries are born leased to this instance, which sends them straight from
-// memory; without one they wait for the dispatchers' claim. One row per planned delivery with what
-// sending it needs, or a single row of nulls when none was planned; the first column counts the
-// new events.
+// Inbox rows for new event ids only; deliveries for those, one per endpoint whose filter matches
+// ('*', the exact type, or a 'prefix.*'). Re-read records insert nothing. With a lease ($8
+// seconds) the deliveries of enabled endpoints are born leased to this instance, which sends them
+// straight from memory; without one they wait for the dispatchers' claim. A disabled endpoint's
+// deliveries are recorded parked (next attempt 'infinity', as disabling parks the pending ones) and
+// are released when it is enabled: the endpoint rows are read `for share`, so an enable or disable
+// committing meanwhile is either seen here or waits for this transaction and then sees its rows.
+// One row per planned delivery with what sending it needs (a null lease for a parked one), or a
+// single row of nulls when none was planned; the first column counts the new events.
 const RECORD_EVENTS: &str = "
     with new as (
         insert into inbox (event_id, event_type, topic, kafka_partition, kafka_offset, correlation_id, payload)
@@ -206,12 +199,15 @@ const RECORD_EVENTS: &str = "
         returning event_id, event_type
     ), planned as (
         insert into deliveries (event_id, endpoint_id, leased_until, next_attempt_at)
-        select new.event_id, e.id, now() + make_interval(secs => $8),
-               coalesce(now() + make_interval(secs => $8), now())
-          from new join endpoints e on e.enabled and exists (
+        select new.event_id, e.id,
+               case when e.enabled then now() + make_interval(secs => $8) end,
+               case when e.enabled then coalesce(now() + make_interval(secs => $8), now())
+                    else 'infinity' end
+          from new join endpoints e on exists (
                select 1 from unnest(e.event_types) f
                 where f = '*' or f = new.event_type
                    or (right(f, 2) = '.*' and starts_with(new.event_type, left(f, -1))))
+           for share of e
         on conflict do nothing
         returning id, event_id, endpoint_id, leased_until
     )
@@ -270,35 +266,25 @@ async fn record_parsed(
     parsed: &[Parsed],
     lease: Option<f64>,
 ) -> Result<(Recorded, Option<Leased>), RecordError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let done = record_in(&tx, records, parsed, lease).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// Records parsed records inside the caller's transaction.
+async fn record_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    records: &[Incoming],
+    parsed: &[Parsed],
+    lease: Option<f64>,
+) -> Result<(Recorded, Option<Leased>), RecordError> {
     let mut events = EventColumns::default();
     let mut poison = PoisonColumns::default();
     for (record, p) in records.iter().zip(parsed) {
-        match p {
-            Parsed::Event {
-                id,
-                event_type,
-                correlation_id,
-                json,
-            } => {
-                events.ids.push(id.as_str());
-                events.types.push(event_type.as_str());
-                events.topics.push(record.topic.as_str());
-                events.partitions.push(record.partition);
-                events.offsets.push(record.offset);
-                events.correlation.push(correlation_id.as_deref());
-                events.json.push(json.as_str());
-            }
-            Parsed::Poison(error) => {
-                poison.topics.push(record.topic.as_str());
-                poison.partitions.push(record.partition);
-                poison.offsets.push(record.offset);
-                poison.errors.push(error.replace('\0', ""));
-                poison.payloads.push(record.payload.as_slice());
-            }
-        }
+        columns(record, p, &mut events, &mut poison);
     }
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
     let mut recorded = Recorded::default();
     let mut leased = Vec::new();
     let mut until = None;
@@ -363,12 +349,122 @@ async fn record_parsed(
         .await?;
         recorded.poison = poison.topics.len() as u64;
     }
-    tx.commit().await?;
     let leased = until.map(|until| Leased {
         deliveries: leased,
         until,
     });
     Ok((recorded, leased))
+}
+
+/// Adds one record to the columns of the batch statements.
+fn columns<'a>(
+    record: &'a Incoming,
+    parsed: &'a Parsed,
+    events: &mut EventColumns<'a>,
+    poison: &mut PoisonColumns<'a>,
+) {
+    match parsed {
+        Parsed::Event {
+            id,
+            event_type,
+            correlation_id,
+            json,
+        } => {
+            events.ids.push(id.as_str());
+            events.types.push(event_type.as_str());
+            events.topics.push(record.topic.as_str());
+            events.partitions.push(record.partition);
+            events.offsets.push(record.offset);
+            events.correlation.push(correlation_id.as_deref());
+            events.json.push(json.as_str());
+        }
+        Parsed::Poison(error) => {
+            poison.topics.push(record.topic.as_str());
+            poison.partitions.push(record.partition);
+            poison.offsets.push(record.offset);
+            poison.errors.push(error.replace('\0', ""));
+            poison.payloads.push(record.payload.as_slice());
+        }
+    }
+}
+
+/// What replaying a poison record did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoisonReplay {
+    NotFound,
+    /// The record still cannot be read as an event, for this reason (now stored as its error).
+    StillPoison(String),
+    /// The record is now an event: recorded as a consumed record would have been.
+    Recorded {
+        event_id: String,
+        deliveries: u64,
+        /// The inbox already had this event id, so nothing new was planned.
+        duplicate: bool,
+    },
+}
+
+/// Reads a poison record again under today's rules (after the cause was fixed, e.g. a newer
+/// consumer that reads what an older one could not). If it is an event now, it is recorded as if
+/// just consumed (inbox row, one delivery per subscribed endpoint) and the poison row is removed,
+/// in one transaction; if not, its error is refreshed and the row stays.
+pub async fn replay_poison(pool: &PgPool, id: i64) -> Result<PoisonReplay, RecordError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "select topic, kafka_partition, kafka_offset, payload from poison_records
+              where id = $1 for update",
+            &[&id],
+        )
+        .await?
+    else {
+        return Ok(PoisonReplay::NotFound);
+    };
+    let record = Incoming {
+        topic: row.get(0),
+        partition: row.get(1),
+        offset: row.get(2),
+        payload: row.get::<_, Option<Vec<u8>>>(3).unwrap_or_default(),
+        correlation_header: None,
+    };
+    let parsed = parse(&record);
+    let outcome = match &parsed {
+        Parsed::Poison(error) => Err(error.clone()),
+        Parsed::Event { id: event_id, .. } => {
+            let one = std::slice::from_ref(&record);
+            match record_in(&tx, one, std::slice::from_ref(&parsed), None).await {
+                Ok((recorded, _)) => Ok(PoisonReplay::Recorded {
+                    event_id: event_id.clone(),
+                    deliveries: recorded.deliveries,
+                    duplicate: recorded.events == 0,
+                }),
+                Err(error) if error.is_data_error() => {
+                    Err(format!("PostgreSQL refused the event: {error}"))
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    };
+    let outcome = match outcome {
+        Ok(recorded) => {
+            tx.execute("delete from poison_records where id = $1", &[&id])
+                .await?;
+            recorded
+        }
+        Err(error) => {
+            // A refused statement aborted the transaction: refresh the error in a new one.
+            drop(tx);
+            client
+                .execute(
+                    "update poison_records set error = $2 where id = $1",
+                    &[&id, &error.replace('\0', "")],
+                )
+                .await?;
+            return Ok(PoisonReplay::StillPoison(error));
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
 }
 
 /// Why a batch could not be recorded; the caller retries it as a whole.

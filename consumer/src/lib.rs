@@ -240,6 +240,8 @@ pub async fn run(
                 state.metrics.clone(),
                 shutdown.clone(),
             )));
+            // Dropped without `finish` only when `run` is aborted: then the shares stop too.
+            let _crash = dispatcher.crash_guard();
             let workers = state.config.dispatch_workers.max(1);
             let mut dispatchers = tokio::task::JoinSet::new();
             for worker in 0..workers {
@@ -275,6 +277,7 @@ pub async fn run(
             )
             .await;
             while dispatchers.join_next().await.is_some() {}
+            dispatcher.finish().await;
         })
     });
 

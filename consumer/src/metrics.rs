@@ -24,6 +24,8 @@ pub mod outcome {
     pub const DEAD: &str = "dead";
     /// The receiver answered `webhook-delivery: abort-message`: dead at once.
     pub const ABORTED: &str = "aborted";
+    /// The request could not be built (the delivery's fault, not the endpoint's): dead at once.
+    pub const UNSENDABLE: &str = "unsendable";
 }
 
 /// Counters and gauges of one consumer instance.

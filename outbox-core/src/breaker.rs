@@ -170,6 +170,15 @@ impl Breaker {
         }
     }
 
+    /// Records a call that said nothing about the callee (it could not even be made): nothing
+    /// changes, except that a HALF_OPEN probe slot it held is free again, so the next call can
+    /// probe at once instead of after the probe timeout.
+    pub fn on_no_verdict(&mut self) {
+        if self.state == BreakerState::HalfOpen {
+            self.probe_until = None;
+        }
+    }
+
     fn open(&mut self, now: DateTime<Utc>) {
         self.state = BreakerState::Open;
         self.opened_at = Some(now);
@@ -390,6 +399,25 @@ mod tests {
         assert_eq!(b.state, BreakerState::Open);
         assert_eq!(b.opened_at, Some(at(61)));
         assert!(matches!(b.admit(&p, at(100)), Admission::Rejected { .. }));
+    }
+
+    #[test]
+    fn a_probe_without_verdict_frees_its_slot_and_changes_nothing_else() {
+        let p = policy();
+        let mut b = Breaker::default();
+        b.on_no_verdict();
+        assert_eq!(b, Breaker::default(), "CLOSED stays as it is");
+        for _ in 0..p.failures_to_open {
+            b.on_failure(&p, at(0));
+        }
+        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        b.on_no_verdict();
+        assert_eq!(b.state, BreakerState::HalfOpen);
+        assert_eq!(
+            b.admit(&p, at(61)),
+            Admission::Probe,
+            "the next call probes at once"
+        );
     }
 
     #[test]

@@ -90,6 +90,10 @@ fn validate(request: &CreateMessage) -> Result<(), ApiError> {
             "content and data must not contain NUL characters",
         ));
     }
+    if let Some(data) = &request.data {
+        outbox_core::envelope::check_data(data)
+            .map_err(|e| ApiError::unprocessable("data_too_deep", e.to_string()))?;
+    }
     if let Some(key) = &request.key {
         if key.trim().is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
             return Err(ApiError::unprocessable(
@@ -107,6 +111,18 @@ fn validate(request: &CreateMessage) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The request's `X-Correlation-Id`, or a new one when it has none. One that could not be carried
+/// into the event's headers unchanged is refused rather than silently replaced.
+fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get("x-correlation-id") else {
+        return Ok(new_correlation_id());
+    };
+    let value = value.to_str().unwrap_or_default();
+    outbox_core::envelope::check_correlation_id(value)
+        .map_err(|e| ApiError::bad_request("invalid_correlation_id", e.to_string()))?;
+    Ok(value.to_owned())
 }
 
 /// Creates a message and its event in one transaction.
@@ -130,8 +146,7 @@ pub async fn create_message(
     headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let correlation_id =
-        outbox_core::http::correlation_id(&headers).unwrap_or_else(new_correlation_id);
+    let correlation_id = correlation_id(&headers)?;
     let span = tracing::info_span!("create_message", correlation_id = %correlation_id);
     let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
     let request: CreateMessage = serde_json::from_value(body)

@@ -421,3 +421,52 @@ async fn pages_openapi_and_metrics() {
         "producer_http_requests_total{method=\"POST\",route=\"/messages\",status=\"201\"} 5"
     ));
 }
+
+#[tokio::test]
+async fn data_nested_deeper_than_the_envelope_allows_is_refused_at_the_door() {
+    let app = spawn_app().await;
+    let nested = |levels: usize| -> Value {
+        serde_json::from_str(&("[".repeat(levels) + &"]".repeat(levels))).unwrap()
+    };
+    let limit = outbox_core::envelope::MAX_DATA_DEPTH;
+    let (status, body) = app
+        .post(json!({"content": "deep", "data": nested(limit)}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for levels in [limit + 1, 100, 126] {
+        let (status, body) = app
+            .post(json!({"content": "too deep", "data": nested(levels)}))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{levels}: {body}");
+        assert_eq!(body["code"], "data_too_deep");
+    }
+    assert_eq!(
+        app.rows().await,
+        (1, 1),
+        "only the accepted one was written"
+    );
+}
+
+#[tokio::test]
+async fn a_correlation_id_that_cannot_travel_as_a_header_is_refused() {
+    let app = spawn_app().await;
+    let long = "r".repeat(129);
+    let bad: [&[u8]; 4] = [b"req \xc3\xa9", b"r\xffx", b"two words", long.as_bytes()];
+    for value in bad {
+        let r = app
+            .http
+            .post(format!("{}/messages", app.base))
+            .header(
+                "x-correlation-id",
+                reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+            )
+            .json(&json!({"content": "hello"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{value:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_correlation_id");
+    }
+    assert_eq!(app.rows().await, (0, 0));
+}
