@@ -28,6 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
 
+/// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
+/// only migrations it applies.
+pub const SCHEMAS: &[outbox_core::db::Schema] = &[outbox_core::db::Schema::Webhooks];
+
 /// The consumer's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -184,6 +188,7 @@ pub async fn run(
     let pool = db::pool(
         &config.database.database_url,
         config.database.database_pool_size,
+        SCHEMAS,
     )?;
     let metrics = Metrics::new();
     let kafka = Arc::new(ingest::create_consumer(&config, metrics.clone())?);
@@ -214,7 +219,7 @@ pub async fn run(
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if !db::migrate_until_done(&state.pool, &shutdown).await {
+            if !db::migrate_until_done(&state.pool, SCHEMAS, &shutdown).await {
                 return;
             }
             state.migrated.store(true, Ordering::Release);

@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         "consumer",
         cli.command,
         &config.database.database_url.clone(),
+        consumer::SCHEMAS,
         &config.listen_addr.clone(),
         |listener, shutdown| consumer::run(config, listener, shutdown),
     )

@@ -24,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
 
+/// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
+/// only migrations it applies.
+pub const SCHEMAS: &[outbox_core::db::Schema] = &[outbox_core::db::Schema::Notifier];
+
 /// One or more webhook secrets, as `WEBHOOK_SECRET` holds them (`whsec_…`, comma-separated).
 #[derive(Debug, Clone)]
 pub struct Secrets(pub Vec<Secret>);
@@ -138,6 +142,7 @@ pub async fn run(
     let pool = db::pool(
         &config.database.database_url,
         config.database.database_pool_size,
+        SCHEMAS,
     )?;
     let metrics = Metrics::new();
     let state = AppState {
@@ -162,7 +167,7 @@ pub async fn run(
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if db::migrate_until_done(&state.pool, &shutdown).await {
+            if db::migrate_until_done(&state.pool, SCHEMAS, &shutdown).await {
                 state.migrated.store(true, Ordering::Release);
             }
             metrics::refresh_breaker_gauges(&state, &shutdown).await;

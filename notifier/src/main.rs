@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         "notifier",
         cli.command,
         &config.database.database_url.clone(),
+        notifier::SCHEMAS,
         &config.listen_addr.clone(),
         |listener, shutdown| notifier::run(config, listener, shutdown),
     )

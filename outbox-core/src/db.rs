@@ -22,63 +22,169 @@ pub enum DbError {
     Build(#[from] deadpool_postgres::BuildError),
 }
 
-/// The migrations, in order. Each runs once, in a transaction, recorded in `schema_migrations`.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+/// One migration: version, name, SQL.
+pub type Migration = (i32, &'static str, &'static str);
+
+/// A component's PostgreSQL schema (contract: each component's tables live in a schema of its
+/// own, nothing in `public`). Each binary applies only the migrations of the schemas it uses, so
+/// pointing the relay at an application's database adds `outbox` and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Schema {
+    /// What publishers write and the relay reads: `outbox`, `outbox_payloads`, `routes`, and the
+    /// `outbox.publish` function with its `outbox_publisher` role.
+    Outbox,
+    /// The producer's demo domain (`messages`) and its idempotency keys.
+    Producer,
+    /// The consumer's inbox, endpoints, deliveries and breakers.
+    Webhooks,
+    /// The notifier's received events, notifications and breakers.
+    Notifier,
+}
+
+impl Schema {
+    pub const ALL: [Schema; 4] = [
+        Schema::Outbox,
+        Schema::Producer,
+        Schema::Webhooks,
+        Schema::Notifier,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Schema::Outbox => "outbox",
+            Schema::Producer => "producer",
+            Schema::Webhooks => "webhooks",
+            Schema::Notifier => "notifier",
+        }
+    }
+
+    /// Its migrations, in order; each runs once, in a transaction, with `search_path` set to the
+    /// schema, recorded in the schema's own `schema_migrations`.
+    pub fn migrations(self) -> &'static [Migration] {
+        match self {
+            Schema::Outbox => &[
+                (1, "outbox", include_str!("../../sql/outbox/V1__outbox.sql")),
+                (
+                    2,
+                    "publish",
+                    include_str!("../../sql/outbox/V2__publish.sql"),
+                ),
+            ],
+            Schema::Producer => &[(
+                1,
+                "producer",
+                include_str!("../../sql/producer/V1__producer.sql"),
+            )],
+            Schema::Webhooks => &[(
+                1,
+                "webhooks",
+                include_str!("../../sql/webhooks/V1__webhooks.sql"),
+            )],
+            Schema::Notifier => &[(
+                1,
+                "notifier",
+                include_str!("../../sql/notifier/V1__notifier.sql"),
+            )],
+        }
+    }
+}
+
+/// The migrations of the releases that kept every table in `public` (recorded in
+/// `public.schema_migrations`). A database they made is brought to their last version first, so
+/// that each schema's first migration finds the tables it moves in the shape it expects.
+const LEGACY_MIGRATIONS: &[Migration] = &[
     (
         1,
         "producer_outbox",
-        include_str!("../../sql/V1__producer_outbox.sql"),
+        include_str!("../../sql/legacy/V1__producer_outbox.sql"),
     ),
-    (2, "consumer", include_str!("../../sql/V2__consumer.sql")),
+    (
+        2,
+        "consumer",
+        include_str!("../../sql/legacy/V2__consumer.sql"),
+    ),
     (
         3,
         "breakers_notifier",
-        include_str!("../../sql/V3__breakers_notifier.sql"),
+        include_str!("../../sql/legacy/V3__breakers_notifier.sql"),
     ),
-    (5, "notifier", include_str!("../../sql/V5__notifier.sql")),
+    (
+        5,
+        "notifier",
+        include_str!("../../sql/legacy/V5__notifier.sql"),
+    ),
     (
         6,
         "inbox_payload_json",
-        include_str!("../../sql/V6__inbox_payload_json.sql"),
+        include_str!("../../sql/legacy/V6__inbox_payload_json.sql"),
     ),
     (
         7,
         "delivery_hot_path",
-        include_str!("../../sql/V7__delivery_hot_path.sql"),
+        include_str!("../../sql/legacy/V7__delivery_hot_path.sql"),
     ),
     (
         8,
         "outbox_payloads",
-        include_str!("../../sql/V8__outbox_payloads.sql"),
+        include_str!("../../sql/legacy/V8__outbox_payloads.sql"),
     ),
     (
         9,
         "inbox_received_brin",
-        include_str!("../../sql/V9__inbox_received_brin.sql"),
+        include_str!("../../sql/legacy/V9__inbox_received_brin.sql"),
     ),
+];
+
+/// The tables the legacy migrations made in `public`.
+const LEGACY_TABLES: &[&str] = &[
+    "outbox",
+    "outbox_payloads",
+    "messages",
+    "idempotency_keys",
+    "inbox",
+    "poison_records",
+    "endpoints",
+    "deliveries",
+    "delivery_attempts",
+    "circuit_breakers",
+    "received_events",
+    "notifications",
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
 const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78_0001;
 
 /// Builds a pool. It connects lazily, so a service starts even while PostgreSQL is down.
-pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
-    build_pool(url, size, None)
+pub fn pool(url: &str, size: usize, schemas: &[Schema]) -> Result<Pool, DbError> {
+    build_pool(url, size, &options(schemas, ""))
 }
 
 /// A pool whose commits do not wait for the WAL flush (`synchronous_commit = off`). Only for
 /// writes that are safe to lose in a PostgreSQL crash because they are redone: the relay's
 /// "marked sent" updates (a lost mark means the row is sent again, a duplicate the consumers drop).
 /// Never for writes that acknowledge something to a client.
-pub fn pool_without_flush_wait(url: &str, size: usize) -> Result<Pool, DbError> {
-    build_pool(url, size, Some("-c synchronous_commit=off"))
+pub fn pool_without_flush_wait(
+    url: &str,
+    size: usize,
+    schemas: &[Schema],
+) -> Result<Pool, DbError> {
+    build_pool(url, size, &options(schemas, " -c synchronous_commit=off"))
 }
 
-fn build_pool(url: &str, size: usize, options: Option<&str>) -> Result<Pool, DbError> {
+/// Connection options: the service's schemas as `search_path` (its SQL names its tables
+/// unqualified), then `extra`.
+fn options(schemas: &[Schema], extra: &str) -> String {
+    let path: Vec<&str> = schemas.iter().map(|s| s.name()).collect();
+    format!("-c search_path={}{extra}", path.join(","))
+}
+
+fn build_pool(url: &str, size: usize, options: &str) -> Result<Pool, DbError> {
     let mut config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
-    if let Some(options) = options {
-        config.options(options);
-    }
+    let options = match config.get_options() {
+        Some(given) => format!("{given} {options}"),
+        None => options.to_owned(),
+    };
+    config.options(&options);
     config.connect_timeout(Duration::from_secs(5));
     config.keepalives_idle(Duration::from_secs(30));
     if config.get_application_name().is_none() {
@@ -100,48 +206,151 @@ fn build_pool(url: &str, size: usize, options: Option<&str>) -> Result<Pool, DbE
         .build()?)
 }
 
-/// Applies the pending migrations. Safe when several processes call it at once: the first takes
-/// an advisory lock, the others wait for it and then find nothing left to do.
-pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
+/// Applies the migrations of `schemas` not applied yet, all in one transaction, under an
+/// advisory lock so that processes starting at once apply each exactly once. A database made by
+/// the releases that kept every table in `public` is first completed and then moved: each
+/// schema's first migration takes its tables over, rows and all. Returns what was applied, as
+/// `schema/version`.
+pub async fn migrate(pool: &Pool, schemas: &[Schema]) -> Result<Vec<String>, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    tx.batch_execute(
-        "create table if not exists schema_migrations (
-            version integer primary key,
-            name text not null,
-            applied_at timestamptz not null default now())",
-    )
-    .await?;
-    let applied: Vec<i32> = tx
-        .query("select version from schema_migrations", &[])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
     let mut newly = Vec::new();
-    for (version, name, sql) in MIGRATIONS {
-        if applied.contains(version) {
-            continue;
+    let legacy = is_legacy(&tx).await?;
+    if legacy {
+        tx.batch_execute("set local search_path = public; set local outbox.legacy_public = 'on'")
+            .await?;
+        let applied = applied_versions(&tx, "public").await?;
+        for (version, name, sql) in LEGACY_MIGRATIONS {
+            if !applied.contains(version) {
+                tx.batch_execute(sql).await?;
+                record(&tx, "public", *version, name).await?;
+                newly.push(format!("public/{version}"));
+            }
         }
-        tx.batch_execute(sql).await?;
-        tx.execute(
-            "insert into schema_migrations (version, name) values ($1, $2)",
-            &[version, name],
-        )
+    }
+    for schema in schemas {
+        let name = schema.name();
+        tx.batch_execute(&format!(
+            "create schema if not exists {name};
+             set local search_path = {name};
+             create table if not exists {name}.schema_migrations (
+                 version integer primary key,
+                 name text not null,
+                 applied_at timestamptz not null default now())"
+        ))
         .await?;
-        tracing::info!(version, name, "applied migration");
-        newly.push(*version);
+        let applied = applied_versions(&tx, name).await?;
+        for (version, migration, sql) in schema.migrations() {
+            if applied.contains(version) {
+                continue;
+            }
+            tx.batch_execute(sql).await?;
+            record(&tx, name, *version, migration).await?;
+            tracing::info!(schema = name, version, migration, "applied migration");
+            newly.push(format!("{name}/{version}"));
+        }
+    }
+    if legacy {
+        drop_emptied_legacy(&tx).await?;
     }
     tx.commit().await?;
     Ok(newly)
 }
 
+/// Whether this database was made by the releases that kept every table in `public`: their
+/// history table, with their first migration in it. Another tool's `public.schema_migrations`
+/// (Rails, golang-migrate, ...) has other columns and is left alone.
+async fn is_legacy(tx: &tokio_postgres::Transaction<'_>) -> Result<bool, DbError> {
+    let shaped_like_ours: bool = tx
+        .query_one(
+            "select count(*) = 2 from information_schema.columns
+              where table_schema = 'public' and table_name = 'schema_migrations'
+                and ((column_name = 'version' and data_type = 'integer')
+                     or (column_name = 'name' and data_type = 'text'))",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !shaped_like_ours {
+        return Ok(false);
+    }
+    Ok(tx
+        .query_one(
+            "select exists (select 1 from public.schema_migrations
+                             where version = 1 and name = 'producer_outbox')",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+async fn applied_versions(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+) -> Result<Vec<i32>, DbError> {
+    Ok(tx
+        .query(
+            &format!("select version from {schema}.schema_migrations"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
+async fn record(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    version: i32,
+    name: &str,
+) -> Result<(), DbError> {
+    tx.execute(
+        &format!("insert into {schema}.schema_migrations (version, name) values ($1, $2)"),
+        &[&version, &name],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Once every component has taken its tables out of `public` (the breakers table is shared, so
+/// it goes when no component's rows are left in it), the legacy history goes too.
+async fn drop_emptied_legacy(tx: &tokio_postgres::Transaction<'_>) -> Result<(), DbError> {
+    tx.batch_execute(
+        "do $$ begin
+             if to_regclass('public.circuit_breakers') is not null
+                and not exists (select 1 from public.circuit_breakers) then
+                 drop table public.circuit_breakers;
+             end if;
+         end $$",
+    )
+    .await?;
+    let tables: Vec<&str> = LEGACY_TABLES.to_vec();
+    let left: i64 = tx
+        .query_one(
+            "select count(*) from pg_tables where schemaname = 'public' and tablename = any($1)",
+            &[&tables],
+        )
+        .await?
+        .get(0);
+    if left == 0 {
+        tx.batch_execute("drop table public.schema_migrations")
+            .await?;
+        tracing::info!("every table has left public; dropped the legacy public.schema_migrations");
+    }
+    Ok(())
+}
+
 /// Applies migrations, retrying with backoff while PostgreSQL is unreachable. Returns false only
 /// when shutdown was requested before they could be applied.
-pub async fn migrate_until_done(pool: &Pool, shutdown: &CancellationToken) -> bool {
-    let attempt = || async { migrate(pool).await };
+pub async fn migrate_until_done(
+    pool: &Pool,
+    schemas: &[Schema],
+    shutdown: &CancellationToken,
+) -> bool {
+    let attempt = || async { migrate(pool, schemas).await };
     let retried = attempt
         .retry(
             ExponentialBuilder::default()

@@ -20,6 +20,7 @@ pub async fn main<F, Fut>(
     name: &str,
     command: Option<Command>,
     database_url: &str,
+    schemas: &[crate::db::Schema],
     listen_addr: &str,
     run: F,
 ) -> anyhow::Result<()>
@@ -29,8 +30,8 @@ where
 {
     crate::telemetry::init_logging();
     if command == Some(Command::Migrate) {
-        let pool = crate::db::pool(database_url, 1)?;
-        let applied = crate::db::migrate(&pool).await?;
+        let pool = crate::db::pool(database_url, 1, schemas)?;
+        let applied = crate::db::migrate(&pool, schemas).await?;
         tracing::info!(service = name, ?applied, "migrations are up to date");
         return Ok(());
     }

@@ -51,10 +51,17 @@ impl TestDb {
             .await
             .expect("create test database");
         let url = with_database(&server, &name);
-        let pool = db::pool(&url, 16).expect("pool");
-        db::migrate(&pool)
+        let pool = db::pool(&url, 16, &db::Schema::ALL).expect("pool");
+        db::migrate(&pool, &db::Schema::ALL)
             .await
             .expect("migrations apply to a fresh database");
+        // Tests name tables unqualified, as the services do (the consumer's breakers come first).
+        client
+            .batch_execute(&format!(
+                "alter database {name} set search_path = outbox, producer, webhooks, notifier, public"
+            ))
+            .await
+            .expect("set the test database's search_path");
         TestDb { url, name, pool }
     }
 

@@ -20,9 +20,15 @@ async fn concurrent_starts_apply_each_migration_once() {
 
     let starts = (0..6).map(|_| {
         let url = url.clone();
-        tokio::spawn(async move { db::migrate(&db::pool(&url, 1).unwrap()).await })
+        tokio::spawn(async move {
+            db::migrate(
+                &db::pool(&url, 1, &db::Schema::ALL).unwrap(),
+                &db::Schema::ALL,
+            )
+            .await
+        })
     });
-    let applied: Vec<Vec<i32>> = futures::future::join_all(starts)
+    let applied: Vec<Vec<String>> = futures::future::join_all(starts)
         .await
         .into_iter()
         .map(|r| r.unwrap().expect("every concurrent start succeeds"))
@@ -30,15 +36,79 @@ async fn concurrent_starts_apply_each_migration_once() {
     let total: usize = applied.iter().map(Vec::len).sum();
     assert_eq!(
         total,
-        db::MIGRATIONS.len(),
+        db::Schema::ALL
+            .iter()
+            .map(|s| s.migrations().len())
+            .sum::<usize>(),
         "each migration applied by exactly one start: {applied:?}"
     );
 
-    let pool = db::pool(&url, 1).unwrap();
+    let pool = db::pool(&url, 1, &db::Schema::ALL).unwrap();
     let client = pool.get().await.unwrap();
-    let versions: Vec<i32> = client
+    for schema in db::Schema::ALL {
+        let versions: Vec<i32> = client
+            .query(
+                &format!(
+                    "select version from {}.schema_migrations order by version",
+                    schema.name()
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let expected: Vec<i32> = schema.migrations().iter().map(|m| m.0).collect();
+        assert_eq!(versions, expected, "{schema:?}");
+    }
+    let in_public = client
+        .query_one(
+            "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace
+              where n.nspname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(in_public, 0, "nothing of the product in public");
+    drop(client);
+    assert!(
+        db::migrate(&pool, &db::Schema::ALL)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a later start has nothing to do"
+    );
+}
+
+#[tokio::test]
+async fn the_relay_adds_the_outbox_schema_and_nothing_else() {
+    let server = server_url();
+    let (admin, connection) = tokio_postgres::connect(&server, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .batch_execute(&format!("create database {name}"))
+        .await
+        .unwrap();
+    let url = with_database(&server, &name);
+    // An application's own tables, including names the product once used in public.
+    let (app, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    app.batch_execute(
+        "create table public.orders (id int primary key);
+         create table public.outbox (mine text);
+         create table public.schema_migrations (version varchar primary key)",
+    )
+    .await
+    .unwrap();
+    let pool = db::pool(&url, 1, &[db::Schema::Outbox]).unwrap();
+    db::migrate(&pool, &[db::Schema::Outbox]).await.unwrap();
+    let schemas: Vec<String> = app
         .query(
-            "select version from schema_migrations order by version",
+            "select nspname::text from pg_namespace
+              where nspname not like 'pg\\_%' and nspname <> 'information_schema' order by 1",
             &[],
         )
         .await
@@ -46,11 +116,20 @@ async fn concurrent_starts_apply_each_migration_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let expected: Vec<i32> = db::MIGRATIONS.iter().map(|m| m.0).collect();
-    assert_eq!(versions, expected);
-    drop(client);
-    assert!(
-        db::migrate(&pool).await.unwrap().is_empty(),
-        "a later start has nothing to do"
+    assert_eq!(schemas, ["outbox", "public"]);
+    let public: Vec<String> = app
+        .query(
+            "select tablename::text from pg_tables where schemaname = 'public' order by 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        public,
+        ["orders", "outbox", "schema_migrations"],
+        "untouched"
     );
 }

@@ -18,6 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
 
+/// The PostgreSQL schemas this service uses (:Outbox:its demo domain, and the outbox it writes): its pool's `search_path`, and the
+/// only migrations it applies.
+pub const SCHEMAS: &[outbox_core::db::Schema] = &[
+    outbox_core::db::Schema::Producer,
+    outbox_core::db::Schema::Outbox,
+];
+
 /// The producer's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -74,6 +81,7 @@ pub async fn run(
     let pool = db::pool(
         &config.database.database_url,
         config.database.database_pool_size,
+        SCHEMAS,
     )?;
     let state = AppState {
         pool: pool.clone(),
@@ -83,7 +91,7 @@ pub async fn run(
     };
     let migrations = {
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { db::migrate_until_done(&pool, &shutdown).await })
+        tokio::spawn(async move { db::migrate_until_done(&pool, SCHEMAS, &shutdown).await })
     };
     let app = routes::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes));
     let served = outbox_core::http::serve(listener, app, shutdown).await;

@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         "producer",
         cli.command,
         &config.database.database_url.clone(),
+        producer::SCHEMAS,
         &config.listen_addr.clone(),
         |listener, shutdown| producer::run(config, listener, shutdown),
     )

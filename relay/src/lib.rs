@@ -29,6 +29,10 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::Metrics;
 pub use publish::Publisher;
 
+/// The PostgreSQL schemas this service uses (the outbox it reads): its pool's `search_path`, and the
+/// only migrations it applies.
+pub const SCHEMAS: &[outbox_core::db::Schema] = &[outbox_core::db::Schema::Outbox];
+
 /// The relay's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -118,6 +122,7 @@ pub async fn run(
     let pool = db::pool_without_flush_wait(
         &config.database.database_url,
         config.database.database_pool_size,
+        SCHEMAS,
     )?;
     let metrics = Metrics::new();
     // Series exist from the start at 0, so rate() and increase() see the first failure.
@@ -146,7 +151,7 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    if db::migrate_until_done(&pool, &shutdown).await {
+    if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await {
         leader::elect_and_publish(&config, publisher.clone(), shutdown.clone()).await;
     }
 

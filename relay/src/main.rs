@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         "relay",
         cli.command,
         &config.database.database_url.clone(),
+        relay::SCHEMAS,
         &config.listen_addr.clone(),
         |listener, shutdown| relay::run(config, listener, shutdown),
     )

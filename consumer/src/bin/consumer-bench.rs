@@ -354,7 +354,7 @@ async fn postgres_ceiling(n: usize) -> anyhow::Result<f64> {
         .await?;
     let mut config: consumer::Config = outbox_core::config::from_env()?;
     config.database.database_url = db.url.clone();
-    let pool = outbox_core::db::pool(&db.url, TASKS * 2)?;
+    let pool = outbox_core::db::pool(&db.url, TASKS * 2, consumer::SCHEMAS)?;
     let dispatcher = Arc::new(consumer::dispatch::Dispatcher::new(
         &config,
         pool.clone(),

@@ -94,7 +94,7 @@ async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> 
 async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     let db = TestDb::create().await;
     write_backlog(&db, "bench-postgres-only", args, content).await?;
-    let pool = outbox_core::db::pool_without_flush_wait(&db.url, 1)?;
+    let pool = outbox_core::db::pool_without_flush_wait(&db.url, 1, relay::SCHEMAS)?;
     let client = pool.get().await?;
     // Both prepared, as the relay prepares them.
     let claim = client
