@@ -376,6 +376,25 @@ mod tests {
     }
 
     #[test]
+    fn the_endpoints_file_refuses_special_addresses_too() {
+        let path = std::env::temp_dir().join(format!("endpoints-{}.json", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            r#"[{"id": "old", "url": "http://[::7f00:1]/hook", "event_types": ["*"]}]"#,
+        )
+        .unwrap();
+        let refused = read_file(&path, false).map(|_| ());
+        let allowed = read_file(&path, true).map(|_| ());
+        std::fs::remove_file(&path).unwrap();
+        let error = format!("{:#}", refused.unwrap_err());
+        assert!(
+            error.contains("::7f00:1 is a deprecated IPv4-compatible address"),
+            "{error}"
+        );
+        assert!(allowed.is_ok());
+    }
+
+    #[test]
     fn event_type_filters_are_checked() {
         for ok in ["*", "message.created", "message.*", "order.line_item.added"] {
             assert!(valid_filter(ok), "{ok}");
