@@ -13,7 +13,6 @@
 //! attempt count is untouched.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,7 +165,7 @@ struct Settings {
 /// connection pool and concurrency limits.
 pub struct Dispatcher {
     pool: PgPool,
-    http: reqwest::Client,
+    http: crate::webhook_client::WebhookClient,
     settings: Settings,
     metrics: Metrics,
     wake: Arc<Notify>,
@@ -202,8 +201,8 @@ struct BreakerView {
 
 impl Dispatcher {
     /// A dispatcher configured from `config`; its HTTP client keeps connections alive, follows no
-    /// redirects, and (unless private endpoints are allowed) refuses names that resolve to private
-    /// addresses.
+    /// redirects, uses no proxy but `WEBHOOK_PROXY` and (unless private endpoints are allowed)
+    /// connects to no special-purpose address (see [`crate::webhook_client`]).
     pub fn new(
         config: &Config,
         pool: PgPool,
@@ -211,18 +210,7 @@ impl Dispatcher {
         wake: Arc<Notify>,
     ) -> anyhow::Result<Self> {
         let endpoint_concurrency = config.endpoint_concurrency.max(1);
-        let http = reqwest::Client::builder()
-            .timeout(config.delivery_timeout)
-            .connect_timeout(config.delivery_timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(endpoint_concurrency)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .user_agent(concat!("outbox-consumer/", env!("CARGO_PKG_VERSION")))
-            .dns_resolver(Arc::new(GuardedResolver {
-                allow_private: config.allow_private_endpoints,
-            }))
-            .build()?;
+        let http = crate::webhook_client::WebhookClient::new(config)?;
         let open_for = config.breaker.breaker_open_for;
         // As much as every dispatcher and every fast lane holding a full batch at once, twice.
         let in_memory = 2
@@ -645,7 +633,7 @@ impl Dispatcher {
         let number = d.attempts + 1;
         let at = Utc::now();
         let started = Instant::now();
-        let response = match self.request(d, at.timestamp()) {
+        let response = match self.request(d, at.timestamp()).await {
             Ok(request) => request.send().await.map_err(|e| {
                 if e.is_builder() {
                     Failed::Unsendable(describe(e))
@@ -653,7 +641,7 @@ impl Dispatcher {
                     Failed::Sending(describe(e))
                 }
             }),
-            Err(error) => Err(Failed::Unsendable(error)),
+            Err(error) => Err(error),
         };
         let unsendable = matches!(response, Err(Failed::Unsendable(_)));
         let (status, abort, retry_after, excerpt, error) = match response {
@@ -768,17 +756,22 @@ impl Dispatcher {
     /// rotation's grace period, the previous one. Every value that becomes a header is checked
     /// here, so a delivery recorded before those checks existed fails as unsendable rather than
     /// as a request error charged to the endpoint. A correlation id that is no valid header is
-    /// replaced by the event id, as a missing one is.
-    fn request(&self, d: &Claimed, timestamp: i64) -> Result<reqwest::RequestBuilder, String> {
+    /// replaced by the event id, as a missing one is. A target the address guard refuses is the
+    /// endpoint's failure (its URL), retried on schedule.
+    async fn request(
+        &self,
+        d: &Claimed,
+        timestamp: i64,
+    ) -> Result<reqwest::RequestBuilder, Failed> {
         outbox_core::envelope::check_event_id(&d.event_id)
-            .map_err(|e| format!("{e}: {:?}", d.event_id))?;
+            .map_err(|e| Failed::Unsendable(format!("{e}: {:?}", d.event_id)))?;
         let correlation_id = d
             .correlation_id
             .as_deref()
             .filter(|c| outbox_core::envelope::check_correlation_id(c).is_ok())
             .unwrap_or(&d.event_id);
         let current = Secret::parse(&d.secret)
-            .map_err(|e| format!("the endpoint's secret is unusable: {e}"))?;
+            .map_err(|e| Failed::Unsendable(format!("the endpoint's secret is unusable: {e}")))?;
         let previous = d
             .previous_secret
             .as_deref()
@@ -787,6 +780,8 @@ impl Dispatcher {
         let mut request = self
             .http
             .post(&d.url)
+            .await
+            .map_err(|e| Failed::Sending(e.to_string()))?
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("x-correlation-id", correlation_id);
         for (name, value) in sign_headers(&secrets, &d.event_id, timestamp, &d.body) {
@@ -1045,34 +1040,6 @@ impl TokenBucket {
         } else {
             Some(Duration::from_secs_f64((1.0 - self.tokens) / rate))
         }
-    }
-}
-
-/// Resolves endpoint host names, refusing private addresses unless they are allowed, so that a
-/// public name cannot be pointed at internal services after the endpoint was created.
-struct GuardedResolver {
-    allow_private: bool,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = found
-                .into_iter()
-                .filter(|a| allow_private || !crate::endpoints::is_private(a.ip()))
-                .collect();
-            if allowed.is_empty() {
-                return Err(format!(
-                    "{host} resolves to no public address (set ALLOW_PRIVATE_ENDPOINTS=true to allow private ones)"
-                )
-                .into());
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }
 

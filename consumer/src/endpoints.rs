@@ -1,7 +1,7 @@
 //! Webhook endpoints: validation of what the admin API and the endpoints file accept, and the
 //! SQL that stores them.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
 
+use crate::special_address;
+
 /// Why an endpoint definition was refused. Each case is a 4xx for the admin API.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum InvalidEndpoint {
@@ -22,7 +24,7 @@ pub enum InvalidEndpoint {
     Scheme(String),
     #[error("the URL needs a host")]
     NoHost,
-    #[error("'{0}' is a private, loopback or link-local address; set ALLOW_PRIVATE_ENDPOINTS=true to allow it")]
+    #[error("{0}: webhooks may not reach private, loopback, link-local or other special-purpose addresses; set ALLOW_PRIVATE_ENDPOINTS=true to allow them")]
     PrivateAddress(String),
     #[error("event_types needs 1 to 64 entries")]
     EventTypeCount,
@@ -56,8 +58,9 @@ impl InvalidEndpoint {
 }
 
 /// Checks a webhook URL: http or https with a host; unless `allow_private`, the host may not be
-/// `localhost` or a private, loopback, link-local, unspecified or multicast address. (Names are
-/// resolved again at send time by the dispatcher, which refuses such addresses too.)
+/// `localhost` (or a `.localhost` name) nor an address [`special_address::classify`] refuses.
+/// Names are not resolved here: the webhook client checks every address it connects to, literal
+/// or resolved (see [`crate::webhook_client`]).
 pub fn validate_url(text: &str, allow_private: bool) -> Result<url::Url, InvalidEndpoint> {
     let url = url::Url::parse(text.trim()).map_err(|_| InvalidEndpoint::Url(text.to_owned()))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -65,51 +68,20 @@ pub fn validate_url(text: &str, allow_private: bool) -> Result<url::Url, Invalid
     }
     let host = url.host().ok_or(InvalidEndpoint::NoHost)?;
     if !allow_private {
-        let private = match host {
-            url::Host::Ipv4(ip) => is_private(IpAddr::V4(ip)),
-            url::Host::Ipv6(ip) => is_private(IpAddr::V6(ip)),
+        let refused = match host {
+            url::Host::Ipv4(ip) => special_address::classify(IpAddr::V4(ip)).map(|s| s.to_string()),
+            url::Host::Ipv6(ip) => special_address::classify(IpAddr::V6(ip)).map(|s| s.to_string()),
             url::Host::Domain(name) => {
                 let name = name.trim_end_matches('.').to_ascii_lowercase();
-                name == "localhost" || name.ends_with(".localhost")
+                (name == "localhost" || name.ends_with(".localhost"))
+                    .then(|| format!("{name} is a loopback name"))
             }
         };
-        if private {
-            return Err(InvalidEndpoint::PrivateAddress(host.to_string()));
+        if let Some(reason) = refused {
+            return Err(InvalidEndpoint::PrivateAddress(reason));
         }
     }
     Ok(url)
-}
-
-/// True for addresses a webhook must not reach unless private endpoints are allowed: private
-/// (RFC 1918, unique local), loopback, link-local, unspecified, multicast, broadcast, CGNAT.
-pub fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(ip) => is_private_v4(ip),
-        IpAddr::V6(ip) => {
-            if let Some(v4) = ip.to_ipv4_mapped() {
-                return is_private_v4(v4);
-            }
-            let first = ip.segments()[0];
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || ip.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || ip == Ipv6Addr::LOCALHOST
-        }
-    }
-}
-
-fn is_private_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    ip.is_private()
-        || ip.is_loopback()
-        || ip.is_link_local()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || ip.is_broadcast()
-        || a == 0
-        || (a == 100 && (64..128).contains(&b)) // carrier-grade NAT
 }
 
 /// Checks an event type filter entry: `*`, an exact type (`message.created`), or a prefix
@@ -374,6 +346,23 @@ mod tests {
             "http://[::ffff:127.0.0.1]/",
             "http://localhost:8080/",
             "http://0.0.0.0/",
+            // Forms of loopback the URL parser normalises to 127.0.0.1.
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://0177.0.0.1/",
+            // Special blocks beyond RFC 1918 and loopback, and IPv6 forms that carry IPv4.
+            "http://[::7f00:1]/",
+            "http://[fec0::1]/",
+            "http://[64:ff9b::7f00:1]/",
+            "http://[2002:7f00:1::]/",
+            "http://[::ffff:7f00:1]/",
+            "http://198.18.0.1/",
+            "http://240.0.0.1/",
+            "http://192.0.0.170/",
+            "http://100.64.0.1/",
+            "http://[2001:db8::1]/",
+            "http://[ff02::1]/",
+            "http://app.localhost./",
         ] {
             assert!(
                 matches!(
@@ -384,6 +373,25 @@ mod tests {
             );
             assert!(validate_url(private, true).is_ok(), "{private}");
         }
+    }
+
+    #[test]
+    fn the_endpoints_file_refuses_special_addresses_too() {
+        let path = std::env::temp_dir().join(format!("endpoints-{}.json", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            r#"[{"id": "old", "url": "http://[::7f00:1]/hook", "event_types": ["*"]}]"#,
+        )
+        .unwrap();
+        let refused = read_file(&path, false).map(|_| ());
+        let allowed = read_file(&path, true).map(|_| ());
+        std::fs::remove_file(&path).unwrap();
+        let error = format!("{:#}", refused.unwrap_err());
+        assert!(
+            error.contains("::7f00:1 is a deprecated IPv4-compatible address"),
+            "{error}"
+        );
+        assert!(allowed.is_ok());
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod endpoints;
 pub mod ingest;
 mod metrics;
 pub mod retention;
+pub mod special_address;
+pub mod webhook_client;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,7 +72,9 @@ pub struct Config {
     pub delivery_timeout: Duration,
     #[command(flatten)]
     pub breaker: outbox_core::config::BreakerArgs,
-    /// Accept endpoint URLs on private, loopback and link-local addresses (local stacks, tests).
+    /// Accept endpoint URLs on private, loopback, link-local and other special-purpose addresses
+    /// (local stacks, tests). When false, such addresses are refused when an endpoint is created
+    /// and again at every connection, for IP literals and resolved names alike.
     #[arg(
         long,
         env = "ALLOW_PRIVATE_ENDPOINTS",
@@ -79,6 +83,12 @@ pub struct Config {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub allow_private_endpoints: bool,
+    /// HTTP(S) proxy for webhooks, e.g. `http://proxy.internal:3128`; unset: webhooks connect
+    /// directly (`HTTP_PROXY`, `HTTPS_PROXY` and `ALL_PROXY` are ignored). With a proxy, each
+    /// endpoint's name is resolved and checked before the request is handed over, and the proxy
+    /// is trusted to resolve it to the same addresses; the proxy's own address is not checked.
+    #[arg(long, env = "WEBHOOK_PROXY", hide_env_values = true)]
+    pub webhook_proxy: Option<String>,
     /// Bearer token the admin API requires; unset: the admin API is open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,

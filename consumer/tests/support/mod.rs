@@ -148,7 +148,8 @@ async fn receive(
     response
 }
 
-/// A configuration for tests: fast schedules, loopback endpoints allowed.
+/// A configuration for tests: fast schedules, loopback endpoints allowed (a test that checks the
+/// address guard sets `allow_private_endpoints = false`), no webhook proxy.
 pub fn config(db: &TestDb, topic: &str) -> Config {
     let mut c: Config = outbox_core::config::from_env().expect("default config");
     c.database.database_url = db.url.clone();
@@ -157,6 +158,7 @@ pub fn config(db: &TestDb, topic: &str) -> Config {
     c.consumer_topics = vec![topic.to_owned()];
     c.consumer_group = format!("test-group-{}", uuid::Uuid::new_v4().simple());
     c.allow_private_endpoints = true;
+    c.webhook_proxy = None;
     c.admin_token = None;
     c.endpoints_file = None;
     c.retry_schedule = "0ms,50ms,100ms".parse().unwrap();
