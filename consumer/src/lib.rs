@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use admin::OPEN_ROUTES;
 pub use metrics::Metrics;
 
 /// The consumer's configuration, from the environment (see `.env.example`).
@@ -75,7 +76,8 @@ pub struct Config {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub allow_private_endpoints: bool,
-    /// Bearer token the admin API requires; unset: the admin API is open.
+    /// Bearer token (`Authorization: Bearer <token>`) every admin route needs (all but `/health`,
+    /// `/ready` and `/metrics`); unset or empty: the admin API is open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// JSON file of endpoints upserted at start-up:

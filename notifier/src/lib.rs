@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
+pub use routes::OPEN_ROUTES;
 
 /// One or more webhook secrets, as `WEBHOOK_SECRET` holds them (`whsec_…`, comma-separated).
 #[derive(Debug, Clone)]
@@ -83,6 +84,11 @@ pub struct Config {
     /// Longest time one notification (one SMTP session or one chat request) may take.
     #[arg(long, env = "NOTIFY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub notify_timeout: Duration,
+    /// Bearer token (`Authorization: Bearer <token>`) the read and admin routes need (stored
+    /// events, notifications, breakers and their reset); the webhook routes, `/health`, `/ready`
+    /// and `/metrics` stay open. Unset or empty: every route is open.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Largest accepted webhook body in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -168,7 +174,7 @@ pub async fn run(
             metrics::refresh_breaker_gauges(&state, &shutdown).await;
         })
     };
-    let app = routes::router(state, config.max_body_bytes);
+    let app = routes::router(state, config.max_body_bytes, config.admin_token.as_deref());
     let served = outbox_core::http::serve(listener, app, shutdown).await;
     background.abort();
     Ok(served?)
