@@ -38,6 +38,32 @@ pub fn parse_secrets(text: &str) -> Result<Secrets, String> {
     Ok(Secrets(secrets))
 }
 
+/// Reads `WEBHOOK_SECRET` with [`parse_secrets`]; a refusal names the setting and the fault but
+/// not the value, which may be a real secret with a typo.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretsParser;
+
+impl clap::builder::TypedValueParser for SecretsParser {
+    type Value = Secrets;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Secrets, clap::Error> {
+        let refuse = |why: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("WEBHOOK_SECRET (--webhook-secret) is invalid: {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("it is not UTF-8"))?;
+        parse_secrets(text).map_err(|e| refuse(&e))
+    }
+}
+
 /// The notifier's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -48,7 +74,7 @@ pub struct Config {
     pub listen_addr: String,
     /// Webhook signing secrets, `whsec_…`, comma-separated; a webhook signed by any one is accepted
     /// (list the new and the old secret while rotating).
-    #[arg(long, env = "WEBHOOK_SECRET", value_parser = parse_secrets, hide_env_values = true)]
+    #[arg(long, env = "WEBHOOK_SECRET", value_parser = SecretsParser, hide_env_values = true)]
     pub webhook_secret: Secrets,
     /// Largest accepted distance between a webhook's timestamp and now (anti-replay).
     #[arg(long, env = "WEBHOOK_TOLERANCE", default_value = "5m", value_parser = parse_duration)]

@@ -453,7 +453,17 @@ fn help_documents_every_setting() {
 
 #[tokio::test]
 async fn a_missing_or_invalid_secret_is_a_configuration_error() {
-    assert!(Cli::try_parse_from(["notifier", "--webhook-secret", "hunter2"]).is_err());
+    for wrong in ["hunter2", "whsec_hunter2!"] {
+        let Err(error) = Cli::try_parse_from(["notifier", "--webhook-secret", wrong]) else {
+            panic!("{wrong} is refused");
+        };
+        let message = error.render().to_string();
+        assert!(message.contains("WEBHOOK_SECRET"), "{message}");
+        assert!(
+            !message.contains("hunter2"),
+            "the refusal shows the value: {message}"
+        );
+    }
     assert!(Cli::try_parse_from(["notifier", "--webhook-secret", ","]).is_err());
     let smtp_without_recipients = Cli::try_parse_from([
         "notifier",
