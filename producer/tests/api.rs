@@ -469,7 +469,7 @@ async fn with_admin_token_every_route_but_publishing_and_operations_needs_it() {
 
 /// A query in flight when its backend is terminated (as PostgreSQL does to every session when it
 /// shuts down) fails with SQLSTATE 57P01 admin_shutdown: the client is told to retry (503,
-/// Retry-After), not that the server is broken (500), and the next request succeeds.
+/// Retry-After), not that the server is broken (500), and requests soon succeed again.
 #[tokio::test]
 async fn a_query_cut_by_a_postgres_shutdown_answers_503_with_retry_after() {
     let db = TestDb::create().await;
@@ -523,6 +523,15 @@ async fn a_query_cut_by_a_postgres_shutdown_answers_503_with_retry_after() {
         Some("1")
     );
     lock.rollback().await.unwrap();
-    let (status, body) = app.get("/messages").await;
-    assert_eq!(status, StatusCode::OK, "the producer recovers: {body}");
+    // The pool may hand out the cut connection once more before it sees it closed: that is a 503
+    // too, never a 500, and the pool then connects afresh.
+    outbox_core::testing::eventually("the producer recovers", Duration::from_secs(10), || async {
+        let (status, body) = app.get("/messages").await;
+        assert!(
+            [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
+            "{status}: {body}"
+        );
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
 }
