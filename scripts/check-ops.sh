@@ -72,6 +72,10 @@ for name in ("producer", "relay", "consumer", "notifier"):
     if not str(s.get("environment", {}).get("LISTEN_ADDR", "")).startswith("0.0.0.0:"): fail(f"{name}: LISTEN_ADDR not 0.0.0.0")
     for dep, cond in (s.get("depends_on") or {}).items():
         if not cond.get("condition"): fail(f"{name}: depends_on {dep} without condition")
+for name, s in svcs.items():
+    for port in s.get("ports", []):
+        if not str(port).startswith("127.0.0.1:"):
+            fail(f"{name}: port {port} is published on every interface, not 127.0.0.1")
 endpoints = json.load(open("deploy/endpoints.json"))
 for e in endpoints:
     missing = {"id", "url", "event_types", "description", "secret"} - set(e)

@@ -3,13 +3,13 @@
 //! set, every route but `/health`, `/ready` and `/metrics` needs it as a bearer token.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::breaker::{self, BreakerState};
 use outbox_core::http::{operational_routes, ApiError, JsonBody};
 use outbox_core::signature::Secret;
@@ -20,9 +20,14 @@ use crate::dispatch::BREAKER_SCOPE;
 use crate::endpoints::{self, Endpoint, InvalidEndpoint};
 use crate::AppState;
 
+/// The routes that need no `ADMIN_TOKEN`: only the operational ones (`/health`, `/ready`,
+/// `/metrics`); every admin route needs it when it is set.
+pub const OPEN_ROUTES: &[RouteSpec] = &[];
+
 /// The admin routes plus the operational ones.
 pub fn router(state: AppState) -> Router {
-    let admin = Router::new()
+    let auth = AdminAuth::new(state.config.admin_token.as_deref(), OPEN_ROUTES);
+    Router::new()
         .route("/endpoints", post(create_endpoint).get(list_endpoints))
         .route(
             "/endpoints/{id}",
@@ -43,36 +48,10 @@ pub fn router(state: AppState) -> Router {
         .route("/circuit-breakers/{endpoint_id}/reset", post(reset_breaker))
         .route("/events/poison", get(list_poison))
         .route("/events/poison/{id}/replay", post(replay_poison))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
-    Router::new()
-        .merge(admin)
         .merge(operational_routes::<AppState>())
         .fallback(|| async { ApiError::not_found("route") })
+        .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .with_state(state)
-}
-
-/// With `ADMIN_TOKEN` set, admin routes need `Authorization: Bearer <token>`.
-async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.config.admin_token {
-        let offered = request
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(offered.as_bytes(), token.as_bytes()) {
-            return ApiError::unauthorized(
-                "unauthorized",
-                "the admin API needs Authorization: Bearer <ADMIN_TOKEN>",
-            )
-            .into_response();
-        }
-    }
-    next.run(request).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn invalid(error: InvalidEndpoint) -> ApiError {

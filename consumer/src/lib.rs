@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use admin::OPEN_ROUTES;
 pub use metrics::Metrics;
 
 /// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
@@ -89,7 +90,8 @@ pub struct Config {
     /// is trusted to resolve it to the same addresses; the proxy's own address is not checked.
     #[arg(long, env = "WEBHOOK_PROXY", hide_env_values = true)]
     pub webhook_proxy: Option<String>,
-    /// Bearer token the admin API requires; unset: the admin API is open.
+    /// Bearer token (`Authorization: Bearer <token>`) every admin route needs (all but `/health`,
+    /// `/ready` and `/metrics`); unset or empty: the admin API is open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// JSON file of endpoints upserted at start-up:

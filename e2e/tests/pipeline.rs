@@ -88,6 +88,7 @@ impl Stack {
         let mut producer_config: producer::Config = outbox_core::config::from_env().unwrap();
         producer_config.database.database_url = db.url.clone();
         producer_config.kafka_topic = topic.clone();
+        producer_config.admin_token = None;
         let (listener, port) = listen(0).await;
         let stop = CancellationToken::new();
         let producer = Service {
@@ -180,9 +181,11 @@ impl Stack {
             &db.url,
         ])
         .expect("notifier flags");
+        let mut config = cli.config;
+        config.admin_token = None;
         let (listener, port) = listen(port).await;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(notifier::run(cli.config, listener, stop.clone()));
+        let task = tokio::spawn(notifier::run(config, listener, stop.clone()));
         (Service { stop, task }, port)
     }
 

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
+pub use routes::OPEN_ROUTES;
 
 /// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
 /// only migrations it applies.
@@ -41,6 +42,32 @@ pub fn parse_secrets(text: &str) -> Result<Secrets, String> {
     Ok(Secrets(secrets))
 }
 
+/// Reads `WEBHOOK_SECRET` with [`parse_secrets`]; a refusal names the setting and the fault but
+/// not the value, which may be a real secret with a typo.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretsParser;
+
+impl clap::builder::TypedValueParser for SecretsParser {
+    type Value = Secrets;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Secrets, clap::Error> {
+        let refuse = |why: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("WEBHOOK_SECRET (--webhook-secret) is invalid: {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("it is not UTF-8"))?;
+        parse_secrets(text).map_err(|e| refuse(&e))
+    }
+}
+
 /// The notifier's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -51,7 +78,7 @@ pub struct Config {
     pub listen_addr: String,
     /// Webhook signing secrets, `whsec_…`, comma-separated; a webhook signed by any one is accepted
     /// (list the new and the old secret while rotating).
-    #[arg(long, env = "WEBHOOK_SECRET", value_parser = parse_secrets, hide_env_values = true)]
+    #[arg(long, env = "WEBHOOK_SECRET", value_parser = SecretsParser, hide_env_values = true)]
     pub webhook_secret: Secrets,
     /// Largest accepted distance between a webhook's timestamp and now (anti-replay).
     #[arg(long, env = "WEBHOOK_TOLERANCE", default_value = "5m", value_parser = parse_duration)]
@@ -87,6 +114,11 @@ pub struct Config {
     /// Longest time one notification (one SMTP session or one chat request) may take.
     #[arg(long, env = "NOTIFY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub notify_timeout: Duration,
+    /// Bearer token (`Authorization: Bearer <token>`) the read and admin routes need (stored
+    /// events, notifications, breakers and their reset); the webhook routes, `/health`, `/ready`
+    /// and `/metrics` stay open. Unset or empty: every route is open.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Largest accepted webhook body in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -173,7 +205,7 @@ pub async fn run(
             metrics::refresh_breaker_gauges(&state, &shutdown).await;
         })
     };
-    let app = routes::router(state, config.max_body_bytes);
+    let app = routes::router(state, config.max_body_bytes, config.admin_token.as_deref());
     let served = outbox_core::http::serve(listener, app, shutdown).await;
     background.abort();
     Ok(served?)

@@ -1,4 +1,5 @@
-//! The HTTP API: the two webhook routes and the read/admin routes beside them.
+//! The HTTP API: the two webhook routes and the read/admin routes beside them (which need
+//! `ADMIN_TOKEN` when it is set).
 //!
 //! Every webhook is checked in the same order: the body's size, the signature over the raw body
 //! bytes (401, nothing stored), the body's JSON (400), then the dedupe record (200 duplicate).
@@ -7,10 +8,12 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::breaker::{self, Admission, Breaker, BreakerState};
 use outbox_core::http::{operational_routes, ApiError};
 use outbox_core::signature::VerifyError;
@@ -34,7 +37,13 @@ const MAX_EVENT_TYPE_CHARS: usize = 200;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 500;
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// The routes that need no `ADMIN_TOKEN` (besides `/health`, `/ready` and `/metrics`): the two
+/// receiving routes, which check webhook signatures instead. The stored events, notifications and
+/// breakers need it when it is set.
+pub const OPEN_ROUTES: &[RouteSpec] = &[("POST", LOGGER), ("POST", NOTIFY)];
+
+pub fn router(state: AppState, max_body_bytes: usize, admin_token: Option<&str>) -> Router {
+    let auth = AdminAuth::new(admin_token, OPEN_ROUTES);
     Router::new()
         .route(LOGGER, post(log_webhook))
         .route(NOTIFY, post(notify_webhook))
@@ -44,6 +53,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/circuit-breaker/reset", post(reset_breakers))
         .merge(operational_routes::<AppState>())
         .fallback(|| async { ApiError::not_found("route") })
+        .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

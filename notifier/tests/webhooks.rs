@@ -442,6 +442,7 @@ fn help_documents_every_setting() {
         "CHAT_BOT_TOKEN",
         "CHAT_ID",
         "NOTIFY_TIMEOUT",
+        "ADMIN_TOKEN",
     ] {
         assert!(
             help.contains(&format!("[env: {name}")),
@@ -452,7 +453,17 @@ fn help_documents_every_setting() {
 
 #[tokio::test]
 async fn a_missing_or_invalid_secret_is_a_configuration_error() {
-    assert!(Cli::try_parse_from(["notifier", "--webhook-secret", "hunter2"]).is_err());
+    for wrong in ["hunter2", "whsec_hunter2!"] {
+        let Err(error) = Cli::try_parse_from(["notifier", "--webhook-secret", wrong]) else {
+            panic!("{wrong} is refused");
+        };
+        let message = error.render().to_string();
+        assert!(message.contains("WEBHOOK_SECRET"), "{message}");
+        assert!(
+            !message.contains("hunter2"),
+            "the refusal shows the value: {message}"
+        );
+    }
     assert!(Cli::try_parse_from(["notifier", "--webhook-secret", ","]).is_err());
     let smtp_without_recipients = Cli::try_parse_from([
         "notifier",
@@ -561,4 +572,78 @@ async fn an_absurd_timestamp_or_id_is_refused_not_a_crash() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["code"], "invalid_webhook_id");
     assert_eq!(app.count("select count(*) from received_events").await, 0);
+}
+
+#[test]
+fn help_shows_no_secret_values() {
+    outbox_core::testing::assert_help_hides_secrets(env!("CARGO_BIN_EXE_notifier"));
+}
+
+#[tokio::test]
+async fn with_admin_token_stored_events_and_breakers_need_it_and_webhooks_stay_open() {
+    use outbox_core::testing::RouteCall;
+    let app = spawn_app(&["--admin-token", "s3cret"]).await;
+    eventually("the notifier is ready", Duration::from_secs(10), || async {
+        let r = app
+            .http
+            .get(format!("{}/ready", app.base))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    // The receiving routes are guarded by the webhook signature instead of the token.
+    let signed = |route: &'static str| {
+        let id = new_event_id();
+        let body = envelope(&id);
+        let headers = outbox_core::signature::sign_headers(&[&app.secret], &id, now(), &body)
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        RouteCall {
+            body: Some(body),
+            headers,
+            ..RouteCall::new("POST", route, route, 200)
+        }
+    };
+    let calls = [
+        signed(LOGGER),
+        signed(NOTIFY),
+        RouteCall::new("GET", "/webhooks/events", "/webhooks/events", 200),
+        RouteCall::new("GET", "/notifications", "/notifications", 200),
+        RouteCall::new("GET", "/circuit-breaker", "/circuit-breaker", 200),
+        RouteCall::new(
+            "POST",
+            "/circuit-breaker/reset",
+            "/circuit-breaker/reset",
+            200,
+        ),
+        RouteCall::new("GET", "/health", "/health", 200),
+        RouteCall::new("GET", "/ready", "/ready", 200),
+        RouteCall::new("GET", "/metrics", "/metrics", 200),
+    ];
+    outbox_core::testing::assert_admin_token_guards(
+        &app.base,
+        "s3cret",
+        notifier::OPEN_ROUTES,
+        &calls,
+    )
+    .await;
+    // The events sent above were stored, and the token reads them.
+    let events: Value = app
+        .http
+        .get(format!("{}/webhooks/events", app.base))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        events["events"].as_array().map(Vec::len),
+        Some(2),
+        "{events}"
+    );
 }

@@ -10,8 +10,8 @@ pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:9092";
 /// `DATABASE_URL`, shared by all four services.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseArgs {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    /// PostgreSQL connection URL. Its value is never shown (in --help or logs) with the password.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
     /// Largest number of PostgreSQL connections this process opens.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
@@ -93,6 +93,44 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// `url` with its password replaced by `***`, for logs and messages: `postgres://user:***@host/db`.
+/// Also masks a `password=` query parameter and `password=…` in a key/value connection string
+/// (`host=h password=p`). Anything without a password comes back unchanged.
+pub fn mask_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return mask_pairs(url, ' ');
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let (authority_and_path, query) = rest.split_at(rest.find(['?', '#']).unwrap_or(rest.len()));
+    // Everything up to the last '@' is userinfo: a password with an unescaped '@' or '/' is then
+    // masked whole (at worst the host is masked with it).
+    let authority_and_path = match authority_and_path.rfind('@') {
+        Some(at) => match authority_and_path[..at].find(':') {
+            Some(colon) => format!(
+                "{}:***{}",
+                &authority_and_path[..colon],
+                &authority_and_path[at..]
+            ),
+            None => authority_and_path.to_owned(),
+        },
+        None => authority_and_path.to_owned(),
+    };
+    format!("{scheme}{authority_and_path}{}", mask_pairs(query, '&'))
+}
+
+/// `key=value` pairs separated by `separator`, with the value of `password` masked.
+fn mask_pairs(text: &str, separator: char) -> String {
+    text.split(separator)
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.trim_start_matches('?').eq_ignore_ascii_case("password") => {
+                format!("{key}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(&separator.to_string())
+}
+
 /// Formats a duration the way [`parse_duration`] reads it back, for `--help` defaults and logs.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -120,6 +158,43 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn passwords_are_masked_in_urls_and_connection_strings() {
+        for (url, masked) in [
+            ("postgres://u:hunter2@h/db", "postgres://u:***@h/db"),
+            (
+                "postgresql://app:p%40ss@db.example:5432/outbox?sslmode=require",
+                "postgresql://app:***@db.example:5432/outbox?sslmode=require",
+            ),
+            (
+                "postgres://u:p@ss/w@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            ("postgres://u:@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://postgres@127.0.0.1:5432/outbox",
+                "postgres://postgres@127.0.0.1:5432/outbox",
+            ),
+            ("postgres://h/db?user=u", "postgres://h/db?user=u"),
+            (
+                "postgres://h/db?user=u&password=hunter2&sslmode=disable",
+                "postgres://h/db?user=u&password=***&sslmode=disable",
+            ),
+            (
+                "postgres://h/db?password=hunter2",
+                "postgres://h/db?password=***",
+            ),
+            (
+                "host=h user=u password=hunter2 dbname=db",
+                "host=h user=u password=*** dbname=db",
+            ),
+            ("host=h dbname=db", "host=h dbname=db"),
+        ] {
+            assert_eq!(mask_password(url), masked, "{url}");
+            assert!(!mask_password(url).contains("hunter2"));
+        }
     }
 
     #[test]

@@ -151,6 +151,26 @@ const LEGACY_TABLES: &[&str] = &[
     "notifications",
 ];
 
+/// True when the same statement may well succeed if tried again shortly: the connection broke or
+/// was never made, the server is shutting down, restarting or starting up (`57P01` admin_shutdown,
+/// `57P02` crash_shutdown, `57P03` cannot_connect_now), it ran out of resources (class `53`, e.g.
+/// too many connections), or the transaction lost a race with another one (`40001`
+/// serialization_failure, `40P01` deadlock_detected). Every other database error is a fault of
+/// the statement or the data, and retrying it would fail the same way.
+pub fn is_transient(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
+        None => error.is_closed() || error.as_db_error().is_none(),
+        Some(code) => is_transient_sqlstate(code.code()),
+    }
+}
+
+/// [`is_transient`] for a SQLSTATE code alone.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+}
+
 /// Key of the advisory lock that serialises migrations when several processes start at once.
 const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78_0001;
 
@@ -377,4 +397,25 @@ pub async fn is_reachable(pool: &Pool) -> bool {
         tokio::time::timeout(Duration::from_secs(2), probe).await,
         Ok(Some(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_sqlstate;
+
+    #[test]
+    fn connection_shutdown_resource_and_serialization_errors_are_transient() {
+        for code in [
+            "08000", "08003", "08006", "08001", "08004", "57P01", "57P02", "57P03", "53000",
+            "53100", "53200", "53300", "40001", "40P01",
+        ] {
+            assert!(is_transient_sqlstate(code), "{code} is transient");
+        }
+        // Faults of the statement or the data: retrying fails the same way.
+        for code in [
+            "23505", "23503", "22P02", "42P01", "42601", "P0001", "57014", "40002", "XX000",
+        ] {
+            assert!(!is_transient_sqlstate(code), "{code} is not transient");
+        }
+    }
 }

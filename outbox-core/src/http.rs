@@ -54,23 +54,35 @@ impl ApiError {
     }
 }
 
+/// Seconds a client is told to wait (`Retry-After`) before repeating a request refused with 503.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// A 503 carries `Retry-After: 1`: every 503 here is a dependency that is briefly unavailable.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
             tracing::warn!(status = self.status.as_u16(), code = self.code, error = %self.message, "request failed");
         }
-        (
+        let mut response = (
             self.status,
             Json(json!({"error": self.message, "code": self.code})),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
+        }
+        response
     }
 }
 
-/// PostgreSQL errors: connection trouble is a 503 (retry later); anything else a 500.
+/// PostgreSQL errors: a transient one ([`crate::db::is_transient`]: connection lost, server
+/// shutting down or starting, out of resources, serialization failure or deadlock) is a 503 with
+/// `Retry-After`, since the same request may succeed shortly; anything else a 500.
 impl From<tokio_postgres::Error> for ApiError {
     fn from(error: tokio_postgres::Error) -> Self {
-        if error.is_closed() || error.as_db_error().is_none() {
+        if crate::db::is_transient(&error) {
             ApiError::unavailable(format!("PostgreSQL is unavailable: {error}"))
         } else {
             ApiError::new(

@@ -4,13 +4,14 @@
 //! [`signature`] (sign and verify webhooks), [`breaker`] (the circuit breaker and its persistence),
 //! [`schedule`] (retry delays), [`config`] (environment parsing), [`db`] (pool and migrations),
 //! [`kafka`] (client settings), [`telemetry`] (logs and metrics), [`http`] (the routes and error
-//! shape every service has) and [`shutdown`].
+//! shape every service has), [`admin_auth`] (the `ADMIN_TOKEN` check) and [`shutdown`].
 
 // glibc's malloc was a fifth of the consumer's CPU under load (perf: _int_malloc, _int_free,
 // malloc_consolidate); mimalloc serves the many short-lived HTTP and SQL buffers far cheaper.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub mod admin_auth;
 pub mod breaker;
 pub mod config;
 pub mod db;

@@ -29,16 +29,19 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init_logging();
+    // The password never reaches the logs.
+    let database = crate::config::mask_password(database_url);
     if command == Some(Command::Migrate) {
         let pool = crate::db::pool(database_url, 1, schemas)?;
         let applied = crate::db::migrate(&pool, schemas).await?;
-        tracing::info!(service = name, ?applied, "migrations are up to date");
+        tracing::info!(service = name, %database, ?applied, "migrations are up to date");
         return Ok(());
     }
     let listener = crate::http::bind(listen_addr).await?;
     tracing::info!(
         service = name,
         listen_addr,
+        %database,
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );

@@ -258,3 +258,144 @@ pub fn metric_total(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// One route of a service as a test calls it: `route` is the template as the router has it
+/// (`/messages/{id}`), `path` a concrete path reaching its handler, `answers` the status the
+/// handler gives this request once it is let through.
+pub struct RouteCall {
+    pub method: &'static str,
+    pub route: &'static str,
+    pub path: String,
+    /// Sent with `Content-Type: application/json` when present.
+    pub body: Option<Vec<u8>>,
+    /// Further headers (a webhook's signature, say).
+    pub headers: Vec<(String, String)>,
+    pub answers: u16,
+}
+
+impl RouteCall {
+    /// A call without body or extra headers.
+    pub fn new(method: &'static str, route: &'static str, path: &str, answers: u16) -> Self {
+        RouteCall {
+            method,
+            route,
+            path: path.to_owned(),
+            body: None,
+            headers: Vec::new(),
+            answers,
+        }
+    }
+
+    /// The same call with a JSON body.
+    pub fn json(mut self, body: serde_json::Value) -> Self {
+        self.body = Some(body.to_string().into_bytes());
+        self
+    }
+}
+
+/// Checks a service started with `ADMIN_TOKEN=token` at `base`: every call whose route is open
+/// (the service's `open` list or [`crate::admin_auth::OPERATIONAL_ROUTES`]) answers as its
+/// handler does without a token and with a wrong one; every other call answers
+/// `401 {"code": "unauthorized"}` with `WWW-Authenticate: Bearer` without a token, with a wrong
+/// one and with another scheme, and as its handler does with the right one. Every open route
+/// must be among `calls`, so none goes untested.
+pub async fn assert_admin_token_guards(
+    base: &str,
+    token: &str,
+    open: &[crate::admin_auth::RouteSpec],
+    calls: &[RouteCall],
+) {
+    let auth = crate::admin_auth::AdminAuth::new(Some(token), open);
+    for &(method, route) in crate::admin_auth::OPERATIONAL_ROUTES.iter().chain(open) {
+        assert!(
+            calls.iter().any(|c| c.method == method && c.route == route),
+            "the open route {method} {route} is not among the calls tested"
+        );
+    }
+    let http = reqwest::Client::new();
+    let send = |call: &RouteCall, authorization: Option<String>| {
+        let method = reqwest::Method::from_bytes(call.method.as_bytes()).expect("method");
+        let mut request = http.request(method, format!("{base}{}", call.path));
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        for (name, value) in &call.headers {
+            request = request.header(name, value);
+        }
+        if let Some(body) = &call.body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.clone());
+        }
+        async move {
+            let response = request.send().await.expect("the service answers");
+            let status = response.status().as_u16();
+            let challenge = response.headers().get("www-authenticate").cloned();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            (status, challenge, body)
+        }
+    };
+    let wrong = [
+        None,
+        Some(format!("Bearer {token}x")),
+        Some("Bearer ".to_owned()),
+        Some(format!("Basic {token}")),
+    ];
+    for call in calls {
+        let what = format!("{} {}", call.method, call.path);
+        if auth.is_open(call.method, call.route) {
+            for authorization in wrong.iter().take(2) {
+                let (status, _, body) = send(call, authorization.clone()).await;
+                assert_eq!(status, call.answers, "open route {what}: {body}");
+                assert_ne!(body["code"], "unauthorized", "open route {what}");
+            }
+            continue;
+        }
+        for authorization in &wrong {
+            let (status, challenge, body) = send(call, authorization.clone()).await;
+            assert_eq!(status, 401, "{what} with {authorization:?}: {body}");
+            assert_eq!(body["code"], "unauthorized", "{what}");
+            assert_eq!(
+                challenge.as_ref().and_then(|v| v.to_str().ok()),
+                Some("Bearer"),
+                "{what}"
+            );
+        }
+        let (status, _, body) = send(call, Some(format!("Bearer {token}"))).await;
+        assert_eq!(status, call.answers, "{what} with the right token: {body}");
+    }
+}
+
+/// Runs `binary --help` with every secret setting set to a recognisable value (and a password in
+/// `DATABASE_URL`); panics if any of the values appears in what it prints.
+pub fn assert_help_hides_secrets(binary: &str) {
+    const PASSWORD: &str = "hunter2";
+    let secrets = [
+        ("ADMIN_TOKEN", "admin-hunter2-token"),
+        ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+        (
+            "WEBHOOK_SECRET",
+            "whsec_aHVudGVyMmh1bnRlcjJodW50ZXIyaHVudGVyMg==",
+        ),
+        ("CHAT_BOT_TOKEN", "123456:hunter2-bot"),
+    ];
+    let output = std::process::Command::new(binary)
+        .arg("--help")
+        .envs(secrets)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {binary}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{binary} --help failed: {text}");
+    assert!(
+        text.contains("[env: DATABASE_URL"),
+        "--help documents DATABASE_URL: {text}"
+    );
+    for (name, value) in secrets {
+        assert!(!text.contains(value), "--help shows {name}: {text}");
+    }
+    assert!(!text.contains(PASSWORD), "--help shows a password: {text}");
+}

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
+pub use routes::OPEN_ROUTES;
 
 /// The PostgreSQL schemas this service uses (:Outbox:its demo domain, and the outbox it writes): its pool's `search_path`, and the
 /// only migrations it applies.
@@ -42,8 +43,9 @@ pub struct Config {
     /// Written into every envelope's `metadata.environment`.
     #[arg(long, env = "ENVIRONMENT", default_value = "dev")]
     pub environment: String,
-    /// Bearer token required by the admin routes (`POST /outbox/{id}/retry`); unset: open.
-    #[arg(long, env = "ADMIN_TOKEN")]
+    /// Bearer token (`Authorization: Bearer <token>`) every route needs except `POST /messages`,
+    /// `/openapi.json`, `/health`, `/ready` and `/metrics`; unset or empty: every route is open.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Largest accepted request body in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 256 * 1024)]

@@ -1,11 +1,12 @@
 //! The HTTP API: handlers validate input, then call `store`.
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::envelope::new_correlation_id;
 use outbox_core::http::{operational_routes, ApiError, JsonBody};
 use outbox_core::outbox::OutboxState;
@@ -23,12 +24,12 @@ use crate::AppState;
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
 const MAX_KEY_BYTES: usize = 256;
 
+/// The routes that need no `ADMIN_TOKEN` (besides `/health`, `/ready` and `/metrics`): publishing
+/// a message and the API description. Every other route needs it when it is set.
+pub const OPEN_ROUTES: &[RouteSpec] = &[("POST", "/messages"), ("GET", "/openapi.json")];
+
 pub fn router(state: AppState) -> Router {
-    let admin = Router::new()
-        .route("/outbox", get(list_outbox))
-        .route("/outbox/{id}/retry", post(retry_outbox))
-        .route("/stats", get(stats))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let auth = AdminAuth::new(state.config.admin_token.as_deref(), OPEN_ROUTES);
     Router::new()
         .route("/messages", post(create_message).get(list_messages))
         .route("/messages/{id}", get(get_message))
@@ -36,9 +37,12 @@ pub fn router(state: AppState) -> Router {
             "/openapi.json",
             get(|| async { Json(crate::openapi::document()) }),
         )
-        .merge(admin)
+        .route("/outbox", get(list_outbox))
+        .route("/outbox/{id}/retry", post(retry_outbox))
+        .route("/stats", get(stats))
         .merge(operational_routes::<AppState>())
         .fallback(|| async { ApiError::not_found("route") })
+        .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .route_layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
@@ -329,23 +333,4 @@ pub async fn retry_outbox(
     let row = store::retry_dead(&mut client, id).await?;
     tracing::info!(outbox_id = id, event_id = %row.event_id, "dead outbox row queued again");
     Ok(Json(row))
-}
-
-/// With `ADMIN_TOKEN` set, admin routes need `Authorization: Bearer <token>`.
-async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.config.admin_token {
-        let offered = request
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if offered != Some(token.as_str()) {
-            return ApiError::unauthorized(
-                "unauthorized",
-                "this admin route needs Authorization: Bearer <ADMIN_TOKEN>",
-            )
-            .into_response();
-        }
-    }
-    next.run(request).await
 }

@@ -1,6 +1,7 @@
 //! The producer's HTTP API against a real PostgreSQL (a fresh database per test).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use outbox_core::testing::TestDb;
 use reqwest::StatusCode;
@@ -28,6 +29,8 @@ async fn spawn_app_with(
     let mut config: producer::Config = outbox_core::config::from_env().expect("defaults parse");
     config.database.database_url = database_url.to_owned();
     config.kafka_topic = "messages-test".into();
+    // An ADMIN_TOKEN in the developer's environment must not close the routes tests read.
+    config.admin_token = None;
     tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
@@ -469,4 +472,115 @@ async fn a_correlation_id_that_cannot_travel_as_a_header_is_refused() {
         assert_eq!(body["code"], "invalid_correlation_id");
     }
     assert_eq!(app.rows().await, (0, 0));
+}
+
+#[test]
+fn help_shows_no_secret_values() {
+    outbox_core::testing::assert_help_hides_secrets(env!("CARGO_BIN_EXE_producer"));
+}
+
+#[tokio::test]
+async fn with_admin_token_every_route_but_publishing_and_operations_needs_it() {
+    use outbox_core::testing::RouteCall;
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let app = spawn_app_with(db, &url, |c| c.admin_token = Some("s3cret".into())).await;
+    outbox_core::testing::eventually("the producer is ready", Duration::from_secs(10), || async {
+        (app.get("/ready").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    let unknown = "0193a4b2-0000-7000-8000-000000000000";
+    let calls = [
+        RouteCall::new("POST", "/messages", "/messages", 201).json(json!({"content": "hi"})),
+        RouteCall::new("GET", "/messages", "/messages", 200),
+        RouteCall::new(
+            "GET",
+            "/messages/{id}",
+            &format!("/messages/{unknown}"),
+            404,
+        ),
+        RouteCall::new("GET", "/outbox", "/outbox", 200),
+        RouteCall::new("POST", "/outbox/{id}/retry", "/outbox/999999/retry", 404),
+        RouteCall::new("GET", "/stats", "/stats", 200),
+        RouteCall::new("GET", "/openapi.json", "/openapi.json", 200),
+        RouteCall::new("GET", "/health", "/health", 200),
+        RouteCall::new("GET", "/ready", "/ready", 200),
+        RouteCall::new("GET", "/metrics", "/metrics", 200),
+    ];
+    outbox_core::testing::assert_admin_token_guards(
+        &app.base,
+        "s3cret",
+        producer::OPEN_ROUTES,
+        &calls,
+    )
+    .await;
+}
+
+/// A query in flight when its backend is terminated (as PostgreSQL does to every session when it
+/// shuts down) fails with SQLSTATE 57P01 admin_shutdown: the client is told to retry (503,
+/// Retry-After), not that the server is broken (500), and requests soon succeed again.
+#[tokio::test]
+async fn a_query_cut_by_a_postgres_shutdown_answers_503_with_retry_after() {
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let app = spawn_app_with(db, &url, |c| c.database.database_pool_size = 1).await;
+    outbox_core::testing::eventually("the producer is ready", Duration::from_secs(10), || async {
+        (app.get("/ready").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    // Our own session holds a lock the producer's query waits for, so the query is in flight
+    // when its backend is terminated.
+    let (mut locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("lock table messages in access exclusive mode")
+        .await
+        .unwrap();
+    let request = tokio::spawn({
+        let (http, url) = (app.http.clone(), format!("{}/messages", app.base));
+        async move { http.get(url).send().await.unwrap() }
+    });
+    let waiting = "select count(*) from pg_stat_activity
+                   where datname = current_database() and pid <> pg_backend_pid()
+                     and wait_event_type = 'Lock'";
+    outbox_core::testing::eventually(
+        "the producer's query waits for the lock",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = lock.query_one(waiting, &[]).await.unwrap().get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    lock.query(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap();
+    let response = request.await.unwrap();
+    let status = response.status();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "unavailable");
+    assert_eq!(
+        retry_after.as_ref().and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    lock.rollback().await.unwrap();
+    // The pool may hand out the cut connection once more before it sees it closed: that is a 503
+    // too, never a 500, and the pool then connects afresh.
+    outbox_core::testing::eventually("the producer recovers", Duration::from_secs(10), || async {
+        let (status, body) = app.get("/messages").await;
+        assert!(
+            [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
+            "{status}: {body}"
+        );
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
 }

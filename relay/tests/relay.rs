@@ -238,3 +238,8 @@ async fn retention_deletes_old_sent_rows_only() {
         .unwrap();
     assert_eq!(view["state"], "E");
 }
+
+#[test]
+fn help_shows_no_secret_values() {
+    outbox_core::testing::assert_help_hides_secrets(env!("CARGO_BIN_EXE_relay"));
+}
