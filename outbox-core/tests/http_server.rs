@@ -250,7 +250,9 @@ async fn beyond_the_connection_bound_new_connections_close_the_oldest_idle_ones(
     // The oldest were closed to make room; the newest seven are still open.
     for stream in &mut idle[..8 * 3 - 7] {
         assert!(
-            read_until_closed(stream, Duration::from_secs(2)).await.is_some(),
+            read_until_closed(stream, Duration::from_secs(2))
+                .await
+                .is_some(),
             "an old idle connection was closed"
         );
     }
@@ -324,7 +326,10 @@ async fn shutdown_finishes_requests_in_flight_and_drops_slow_clients_at_the_grac
     let asked = Instant::now();
     server.shutdown.cancel();
     let (status, _) = read_response(&mut in_flight).await;
-    assert_eq!(status, 200, "the request in flight finished during the grace");
+    assert_eq!(
+        status, 200,
+        "the request in flight finished during the grace"
+    );
     tokio::time::timeout(limits.shutdown_grace + MARGIN, server.served)
         .await
         .expect("serve returned within the grace deadline")
@@ -356,7 +361,11 @@ async fn refusals_outside_the_handlers_answer_the_json_shape() {
     for (target, status, code) in cases {
         let (got, body) = send_get(&mut stream, target).await;
         let body: Value = serde_json::from_str(&body).expect(target);
-        assert_eq!((got, body["code"].as_str()), (status, Some(code)), "{target}");
+        assert_eq!(
+            (got, body["code"].as_str()),
+            (status, Some(code)),
+            "{target}"
+        );
         assert!(body["error"].is_string(), "{target}");
     }
     stream
@@ -365,5 +374,8 @@ async fn refusals_outside_the_handlers_answer_the_json_shape() {
         .unwrap();
     let (status, body) = read_response(&mut stream).await;
     let body: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((status, body["code"].as_str()), (405, Some("method_not_allowed")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
 }

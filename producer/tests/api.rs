@@ -317,11 +317,31 @@ async fn an_escaped_backslash_before_u0000_is_text_not_a_nul() {
 async fn refused_paths_queries_and_methods_answer_the_json_shape() {
     let app = spawn_app().await;
     let cases = [
-        (reqwest::Method::GET, "/messages?limit=many", 400, "invalid_query"),
-        (reqwest::Method::GET, "/messages?before=%00", 400, "nul_character"),
-        (reqwest::Method::GET, "/messages/a%00b", 400, "nul_character"),
+        (
+            reqwest::Method::GET,
+            "/messages?limit=many",
+            400,
+            "invalid_query",
+        ),
+        (
+            reqwest::Method::GET,
+            "/messages?before=%00",
+            400,
+            "nul_character",
+        ),
+        (
+            reqwest::Method::GET,
+            "/messages/a%00b",
+            400,
+            "nul_character",
+        ),
         (reqwest::Method::GET, "/messages/%FF", 400, "bad_request"),
-        (reqwest::Method::DELETE, "/messages", 405, "method_not_allowed"),
+        (
+            reqwest::Method::DELETE,
+            "/messages",
+            405,
+            "method_not_allowed",
+        ),
         (reqwest::Method::GET, "/nowhere", 404, "not_found"),
     ];
     for (method, path, status, code) in cases {
