@@ -378,4 +378,14 @@ async fn refusals_outside_the_handlers_answer_the_json_shape() {
         (status, body["code"].as_str()),
         (405, Some("method_not_allowed"))
     );
+
+    // A raw NUL never reaches the services: hyper's parser answers a bare 400 and closes.
+    let mut raw = server.connect().await;
+    raw.write_all(b"GET /items?limit=1\0 HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let (read, _) = read_until_closed(&mut raw, Duration::from_secs(2))
+        .await
+        .expect("closed");
+    assert!(read.starts_with("HTTP/1.1 400"), "{read}");
 }
