@@ -2,6 +2,7 @@
 //! extractors whose rejections use that shape, and the server (timeouts, connection bound,
 //! bounded graceful shutdown).
 
+mod body_timeout;
 mod extract;
 mod server;
 mod uniform;
