@@ -3,7 +3,7 @@
 //! set, every route but `/health`, `/ready` and `/metrics` needs it as a bearer token.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::breaker::{self, BreakerState};
-use outbox_core::http::{operational_routes, ApiError, JsonBody};
+use outbox_core::http::{operational_routes, ApiError, JsonBody, QueryParams};
 use outbox_core::signature::Secret;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
@@ -49,7 +49,6 @@ pub fn router(state: AppState) -> Router {
         .route("/events/poison", get(list_poison))
         .route("/events/poison/{id}/replay", post(replay_poison))
         .merge(operational_routes::<AppState>())
-        .fallback(|| async { ApiError::not_found("route") })
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .with_state(state)
 }
@@ -366,8 +365,7 @@ async fn rotate_secret(
     let rotate: Rotate = if body.iter().all(u8::is_ascii_whitespace) {
         Rotate::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?
+        outbox_core::http::parse_object(&body)?
     };
     let secret = match rotate.secret {
         Some(text) => Secret::parse(&text).map_err(|e| invalid(e.into()))?,
@@ -417,8 +415,7 @@ async fn replay_endpoint(
     let replay: Replay = if body.iter().all(u8::is_ascii_whitespace) {
         Replay::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?
+        outbox_core::http::parse_object(&body)?
     };
     let client = state.pool.get().await?;
     if endpoints::get(&client, &id, false).await?.is_none() {
@@ -513,9 +510,8 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 /// event; `next_after` names the next page.
 async fn list_deliveries(
     State(state): State<AppState>,
-    query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<DeliveryQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     if let Some(s) = &q.state {
         if !matches!(s.as_str(), "pending" | "succeeded" | "dead") {
             return Err(ApiError::bad_request(
@@ -727,9 +723,8 @@ struct PageQuery {
 /// Poison records (malformed Kafka records that were skipped), in id order.
 async fn list_poison(
     State(state): State<AppState>,
-    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let limit = page_limit(q.limit)?;
     let client = state.pool.get().await?;
     let rows = client

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use outbox_core::breaker::BreakerPolicy;
-use outbox_core::config::{parse_duration, DatabaseArgs, KafkaArgs};
+use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs, KafkaArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
 use outbox_core::schedule::RetrySchedule;
@@ -42,6 +42,8 @@ pub struct Config {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Address of the admin API, health and metrics.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8082")]
     pub listen_addr: String,
@@ -224,6 +226,7 @@ pub async fn run(
     let server = AbortOnDrop(tokio::spawn(outbox_core::http::serve(
         listener,
         app,
+        config.http.clone(),
         shutdown.clone(),
     )));
 
@@ -298,10 +301,10 @@ pub async fn run(
         })
     });
 
-    let served = server.join().await?;
+    server.join().await?;
     // The server stops on shutdown; the workers finish their batches before we return.
     workers.join().await?;
-    Ok(served?)
+    Ok(())
 }
 
 /// A task that is aborted when its handle is dropped.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::breaker::BreakerPolicy;
-use outbox_core::config::{parse_duration, DatabaseArgs};
+use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
 use outbox_core::signature::{Secret, Verifier};
@@ -73,6 +73,8 @@ impl clap::builder::TypedValueParser for SecretsParser {
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Address the HTTP API listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8083")]
     pub listen_addr: String,
@@ -206,7 +208,7 @@ pub async fn run(
         })
     };
     let app = routes::router(state, config.max_body_bytes, config.admin_token.as_deref());
-    let served = outbox_core::http::serve(listener, app, shutdown).await;
+    outbox_core::http::serve(listener, app, config.http, shutdown).await;
     background.abort();
-    Ok(served?)
+    Ok(())
 }

@@ -5,8 +5,8 @@
 //! bytes (401, nothing stored), the body's JSON (400), then the dedupe record (200 duplicate).
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::breaker::{self, Admission, Breaker, BreakerState};
-use outbox_core::http::{operational_routes, ApiError};
+use outbox_core::http::{operational_routes, ApiError, QueryParams};
 use outbox_core::signature::VerifyError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -52,7 +52,6 @@ pub fn router(state: AppState, max_body_bytes: usize, admin_token: Option<&str>)
         .route("/circuit-breaker", get(list_breakers))
         .route("/circuit-breaker/reset", post(reset_breakers))
         .merge(operational_routes::<AppState>())
-        .fallback(|| async { ApiError::not_found("route") })
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
@@ -150,7 +149,7 @@ fn receive(
     let payload: Value = serde_json::from_slice(&body)
         .map_err(|e| invalid("malformed_json", format!("the body is not JSON: {e}")))?;
     // PostgreSQL's jsonb cannot hold NUL characters.
-    if payload.to_string().contains("\\u0000") {
+    if outbox_core::http::contains_nul(&payload) {
         return Err(invalid(
             "nul_character",
             "the body must not contain NUL characters".into(),
@@ -407,12 +406,6 @@ async fn notify(state: AppState, event: Received) -> Result<Response, NotifyErro
     .into_response())
 }
 
-fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
-}
-
 fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit.unwrap_or(DEFAULT_PAGE) {
         n @ 1..=MAX_PAGE => Ok(n),
@@ -437,9 +430,8 @@ struct EventsQuery {
 /// `GET /webhooks/events`: received events, newest first; `next_before` fetches the next page.
 async fn list_events(
     State(state): State<AppState>,
-    q: Result<Query<EventsQuery>, QueryRejection>,
+    QueryParams(q): QueryParams<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
     let limit = page_size(q.limit)?;
     let client = state.pool.get().await?;
     let events = store::list_events(&client, q.route.as_deref(), q.before, limit).await?;
@@ -463,9 +455,8 @@ struct NotificationsQuery {
 /// `GET /notifications`: every notification attempt and its outcome, newest first.
 async fn list_notifications(
     State(state): State<AppState>,
-    q: Result<Query<NotificationsQuery>, QueryRejection>,
+    QueryParams(q): QueryParams<NotificationsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
     let limit = page_size(q.limit)?;
     let client = state.pool.get().await?;
     let notifications = store::list_notifications(
@@ -533,9 +524,8 @@ struct ResetQuery {
 /// `POST /circuit-breaker/reset[?channel=chat]`: closes the breaker(s) with zero counts.
 async fn reset_breakers(
     State(state): State<AppState>,
-    q: Result<Query<ResetQuery>, QueryRejection>,
+    QueryParams(q): QueryParams<ResetQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
     let names: Vec<&str> = match q.channel.as_deref() {
         None => channels::ALL.to_vec(),
         Some(name) => match channels::ALL.iter().find(|&&c| c == name) {

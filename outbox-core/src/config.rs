@@ -26,6 +26,32 @@ pub struct KafkaArgs {
     pub kafka_brokers: String,
 }
 
+/// `HTTP_*` and `SHUTDOWN_GRACE`: how long the HTTP server of every service waits for a client,
+/// how many connections it holds, and how long shutdown waits for them (see
+/// [`crate::http::serve`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// Longest time a client may take to send a complete request head (request line and
+    /// headers), counted from the connection's accept, or from the first byte of a later request
+    /// on a keep-alive connection; then the connection is closed.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Longest time a request body may take to arrive in full, counted from its request head;
+    /// then the request answers 408 and the connection is closed.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+    /// Most open HTTP connections. At the bound a new connection closes the oldest one that has
+    /// no request in flight; when every connection has one, the new connection is closed.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 512)]
+    pub http_max_connections: usize,
+    /// How long shutdown lets requests in flight finish; connections still open then are dropped.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
 /// `BREAKER_FAILURES`, `BREAKER_OPEN_FOR`, `BREAKER_SUCCESSES`: the circuit breaker thresholds of
 /// the consumer (per endpoint) and the notifier (per channel).
 #[derive(Debug, Clone, clap::Args)]

@@ -1,10 +1,19 @@
 //! What every service's HTTP side shares: `/health`, `/ready`, `/metrics`, the JSON error shape,
-//! a JSON body extractor whose rejections use that shape, and serving with graceful shutdown.
+//! extractors whose rejections use that shape, and the server (timeouts, connection bound,
+//! bounded graceful shutdown).
+
+mod body_timeout;
+mod extract;
+mod server;
+mod uniform;
+
+pub use extract::{contains_nul, parse_object, JsonBody, QueryParams};
+pub use server::serve;
+pub use uniform::uniform_errors;
 
 use std::future::Future;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -12,7 +21,6 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// The one error shape of every API: `{"error": "human sentence", "code": "machine_code"}`.
 #[derive(Debug)]
@@ -118,46 +126,6 @@ pub fn correlation_id(headers: &axum::http::HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// A JSON request body; malformed JSON, a wrong content type or wrong field types answer with
-/// the shared error shape instead of axum's plain-text rejections.
-pub struct JsonBody<T>(pub T);
-
-impl<S, T> FromRequest<S> for JsonBody<T>
-where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(JsonBody(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
-    }
-}
-
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let detail = rejection.body_text();
-    match rejection {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "expected a body with Content-Type: application/json",
-        ),
-        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("malformed_json", detail),
-        JsonRejection::JsonDataError(_) => ApiError::unprocessable("invalid_body", detail),
-        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the request body is too large",
-            )
-        }
-        other => ApiError::new(other.status(), "bad_request", detail),
-    }
-}
-
 /// The answer of `GET /ready`: whether each dependency answers.
 #[derive(Debug, Serialize)]
 pub struct Readiness {
@@ -212,17 +180,6 @@ async fn metrics<S: Operational>(State(state): State<S>) -> Response {
         crate::telemetry::encode(state.registry()),
     )
         .into_response()
-}
-
-/// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
-        .await
 }
 
 /// Binds `addr`, with a message that names the setting when the port is taken.

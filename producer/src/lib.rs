@@ -9,7 +9,7 @@ mod store;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use outbox_core::config::DatabaseArgs;
+use outbox_core::config::{DatabaseArgs, HttpArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
 use outbox_core::routing::TopicRoutes;
@@ -31,6 +31,8 @@ pub const SCHEMAS: &[outbox_core::db::Schema] = &[
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Address the HTTP API listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: String,
@@ -96,7 +98,7 @@ pub async fn run(
         tokio::spawn(async move { db::migrate_until_done(&pool, SCHEMAS, &shutdown).await })
     };
     let app = routes::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes));
-    let served = outbox_core::http::serve(listener, app, shutdown).await;
+    outbox_core::http::serve(listener, app, config.http, shutdown).await;
     migrations.abort();
-    Ok(served?)
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! The HTTP API: handlers validate input, then call `store`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::envelope::new_correlation_id;
-use outbox_core::http::{operational_routes, ApiError, JsonBody};
+use outbox_core::http::{operational_routes, ApiError, JsonBody, QueryParams};
 use outbox_core::outbox::OutboxState;
 use outbox_core::routing::valid_event_type;
 use serde::Deserialize;
@@ -41,7 +41,6 @@ pub fn router(state: AppState) -> Router {
         .route("/outbox/{id}/retry", post(retry_outbox))
         .route("/stats", get(stats))
         .merge(operational_routes::<AppState>())
-        .fallback(|| async { ApiError::not_found("route") })
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .route_layer(middleware::from_fn_with_state(
             state.metrics.clone(),
@@ -82,24 +81,12 @@ fn validate(request: &CreateMessage) -> Result<(), ApiError> {
             ),
         ));
     }
-    // PostgreSQL text cannot hold NUL; refuse it here rather than fail mid-transaction.
-    if request.content.contains('\0')
-        || request
-            .data
-            .as_ref()
-            .is_some_and(|d| d.to_string().contains("\\u0000"))
-    {
-        return Err(ApiError::unprocessable(
-            "nul_character",
-            "content and data must not contain NUL characters",
-        ));
-    }
     if let Some(data) = &request.data {
         outbox_core::envelope::check_data(data)
             .map_err(|e| ApiError::unprocessable("data_too_deep", e.to_string()))?;
     }
     if let Some(key) = &request.key {
-        if key.trim().is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
+        if key.trim().is_empty() || key.len() > MAX_KEY_BYTES {
             return Err(ApiError::unprocessable(
                 "invalid_key",
                 format!("key must be 1 to {MAX_KEY_BYTES} bytes"),
@@ -252,7 +239,7 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 #[utoipa::path(get, path = "/messages", params(MessagePage), responses((status = 200, body = Object)))]
 pub async fn list_messages(
     State(state): State<AppState>,
-    Query(page): Query<MessagePage>,
+    QueryParams(page): QueryParams<MessagePage>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(page.limit)?;
     let client = state.pool.get().await?;
@@ -292,7 +279,7 @@ pub struct OutboxPage {
 #[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = Object)))]
 pub async fn list_outbox(
     State(state): State<AppState>,
-    Query(page): Query<OutboxPage>,
+    QueryParams(page): QueryParams<OutboxPage>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(page.limit)?;
     let filter = match page.state.as_deref() {

@@ -236,8 +236,37 @@ async fn bad_input_gets_a_json_error_and_writes_nothing() {
         ),
         (
             app.http.post(&url).json(&json!({"content": "nul\u{0}"})),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::BAD_REQUEST,
             "nul_character",
+        ),
+        (
+            app.http
+                .post(&url)
+                .json(&json!({"content": "x", "data": {"deep": [{"k\u{0}": 1}]}})),
+            StatusCode::BAD_REQUEST,
+            "nul_character",
+        ),
+        (
+            // serde would read an array into the struct by position.
+            app.http.post(&url).json(&json!(["x", null, null, null])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/vnd.x+json")
+                .body("{\"content\":\"x\"}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/json; charset=latin1")
+                .body("{\"content\":\"x\"}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
         ),
         (
             app.http
@@ -266,6 +295,74 @@ async fn bad_input_gets_a_json_error_and_writes_nothing() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = app.get("/outbox?state=Q").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn an_escaped_backslash_before_u0000_is_text_not_a_nul() {
+    let app = spawn_app().await;
+    let body = r#"{"content": "C:\\u0000", "data": {"path": "C:\\u0000"}}"#;
+    let response = app
+        .http
+        .post(format!("{}/messages", app.base))
+        .header("content-type", "application/json; charset=UTF-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+    let (_, message) = app.get(&format!("/messages/{id}")).await;
+    assert_eq!(message["content"], "C:\\u0000", "{message}");
+}
+
+#[tokio::test]
+async fn refused_paths_queries_and_methods_answer_the_json_shape() {
+    let app = spawn_app().await;
+    let cases = [
+        (
+            reqwest::Method::GET,
+            "/messages?limit=many",
+            400,
+            "invalid_query",
+        ),
+        (
+            reqwest::Method::GET,
+            "/messages?before=%00",
+            400,
+            "nul_character",
+        ),
+        (
+            reqwest::Method::GET,
+            "/messages/a%00b",
+            400,
+            "nul_character",
+        ),
+        (reqwest::Method::GET, "/messages/%FF", 400, "bad_request"),
+        (
+            reqwest::Method::DELETE,
+            "/messages",
+            405,
+            "method_not_allowed",
+        ),
+        (reqwest::Method::GET, "/nowhere", 404, "not_found"),
+    ];
+    for (method, path, status, code) in cases {
+        let response = app
+            .http
+            .request(method, format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        if status == 405 {
+            assert!(response.headers().contains_key("allow"), "{path}");
+        }
+        let body: Value = response.json().await.expect("a JSON error body");
+        assert_eq!(body["code"], code, "{path}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    assert_eq!(app.rows().await, (0, 0));
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use outbox_core::config::{parse_duration, DatabaseArgs, KafkaArgs};
+use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs, KafkaArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{operational_routes, Operational, Readiness};
 use outbox_core::routing::TopicRoutes;
@@ -40,6 +40,8 @@ pub struct Config {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Address of the health and metrics endpoints.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
     pub listen_addr: String,
@@ -144,7 +146,12 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let app: Router = operational_routes::<AppState>().with_state(state);
-    let server = tokio::spawn(outbox_core::http::serve(listener, app, shutdown.clone()));
+    let server = tokio::spawn(outbox_core::http::serve(
+        listener,
+        app,
+        config.http.clone(),
+        shutdown.clone(),
+    ));
     let gauges = tokio::spawn(metrics::refresh_backlog(
         pool.clone(),
         metrics.clone(),
@@ -157,7 +164,7 @@ pub async fn run(
 
     gauges.abort();
     publisher.flush();
-    server.await??;
+    server.await?;
     Ok(())
 }
 

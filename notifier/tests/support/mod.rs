@@ -145,7 +145,13 @@ impl ChatServer {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        tokio::spawn(outbox_core::http::serve(listener, app, shutdown.clone()));
+        let limits = outbox_core::config::from_env().expect("HTTP defaults");
+        tokio::spawn(outbox_core::http::serve(
+            listener,
+            app,
+            limits,
+            shutdown.clone(),
+        ));
         ChatServer {
             base: format!("http://{addr}"),
             log,
