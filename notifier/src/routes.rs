@@ -118,7 +118,9 @@ fn receive(
                 VerifyError::MissingHeaders => (received::BAD_SIGNATURE, "missing_signature"),
                 VerifyError::BadTimestamp => (received::BAD_SIGNATURE, "invalid_timestamp"),
                 VerifyError::BadSignature => (received::BAD_SIGNATURE, "invalid_signature"),
-                VerifyError::Stale(_) => (received::STALE, "stale_timestamp"),
+                VerifyError::TooOld { .. } | VerifyError::TooNew { .. } => {
+                    (received::STALE, "stale_timestamp")
+                }
             };
             state.metrics.received(route, outcome);
             let claimed_id = claimed_id(headers);
