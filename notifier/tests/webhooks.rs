@@ -633,3 +633,32 @@ async fn a_stale_timestamp_is_explained_as_in_the_past_or_in_the_future() {
         );
     }
 }
+
+#[tokio::test]
+async fn with_a_pool_of_one_connection_a_notification_is_delivered() {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let mut args = channel_args(&smtp, &chat);
+    args.extend(["--database-pool-size".into(), "1".into()]);
+    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let id = new_event_id();
+
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["notifications"],
+        json!({"email": "sent", "chat": "sent"})
+    );
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"duplicate": true}));
+    assert_eq!(chat.messages().len(), 1);
+    eventually("one email", Duration::from_secs(5), || async {
+        Some(smtp.mails()).filter(|m| m.len() == 1)
+    })
+    .await;
+    // The one connection went back to the pool: the read routes still answer.
+    let (status, events) = app.get("/webhooks/events").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
+}
