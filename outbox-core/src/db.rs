@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "inbox_received_brin",
         include_str!("../../sql/V9__inbox_received_brin.sql"),
     ),
+    (
+        10,
+        "idempotency_keys_created_brin",
+        include_str!("../../sql/V10__idempotency_keys_created_brin.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.

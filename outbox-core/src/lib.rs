@@ -4,7 +4,7 @@
 //! [`signature`] (sign and verify webhooks), [`breaker`] (the circuit breaker and its persistence),
 //! [`schedule`] (retry delays), [`config`] (environment parsing), [`db`] (pool and migrations),
 //! [`kafka`] (client settings), [`telemetry`] (logs and metrics), [`http`] (the routes and error
-//! shape every service has) and [`shutdown`].
+//! shape every service has), [`retention`] (periodic batched deletes) and [`shutdown`].
 
 // glibc's malloc was a fifth of the consumer's CPU under load (perf: _int_malloc, _int_free,
 // malloc_consolidate); mimalloc serves the many short-lived HTTP and SQL buffers far cheaper.
@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod http;
 pub mod kafka;
 pub mod outbox;
+pub mod retention;
 pub mod routing;
 pub mod schedule;
 pub mod service;
