@@ -60,7 +60,8 @@ psql "$SERVER_URL" -qc "create database \"$DB\"" >/dev/null
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 ADMIN_TOKEN=fuzz-admin-token
-# start SERVICE: runs it on a free port with the environment it needs; prints its base URL.
+# start SERVICE: runs it on a free port with the environment it needs and sets BASE to its URL.
+# (Not called in $(...): PIDS must be recorded in this shell for the cleanup.)
 start() {
   local service=$1 port
   port=$(free_port)
@@ -71,7 +72,7 @@ start() {
   PIDS+=($!)
   for _ in $(seq 1 100); do
     if curl -fsS -o /dev/null "http://127.0.0.1:$port/ready" 2>/dev/null; then
-      echo "http://127.0.0.1:$port"; return 0
+      BASE="http://127.0.0.1:$port"; return 0
     fi
     sleep 0.1
   done
@@ -86,7 +87,8 @@ DOCUMENTS=(
 failed=0
 for document in "${DOCUMENTS[@]}"; do
   read -r service path <<<"$document"
-  base=$(start "$service")
+  start "$service"
+  base=$BASE
   log "$service: schemathesis on $base$path (every check, $max_examples examples, ${max_time}s)"
   if ! "$VENV/bin/schemathesis" --config-file scripts/schemathesis.toml run "$base$path" \
       --checks all \
