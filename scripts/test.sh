@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need and runs them: PostgreSQL and Kafka (scripts/stack.sh deps,
 # installing them when missing), the Python tools some tests use as independent peers (an SMTP
-# server, a Standard Webhooks verifier), then the whole Rust test suite.
+# server, a Standard Webhooks verifier, schemathesis), then the whole Rust test suite, then
+# scripts/api-fuzz.sh (schemathesis against every OpenAPI document the services serve).
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh -p relay        extra arguments go to `cargo test`
@@ -18,7 +19,7 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc "select datname from pg_database
   while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists \"$db\" with (force)" >/dev/null; done
 
 VENV=${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay/test-venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import aiosmtpd, standardwebhooks' 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import aiosmtpd, standardwebhooks, schemathesis' 2>/dev/null; then
   log "installing Python test peers into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r scripts/test-requirements.txt
@@ -31,3 +32,9 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 log "running the test suite"
 cargo test --workspace "$@"
+
+# Only for a whole-suite run: `scripts/test.sh -p relay` is about one crate.
+if [ $# -eq 0 ]; then
+  log "fuzzing the OpenAPI documents against the services"
+  scripts/api-fuzz.sh
+fi

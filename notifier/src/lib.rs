@@ -146,8 +146,9 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Set once the migrations are applied; until then the notifier is not ready.
     pub migrated: Arc<AtomicBool>,
-    /// Bounds concurrent notifications: each holds two pooled connections (the dedupe row lock and
-    /// the bookkeeping), so without a bound a burst could take the whole pool and stall itself.
+    /// Bounds concurrent notifications: each holds one pooled connection for as long as its
+    /// channels take, so without a bound a burst of slow sends would leave none for the other
+    /// routes.
     pub notify_slots: Arc<Semaphore>,
 }
 

@@ -127,7 +127,9 @@ fn receive(
                 VerifyError::MissingHeaders => (received::BAD_SIGNATURE, "missing_signature"),
                 VerifyError::BadTimestamp => (received::BAD_SIGNATURE, "invalid_timestamp"),
                 VerifyError::BadSignature => (received::BAD_SIGNATURE, "invalid_signature"),
-                VerifyError::Stale(_) => (received::STALE, "stale_timestamp"),
+                VerifyError::TooOld { .. } | VerifyError::TooNew { .. } => {
+                    (received::STALE, "stale_timestamp")
+                }
             };
             state.metrics.received(route, outcome);
             let claimed_id = claimed_id(headers);
@@ -298,17 +300,25 @@ async fn notify(state: AppState, event: Received) -> Result<Response, NotifyErro
         state.notify_slots.acquire().await.map_err(|_| {
             NotifyError::Api(ApiError::unavailable("the notifier is shutting down"))
         })?;
-    // The event row, inserted in a transaction held open until every channel has sent, is the
-    // lock on the event: a concurrent delivery of the same webhook waits here, then sees it as a
-    // duplicate (we committed) or takes over (we rolled back, having recorded what was sent).
-    let mut lock = state.pool.get().await?;
-    let tx = lock.transaction().await?;
-    if !store::insert_event(&tx, &event.as_new_event(NOTIFY)).await? {
-        return Ok(duplicate(&state, NOTIFY));
+    // A concurrent delivery of the same webhook waits here, then sees it as a duplicate (we
+    // recorded it) or takes over (we did not, having recorded what was sent).
+    let client = state.pool.get().await?;
+    let mut lock = store::EventLock::acquire(client, NOTIFY, &event.webhook_id).await?;
+    let outcome = notify_locked(&state, &event, lock.client()).await;
+    lock.release().await;
+    outcome
+}
+
+/// Notifies by every channel that has not sent the event yet, then records the event; on the one
+/// connection that holds the event's lock.
+async fn notify_locked(
+    state: &AppState,
+    event: &Received,
+    client: &mut outbox_core::db::Client,
+) -> Result<Response, NotifyError> {
+    if store::has_event(&*client, NOTIFY, &event.webhook_id).await? {
+        return Ok(duplicate(state, NOTIFY));
     }
-    // Notifications and breakers are written outside that transaction, so they last even when
-    // it rolls back.
-    let mut client = state.pool.get().await?;
     let notice = Notice {
         webhook_id: &event.webhook_id,
         event_type: event.event_type.as_deref(),
@@ -322,18 +332,18 @@ async fn notify(state: AppState, event: Received) -> Result<Response, NotifyErro
     let mut failed: Vec<(&str, String)> = Vec::new();
     for channel in state.channels.iter() {
         let name = channel.name();
-        if store::already_sent(&client, &event.webhook_id, name).await? {
+        if store::already_sent(&*client, &event.webhook_id, name).await? {
             outcomes.insert(name.into(), "already_sent".into());
             continue;
         }
-        let (admission, breaker) = breaker::store::update(&mut client, BREAKER_SCOPE, name, |b| {
+        let (admission, breaker) = breaker::store::update(client, BREAKER_SCOPE, name, |b| {
             b.admit(&policy, Utc::now())
         })
         .await?;
         state.metrics.set_breaker(name, breaker.state);
         if let Admission::Rejected { retry_at: at } = admission {
             store::record_notification(
-                &client,
+                &*client,
                 &event.webhook_id,
                 name,
                 notified::REJECTED_OPEN,
@@ -353,11 +363,11 @@ async fn notify(state: AppState, event: Received) -> Result<Response, NotifyErro
             Ok(()) => (notified::SENT, None),
             Err(e) => (notified::FAILED, Some(e.to_string())),
         };
-        store::record_notification(&client, &event.webhook_id, name, outcome, error.as_deref())
+        store::record_notification(&*client, &event.webhook_id, name, outcome, error.as_deref())
             .await?;
         state.metrics.notified(name, outcome);
         let ((), breaker) =
-            breaker::store::update(&mut client, BREAKER_SCOPE, name, |b| match &result {
+            breaker::store::update(client, BREAKER_SCOPE, name, |b| match &result {
                 Ok(()) => b.on_success(&policy),
                 Err(_) => b.on_failure(&policy, Utc::now()),
             })
@@ -392,7 +402,10 @@ async fn notify(state: AppState, event: Received) -> Result<Response, NotifyErro
                 .join("; "),
         });
     }
-    tx.commit().await?;
+    // Recorded last: an event on record is one every channel has sent.
+    if !store::insert_event(&*client, &event.as_new_event(NOTIFY)).await? {
+        return Ok(duplicate(state, NOTIFY));
+    }
     state.metrics.received(NOTIFY, received::ACCEPTED);
     tracing::info!(
         event_type = event.event_type.as_deref(),

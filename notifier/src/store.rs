@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use outbox_core::db::Client;
 use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::Row;
@@ -24,9 +25,7 @@ const INSERT_EVENT: &str = "insert into received_events
     on conflict (route, webhook_id) do nothing
     returning seq";
 
-/// Records the event; `false` when this route already holds it (a duplicate). Inside a
-/// transaction, a concurrent insert of the same event waits for this one to commit (then it is
-/// a duplicate) or roll back (then it goes ahead): the row is also the lock on the event.
+/// Records the event; `false` when this route already holds it (a duplicate).
 pub async fn insert_event(
     db: &impl GenericClient,
     event: &NewEvent<'_>,
@@ -44,6 +43,82 @@ pub async fn insert_event(
         )
         .await?
         .is_some())
+}
+
+/// Whether this route already holds the event.
+pub async fn has_event(
+    db: &impl GenericClient,
+    route: &str,
+    webhook_id: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(db
+        .query_opt(
+            "select 1 from received_events where route = $1 and webhook_id = $2",
+            &[&route, &webhook_id],
+        )
+        .await?
+        .is_some())
+}
+
+/// A session advisory lock on one event of one route, held on the one connection that does all
+/// the work under it: the lock and the bookkeeping written beside it share a connection, so a
+/// handler never waits for a second pooled connection while holding the first (with a pool of
+/// one, it would wait forever). The bookkeeping commits statement by statement, so it lasts
+/// whatever happens to the lock.
+///
+/// Released by [`EventLock::release`]. If the holder never gets there (a panic, a cancelled task)
+/// or unlocking fails, the connection is taken out of the pool and closed, which ends the session
+/// and so the lock: a pooled connection never keeps a lock nobody holds.
+pub struct EventLock {
+    client: Option<Client>,
+    key: String,
+}
+
+const LOCK: &str = "select pg_advisory_lock(hashtextextended($1, 0))";
+const UNLOCK: &str = "select pg_advisory_unlock(hashtextextended($1, 0))";
+
+impl EventLock {
+    /// Waits until no other holder has this event of this route. Two different events may share
+    /// a 64-bit lock key; they then wait for each other, nothing worse.
+    pub async fn acquire(
+        client: Client,
+        route: &str,
+        webhook_id: &str,
+    ) -> Result<EventLock, tokio_postgres::Error> {
+        let key = format!("notifier:{route}:{webhook_id}");
+        // Until the lock is taken, a failure just returns the connection to the pool.
+        client.execute(LOCK, &[&key]).await?;
+        Ok(EventLock {
+            client: Some(client),
+            key,
+        })
+    }
+
+    /// The connection the lock is held on.
+    pub fn client(&mut self) -> &mut Client {
+        self.client.as_mut().expect("held until released")
+    }
+
+    /// Unlocks and gives the connection back to the pool.
+    pub async fn release(mut self) {
+        if let Some(client) = self.client.take() {
+            match client.execute(UNLOCK, &[&self.key]).await {
+                Ok(_) => drop(client),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot unlock the event; closing the connection");
+                    drop(Client::take(client));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EventLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Client::take(client));
+        }
+    }
 }
 
 /// Whether `channel` already sent a notification for the event (on an earlier attempt).

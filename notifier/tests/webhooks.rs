@@ -552,7 +552,10 @@ async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
 async fn an_absurd_timestamp_or_id_is_refused_not_a_crash() {
     let app = spawn_app(&[]).await;
     let id = new_event_id();
-    for timestamp in [i64::MIN, i64::MAX] {
+    for (timestamp, code) in [
+        (i64::MIN, "invalid_timestamp"),
+        (i64::MAX, "stale_timestamp"),
+    ] {
         let (status, body) = app
             .send_signed(
                 LOGGER,
@@ -564,7 +567,7 @@ async fn an_absurd_timestamp_or_id_is_refused_not_a_crash() {
             )
             .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{timestamp}: {body}");
-        assert_eq!(body["code"], "stale_timestamp");
+        assert_eq!(body["code"], code);
     }
     // Signed, but an id no dedupe key should be.
     let long_id = "e".repeat(300);
@@ -646,4 +649,101 @@ async fn with_admin_token_stored_events_and_breakers_need_it_and_webhooks_stay_o
         Some(2),
         "{events}"
     );
+}
+
+#[tokio::test]
+async fn a_timestamp_not_written_as_plain_digits_is_refused_however_it_was_signed() {
+    let app = spawn_app(&[]).await;
+    let id = new_event_id();
+    let body = envelope(&id);
+    let ts = now().to_string();
+    for convention in [Headers::Standard, Headers::Older] {
+        for written in [format!("+{ts}"), format!("0{ts}")] {
+            // Signed over the text sent, or over the number it stands for (what a lenient
+            // receiver re-formats and checks): either way the header is not a timestamp.
+            for signed in [written.as_str(), ts.as_str()] {
+                let (status, answer) = app
+                    .send_with_timestamp_text(NOTIFY, &id, &body, (&written, signed), convention)
+                    .await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{written:?}: {answer}");
+                assert_eq!(answer["code"], "invalid_timestamp", "{written:?}: {answer}");
+            }
+        }
+        // HTTP drops the spaces around a header value (RFC 9110 5.5), so " ts" arrives as "ts":
+        // under a MAC over " ts" it is refused for its signature.
+        let written = format!(" {ts}");
+        let (status, answer) = app
+            .send_with_timestamp_text(NOTIFY, &id, &body, (&written, &written), convention)
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+        assert_eq!(answer["code"], "invalid_signature", "{answer}");
+    }
+    assert_eq!(app.count("select count(*) from received_events").await, 0);
+    // The same request with the timestamp as a sender writes it goes through.
+    let (status, answer) = app
+        .send_with_timestamp_text(NOTIFY, &id, &body, (&ts, &ts), Headers::Older)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[tokio::test]
+async fn a_stale_timestamp_is_explained_as_in_the_past_or_in_the_future() {
+    let app = spawn_app(&[]).await;
+    let id = new_event_id();
+    let body = envelope(&id);
+    for (offset, words) in [(-600, "s in the past"), (600, "s in the future")] {
+        let (status, answer) = app
+            .send_signed(
+                NOTIFY,
+                &id,
+                &body,
+                now() + offset,
+                &[&app.secret],
+                Headers::Standard,
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(answer["code"], "stale_timestamp");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(words) && message.contains("tolerance of 300 s"),
+            "{offset}: {message}"
+        );
+        // 600 s off, give or take the second that passed while sending.
+        assert!(
+            message.contains(" 600 s ")
+                || message.contains(" 599 s ")
+                || message.contains(" 601 s "),
+            "{offset}: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_a_pool_of_one_connection_a_notification_is_delivered() {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let mut args = channel_args(&smtp, &chat);
+    args.extend(["--database-pool-size".into(), "1".into()]);
+    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let id = new_event_id();
+
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["notifications"],
+        json!({"email": "sent", "chat": "sent"})
+    );
+    let (status, body) = app.deliver(NOTIFY, &id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"duplicate": true}));
+    assert_eq!(chat.messages().len(), 1);
+    eventually("one email", Duration::from_secs(5), || async {
+        Some(smtp.mails()).filter(|m| m.len() == 1)
+    })
+    .await;
+    // The one connection went back to the pool: the read routes still answer.
+    let (status, events) = app.get("/webhooks/events").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
 }

@@ -70,11 +70,18 @@ impl Schema {
                     include_str!("../../sql/outbox/V2__publish.sql"),
                 ),
             ],
-            Schema::Producer => &[(
-                1,
-                "producer",
-                include_str!("../../sql/producer/V1__producer.sql"),
-            )],
+            Schema::Producer => &[
+                (
+                    1,
+                    "producer",
+                    include_str!("../../sql/producer/V1__producer.sql"),
+                ),
+                (
+                    2,
+                    "idempotency_keys_created_brin",
+                    include_str!("../../sql/producer/V2__idempotency_keys_created_brin.sql"),
+                ),
+            ],
             Schema::Webhooks => &[(
                 1,
                 "webhooks",

@@ -4,7 +4,8 @@
 //! [`signature`] (sign and verify webhooks), [`breaker`] (the circuit breaker and its persistence),
 //! [`schedule`] (retry delays), [`config`] (environment parsing), [`db`] (pool and migrations),
 //! [`kafka`] (client settings), [`telemetry`] (logs and metrics), [`http`] (the routes and error
-//! shape every service has), [`admin_auth`] (the `ADMIN_TOKEN` check) and [`shutdown`].
+//! shape every service has), [`admin_auth`] (the `ADMIN_TOKEN` check), [`retention`] (periodic
+//! batched deletes) and [`shutdown`].
 
 // glibc's malloc was a fifth of the consumer's CPU under load (perf: _int_malloc, _int_free,
 // malloc_consolidate); mimalloc serves the many short-lived HTTP and SQL buffers far cheaper.
@@ -19,6 +20,7 @@ pub mod envelope;
 pub mod http;
 pub mod kafka;
 pub mod outbox;
+pub mod retention;
 pub mod routing;
 pub mod schedule;
 pub mod service;

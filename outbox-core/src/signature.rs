@@ -106,10 +106,16 @@ impl Secret {
 
     /// The HMAC-SHA256 of `"{id}.{timestamp}.{body}"` under this secret.
     pub fn mac(&self, id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {
+        self.mac_of_text(id, &timestamp.to_string(), body)
+    }
+
+    /// The MAC over the timestamp exactly as written in the header: a receiver verifies what the
+    /// sender sent, not a re-formatting of the number it parsed.
+    pub fn mac_of_text(&self, id: &str, timestamp: &str, body: &[u8]) -> [u8; 32] {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(id.as_bytes());
         mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
+        mac.update(timestamp.as_bytes());
         mac.update(b".");
         mac.update(body);
         mac.finalize().into_bytes().into()
@@ -151,10 +157,12 @@ pub fn sign_headers(
 pub enum VerifyError {
     #[error("missing webhook-id/webhook-timestamp/webhook-signature (or X-Webhook-*) headers")]
     MissingHeaders,
-    #[error("the webhook timestamp is not a Unix time in seconds")]
+    #[error("the webhook timestamp is not a Unix time in seconds (plain ASCII digits)")]
     BadTimestamp,
-    #[error("the webhook timestamp is {0} s away from now, more than the tolerance")]
-    Stale(i64),
+    #[error("the webhook timestamp is {seconds} s in the past, more than the tolerance of {tolerance} s")]
+    TooOld { seconds: u64, tolerance: u64 },
+    #[error("the webhook timestamp is {seconds} s in the future, more than the tolerance of {tolerance} s")]
+    TooNew { seconds: u64, tolerance: u64 },
     #[error("no signature matches")]
     BadSignature,
 }
@@ -203,10 +211,17 @@ impl Verifier {
                 _ => return Err(VerifyError::MissingHeaders),
             },
         };
-        let timestamp: i64 = ts.trim().parse().map_err(|_| VerifyError::BadTimestamp)?;
-        let skew = now.saturating_sub(timestamp);
-        if skew.unsigned_abs() > self.tolerance.as_secs() {
-            return Err(VerifyError::Stale(skew));
+        let timestamp = parse_timestamp(ts)?;
+        let tolerance = self.tolerance.as_secs();
+        // Positive: the timestamp is in the past.
+        let age = now.saturating_sub(timestamp);
+        if age.unsigned_abs() > tolerance {
+            let seconds = age.unsigned_abs();
+            return Err(if age > 0 {
+                VerifyError::TooOld { seconds, tolerance }
+            } else {
+                VerifyError::TooNew { seconds, tolerance }
+            });
         }
         let offered: Vec<Vec<u8>> = signatures
             .split_whitespace()
@@ -219,7 +234,7 @@ impl Verifier {
             })
             .collect();
         let matched = self.secrets.iter().any(|secret| {
-            let expected = secret.mac(id, timestamp, body);
+            let expected = secret.mac_of_text(id, ts, body);
             offered.iter().any(|sig| constant_time_eq(sig, &expected))
         });
         if matched {
@@ -231,6 +246,21 @@ impl Verifier {
             Err(VerifyError::BadSignature)
         }
     }
+}
+
+/// A timestamp header in the one form a sender writes it: ASCII digits, no sign, no spaces, no
+/// leading zero (except `0` itself). The reference libraries parse more leniently (Python's
+/// `float()` takes `" +01.7e9 "`, Rust's `i64::from_str` takes `+01700`) and then MAC a
+/// re-formatting of the number; accepting only the canonical form keeps our MAC over the exact
+/// header text equal to theirs for every timestamp we accept.
+fn parse_timestamp(text: &str) -> Result<i64, VerifyError> {
+    let canonical = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    if !canonical {
+        return Err(VerifyError::BadTimestamp);
+    }
+    text.parse().map_err(|_| VerifyError::BadTimestamp)
 }
 
 /// Equality of two byte strings in time that depends only on their lengths.
@@ -290,13 +320,29 @@ mod tests {
             verifier.verify(&h, b"{\"a\":2}", 1_000),
             Err(VerifyError::BadSignature)
         );
+        let old = verifier.verify(&h, body, 1_301).unwrap_err();
         assert_eq!(
-            verifier.verify(&h, body, 1_301),
-            Err(VerifyError::Stale(301))
+            old,
+            VerifyError::TooOld {
+                seconds: 301,
+                tolerance: 300
+            }
         );
         assert_eq!(
-            verifier.verify(&h, body, 699),
-            Err(VerifyError::Stale(-301))
+            old.to_string(),
+            "the webhook timestamp is 301 s in the past, more than the tolerance of 300 s"
+        );
+        let future = verifier.verify(&h, body, 699).unwrap_err();
+        assert_eq!(
+            future,
+            VerifyError::TooNew {
+                seconds: 301,
+                tolerance: 300
+            }
+        );
+        assert_eq!(
+            future.to_string(),
+            "the webhook timestamp is 301 s in the future, more than the tolerance of 300 s"
         );
         assert_eq!(
             verifier.verify(&HeaderMap::new(), body, 1_000),
@@ -305,6 +351,80 @@ mod tests {
         let other = Verifier::new(vec![Secret::generate()], Duration::from_secs(300));
         assert_eq!(
             other.verify(&h, body, 1_000),
+            Err(VerifyError::BadSignature)
+        );
+    }
+
+    /// Headers of both conventions carrying `timestamp` as written, each signature over exactly that
+    /// text (as a sender writing a non-canonical timestamp would sign it).
+    fn signed_over_text(secret: &Secret, id: &str, timestamp: &str, body: &[u8]) -> HeaderMap {
+        let mac = secret.mac_of_text(id, timestamp, body);
+        let mut map = HeaderMap::new();
+        for (name, value) in [
+            ("webhook-id", id.to_owned()),
+            ("webhook-timestamp", timestamp.to_owned()),
+            ("webhook-signature", format!("v1,{}", BASE64.encode(mac))),
+            ("x-webhook-id", id.to_owned()),
+            ("x-webhook-timestamp", timestamp.to_owned()),
+            (
+                "x-webhook-signature",
+                format!("sha256={}", hex::encode(mac)),
+            ),
+        ] {
+            map.insert(name, value.parse().unwrap());
+        }
+        map
+    }
+
+    fn only(all: &HeaderMap, names: &[&'static str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for name in names {
+            if let Some(value) = all.get(*name) {
+                map.insert(*name, value.clone());
+            }
+        }
+        map
+    }
+
+    #[test]
+    fn only_plain_digit_timestamps_verify_in_either_convention() {
+        let secret = Secret::generate();
+        let body = b"{}";
+        let verifier = Verifier::new(vec![secret.clone()], Duration::from_secs(300));
+        let refused = [
+            "+1000", "01000", "001000", " 1000", "1000 ", "\t1000", "1000.0", "1e3", "-0", "00", "",
+        ];
+        for written in refused {
+            let all = signed_over_text(&secret, "evt_1", written, body);
+            for names in [STANDARD, OLDER] {
+                assert_eq!(
+                    verifier.verify(&only(&all, names), body, 1_000),
+                    Err(VerifyError::BadTimestamp),
+                    "{written:?} in {names:?}"
+                );
+            }
+        }
+        for written in ["1000", "0"] {
+            let all = signed_over_text(&secret, "evt_1", written, body);
+            let now = written.parse().unwrap();
+            for names in [STANDARD, OLDER] {
+                let verified = verifier.verify(&only(&all, names), body, now);
+                assert_eq!(verified.map(|v| v.timestamp), Ok(now), "{written:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_mac_covers_the_timestamp_text_as_sent() {
+        // A MAC over "1000" does not vouch for a header saying anything else.
+        let secret = Secret::generate();
+        let body = b"{}";
+        let verifier = Verifier::new(vec![secret.clone()], Duration::from_secs(300));
+        let mut h = signed_over_text(&secret, "evt_1", "1000", body);
+        assert!(verifier.verify(&h, body, 1_000).is_ok());
+        h.insert("webhook-timestamp", "1001".parse().unwrap());
+        assert_eq!(
+            verifier.verify(&h, body, 1_000),
             Err(VerifyError::BadSignature)
         );
     }

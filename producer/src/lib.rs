@@ -9,7 +9,9 @@ mod store;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use outbox_core::config::{DatabaseArgs, HttpArgs};
+use std::time::Duration;
+
+use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
 use outbox_core::routing::TopicRoutes;
@@ -52,6 +54,13 @@ pub struct Config {
     /// Largest accepted request body in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
+    /// How long an `Idempotency-Key` is remembered (as Svix does, a day by default). An older key
+    /// is deleted and then accepted again as a new request.
+    #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_key_retention: Duration,
+    /// How often expired idempotency keys are deleted (a thousand per statement).
+    #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub idempotency_key_retention_interval: Duration,
 }
 
 /// Handles shared by every request.
@@ -93,12 +102,22 @@ pub async fn run(
         metrics: Metrics::new(),
         config: Arc::new(config.clone()),
     };
-    let migrations = {
+    let background = {
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { db::migrate_until_done(&pool, SCHEMAS, &shutdown).await })
+        let metrics = state.metrics.clone();
+        let retention = store::idempotency_key_retention(
+            config.idempotency_key_retention,
+            config.idempotency_key_retention_interval,
+        );
+        tokio::spawn(async move {
+            if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await {
+                let deleted = |n| metrics.idempotency_keys_deleted.inc_by(n);
+                retention.run_every_interval(pool, deleted, shutdown).await;
+            }
+        })
     };
     let app = routes::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes));
     outbox_core::http::serve(listener, app, config.http, shutdown).await;
-    migrations.abort();
+    background.abort();
     Ok(())
 }

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     pub messages_created: IntCounter,
     pub idempotent_replays: IntCounter,
+    pub idempotency_keys_deleted: IntCounter,
 }
 
 impl Metrics {
@@ -57,6 +58,14 @@ impl Metrics {
                 IntCounter::new(
                     "producer_idempotent_replays_total",
                     "Requests answered from an earlier response with the same Idempotency-Key",
+                )
+                .expect("valid metric"),
+            ),
+            idempotency_keys_deleted: register(
+                &registry,
+                IntCounter::new(
+                    "producer_idempotency_keys_deleted_total",
+                    "Idempotency keys deleted after IDEMPOTENCY_KEY_RETENTION",
                 )
                 .expect("valid metric"),
             ),

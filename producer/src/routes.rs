@@ -53,15 +53,28 @@ pub fn router(state: AppState) -> Router {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMessage {
-    /// The message text; required, not empty, at most 64 KiB.
+    /// The message text; required, not only white space, no NUL, at most 64 KiB of UTF-8.
+    #[schema(
+        min_length = 1,
+        max_length = 65536,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    )]
     pub content: String,
     /// Aggregate id: events with the same key reach Kafka in order. Default: the message id.
+    /// Not only white space, no NUL, at most 256 bytes of UTF-8.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    )]
     pub key: Option<String>,
-    /// Event type, default `message.created`.
+    /// Event type, default `message.created`: dot-separated lowercase words. Types other than
+    /// `message.*` need a `TOPIC_ROUTES` rule, else 422 `no_topic_route`.
     #[serde(rename = "type")]
+    #[schema(max_length = 128, pattern = r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")]
     pub event_type: Option<String>,
     /// Extra JSON carried in the event's `data.data`.
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = crate::openapi::json_without_nul)]
     pub data: Option<Value>,
 }
 
@@ -120,14 +133,15 @@ fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
 #[utoipa::path(
     post, path = "/messages", request_body = CreateMessage,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe key: the same key and body return the first response"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[\t\x20-\x7e]*[\x21-\x7e][\t\x20-\x7e]*$",
+            description = "Repeat-safe key (1 to 255 visible ASCII characters): the same key and body return the first response for IDEMPOTENCY_KEY_RETENTION"),
         ("X-Correlation-Id" = Option<String>, Header, description = "Carried into the event; generated when absent"),
     ),
     responses(
         (status = 201, description = "Message and outbox event committed (state P)", body = Object),
-        (status = 400, description = "Malformed JSON"),
-        (status = 413, description = "Body too large"),
-        (status = 415, description = "Not application/json"),
+        (status = 400, description = "Malformed JSON, a body that is not an object, or an invalid Idempotency-Key"),
+        (status = 413, description = "Body larger than MAX_BODY_BYTES"),
+        (status = 415, description = "Not Content-Type: application/json"),
         (status = 422, description = "Invalid fields, or an Idempotency-Key reused with another body"),
         (status = 503, description = "PostgreSQL unavailable; nothing was written"),
     )
@@ -220,8 +234,13 @@ pub async fn create_message(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct MessagePage {
     /// At most this many (1–500, default 50).
+    #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
     /// Only messages older than this message id (the `next_before` of the previous page).
+    #[param(
+        nullable = false,
+        pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     before: Option<Uuid>,
 }
 
@@ -251,8 +270,8 @@ pub async fn list_messages(
 }
 
 /// One message with its event's state, attempts, last error and Kafka position.
-#[utoipa::path(get, path = "/messages/{id}", params(("id" = Uuid, Path, description = "Message id")),
-    responses((status = 200, body = store::MessageView), (status = 404, description = "No such message")))]
+#[utoipa::path(get, path = "/messages/{id}", params(("id" = Uuid, Path, pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", description = "Message id")),
+    responses((status = 200, body = store::MessageView), (status = 400, description = "The id is not a UUID"), (status = 404, description = "No such message")))]
 pub async fn get_message(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -269,14 +288,19 @@ pub async fn get_message(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct OutboxPage {
     /// P, E, X or D.
+    #[param(value_type = crate::openapi::OutboxStateCode, required = false)]
     state: Option<String>,
     /// Only rows with a larger id (the `next_after` of the previous page).
+    #[param(nullable = false)]
     after: Option<i64>,
+    /// At most this many (1–500, default 50).
+    #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
 }
 
 /// Outbox rows in id order, optionally of one state.
-#[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = Object)))]
+#[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = Object)),
+    security((), ("admin_token" = [])))]
 pub async fn list_outbox(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<OutboxPage>,
@@ -300,7 +324,8 @@ pub async fn list_outbox(
 }
 
 /// Counts by state and the age of the oldest unsent row.
-#[utoipa::path(get, path = "/stats", responses((status = 200, body = Object)))]
+#[utoipa::path(get, path = "/stats", responses((status = 200, body = Object)),
+    security((), ("admin_token" = [])))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await?;
     Ok(Json(store::stats(&client).await?))
@@ -308,7 +333,8 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
 
 /// Sends a dead (D) row again: it becomes P with its attempts reset.
 #[utoipa::path(post, path = "/outbox/{id}/retry", params(("id" = i64, Path, description = "Outbox row id")),
-    responses((status = 200, body = store::OutboxRow), (status = 404), (status = 409, description = "The row is not dead")))]
+    responses((status = 200, body = store::OutboxRow), (status = 404, description = "No such outbox row"), (status = 409, description = "The row is not dead")),
+    security((), ("admin_token" = [])))]
 pub async fn retry_outbox(
     State(state): State<AppState>,
     Path(id): Path<String>,

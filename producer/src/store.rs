@@ -1,9 +1,12 @@
 //! The producer's SQL: the one transaction that writes a message with its outbox event, and reads.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use outbox_core::envelope::{Envelope, Metadata};
 use outbox_core::http::ApiError;
 use outbox_core::outbox::{self, OutboxState};
+use outbox_core::retention::BatchDelete;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_postgres::Row;
@@ -24,6 +27,30 @@ pub struct NewMessage {
 pub struct Idempotency<'a> {
     pub key: &'a str,
     pub request_hash: String,
+}
+
+/// Deletes idempotency keys older than `$1` ms, at most `$2` of them.
+const DELETE_EXPIRED_KEYS: &str = "
+    with gone as (
+        delete from idempotency_keys where key in (
+            select key from idempotency_keys
+             where created_at < now() - ($1::bigint * interval '1 millisecond')
+             limit $2
+               for update skip locked)
+        returning 1
+    )
+    select count(*) from gone";
+
+/// The retention of idempotency keys: kept at least `retention`, deleted within about `interval`
+/// after. A key being written (its transaction still open) is skipped, never waited for.
+pub fn idempotency_key_retention(retention: Duration, interval: Duration) -> BatchDelete {
+    BatchDelete {
+        what: "idempotency keys",
+        sql: DELETE_EXPIRED_KEYS,
+        retention,
+        batch: 1000,
+        interval,
+    }
 }
 
 /// What `create_message` did.
@@ -47,21 +74,28 @@ pub async fn create_message(
     let tx = client.transaction().await?;
     if let Some(idem) = &idempotency {
         // The insert blocks while another transaction holds the same key, so the loser of a race
-        // sees the winner's committed response below.
-        let inserted = tx
-            .execute(
-                "insert into idempotency_keys (key, request_hash, response_code, response_body)
-                 values ($1, $2, 0, '{}'::jsonb) on conflict (key) do nothing",
-                &[&idem.key, &idem.request_hash],
-            )
-            .await?;
-        if inserted == 0 {
-            let row = tx
-                .query_one(
+        // sees the winner's committed response below. Retention may delete the key between the
+        // two statements: it is then new, and the insert is tried again.
+        loop {
+            let inserted = tx
+                .execute(
+                    "insert into idempotency_keys (key, request_hash, response_code, response_body)
+                     values ($1, $2, 0, '{}'::jsonb) on conflict (key) do nothing",
+                    &[&idem.key, &idem.request_hash],
+                )
+                .await?;
+            if inserted == 1 {
+                break;
+            }
+            let Some(row) = tx
+                .query_opt(
                     "select request_hash, response_body from idempotency_keys where key = $1",
                     &[&idem.key],
                 )
-                .await?;
+                .await?
+            else {
+                continue;
+            };
             let hash: String = row.get(0);
             return Ok(if hash == idem.request_hash {
                 Created::Replayed(row.get(1))

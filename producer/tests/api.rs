@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use outbox_core::testing::TestDb;
+use outbox_core::testing::{eventually, TestDb};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -173,6 +173,54 @@ async fn an_idempotency_key_replays_the_first_answer_and_refuses_another_body() 
         .iter()
         .all(|a| a.as_ref().unwrap().status() == StatusCode::CREATED));
     assert_eq!(app.rows().await, (2, 2));
+}
+
+#[tokio::test]
+async fn an_idempotency_key_older_than_the_retention_is_deleted_then_new_again() {
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let app = spawn_app_with(db, &url, |c| {
+        c.idempotency_key_retention = Duration::from_millis(300);
+        c.idempotency_key_retention_interval = Duration::from_millis(50);
+    })
+    .await;
+    let send = |content: &str| {
+        app.http
+            .post(format!("{}/messages", app.base))
+            .header("idempotency-key", "order-43")
+            .json(&json!({ "content": content }))
+            .send()
+    };
+    assert_eq!(send("first").await.unwrap().status(), StatusCode::CREATED);
+    // Within the retention the key still belongs to the first body.
+    let reused = send("second").await.unwrap();
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    eventually(
+        "the expired key is deleted",
+        Duration::from_secs(10),
+        || async {
+            (app.db.count("select count(*) from idempotency_keys").await == 0).then_some(())
+        },
+    )
+    .await;
+    let again = send("second").await.unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert!(again.headers().get("idempotent-replayed").is_none());
+    let created: Value = again.json().await.unwrap();
+    let (_, message) = app
+        .get(&format!(
+            "/messages/{}",
+            created["id"].as_str().unwrap_or_default()
+        ))
+        .await;
+    assert_eq!(message["content"], "second");
+    assert_eq!(app.rows().await, (2, 2));
+    assert_eq!(
+        app.db.count("select count(*) from idempotency_keys").await,
+        1,
+        "the key is remembered again, for the new body"
+    );
 }
 
 #[tokio::test]

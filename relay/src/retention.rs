@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use outbox_core::db::PgPool;
+use outbox_core::retention::BatchDelete;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::sleep_or_cancel;
 use crate::Metrics;
 
 const BATCH: i64 = 1000;
@@ -34,37 +34,13 @@ pub async fn run(
     metrics: Metrics,
     stop: CancellationToken,
 ) {
-    let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
-    while !stop.is_cancelled() {
-        loop {
-            let deleted = match pool.get().await {
-                Ok(client) => client
-                    .query_one(DELETE_OLD_SENT, &[&retention_ms, &BATCH])
-                    .await
-                    .map(|row| row.get::<_, i64>(0).max(0) as u64),
-                Err(error) => {
-                    tracing::warn!(%error, "retention skipped: PostgreSQL unavailable");
-                    break;
-                }
-            };
-            match deleted {
-                Ok(n) => {
-                    metrics.retention_deleted.inc_by(n);
-                    if n > 0 {
-                        tracing::info!(deleted = n, "retention deleted old sent rows");
-                    }
-                    if (n as i64) < BATCH || stop.is_cancelled() {
-                        break;
-                    }
-                    // Let publishing have the database between batches.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "retention delete failed");
-                    break;
-                }
-            }
-        }
-        sleep_or_cancel(interval, &stop).await;
+    BatchDelete {
+        what: "sent outbox rows",
+        sql: DELETE_OLD_SENT,
+        retention,
+        batch: BATCH,
+        interval,
     }
+    .run_every_interval(pool, |n| metrics.retention_deleted.inc_by(n), stop)
+    .await
 }

@@ -327,6 +327,55 @@ impl App {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Sends `body` with the timestamp header written as `timestamp`, signed with the app's secret
+    /// over the timestamp text `signed`.
+    pub async fn send_with_timestamp_text(
+        &self,
+        route: &str,
+        id: &str,
+        body: &[u8],
+        (timestamp, signed): (&str, &str),
+        convention: Headers,
+    ) -> (reqwest::StatusCode, Value) {
+        use base64::Engine;
+        let mac = self.secret.mac_of_text(id, signed, body);
+        let headers = match convention {
+            Headers::Standard => [
+                ("webhook-id", id.to_owned()),
+                ("webhook-timestamp", timestamp.to_owned()),
+                (
+                    "webhook-signature",
+                    format!(
+                        "v1,{}",
+                        base64::engine::general_purpose::STANDARD.encode(mac)
+                    ),
+                ),
+            ],
+            Headers::Older => [
+                ("x-webhook-id", id.to_owned()),
+                ("x-webhook-timestamp", timestamp.to_owned()),
+                (
+                    "x-webhook-signature",
+                    format!("sha256={}", hex::encode(mac)),
+                ),
+            ],
+        };
+        let mut request = self
+            .http
+            .post(format!("{}{route}", self.base))
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("notifier answers");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Sends a correctly signed envelope with the standard headers.
     pub async fn deliver(&self, route: &str, id: &str) -> (reqwest::StatusCode, Value) {
         self.send_signed(
