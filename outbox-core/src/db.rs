@@ -81,6 +81,11 @@ impl Schema {
                     "idempotency_keys_created_brin",
                     include_str!("../../sql/producer/V2__idempotency_keys_created_brin.sql"),
                 ),
+                (
+                    3,
+                    "messages_data_json",
+                    include_str!("../../sql/producer/V3__messages_data_json.sql"),
+                ),
             ],
             Schema::Webhooks => &[(
                 1,

@@ -135,7 +135,7 @@ fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
     params(
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[\t\x20-\x7e]*[\x21-\x7e][\t\x20-\x7e]*$",
             description = "Repeat-safe key (1 to 255 visible ASCII characters): the same key and body return the first response for IDEMPOTENCY_KEY_RETENTION"),
-        ("X-Correlation-Id" = Option<String>, Header, description = "Carried into the event; generated when absent"),
+        ("X-Correlation-Id" = Option<String>, Header, pattern = r"^[!-~]{1,128}$", description = "Carried into the event (1 to 128 visible ASCII characters, else 400); generated when absent"),
     ),
     responses(
         (status = 201, description = "Message and outbox event committed (state P)", body = Object),
@@ -232,6 +232,7 @@ pub async fn create_message(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MessagePage {
     /// At most this many (1–500, default 50).
     #[param(minimum = 1, maximum = 500, nullable = false)]
@@ -286,6 +287,7 @@ pub async fn get_message(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct OutboxPage {
     /// P, E, X or D.
     #[param(value_type = crate::openapi::OutboxStateCode, required = false)]

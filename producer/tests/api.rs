@@ -729,3 +729,19 @@ async fn a_query_cut_by_a_postgres_shutdown_answers_503_with_retry_after() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn data_with_extreme_numbers_reads_back_as_written() {
+    let app = spawn_app().await;
+    let data =
+        json!({"max": f64::MAX, "tiny": 5e-324, "big": 12345678901234567890u64, "neg": -1.5e300});
+    let (status, body) = app.post(json!({"content": "numbers", "data": data})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (status, one) = app.get(&format!("/messages/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["data"], data);
+    let (status, page) = app.get("/messages").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["items"][0]["data"], data);
+}

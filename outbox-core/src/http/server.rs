@@ -59,10 +59,21 @@ pub async fn serve(
     limits: HttpArgs,
     shutdown: CancellationToken,
 ) {
-    let router = super::uniform_errors(router).layer(middleware::from_fn_with_state(
-        limits.http_body_timeout,
-        super::body_timeout::limit_body_read,
-    ));
+    let router = super::uniform_errors(router)
+        .layer(middleware::from_fn_with_state(
+            limits.http_body_timeout,
+            super::body_timeout::limit_body_read,
+        ))
+        // A bug must still answer (JSON 500) rather than drop the connection without a word.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                axum::response::IntoResponse::into_response(super::ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "the request failed unexpectedly; the service logged why",
+                ))
+            },
+        ));
     let connections = Arc::new(Connections::new(limits.http_max_connections.max(1)));
     let mut tasks = JoinSet::new();
     loop {
