@@ -188,7 +188,17 @@ const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78_0001;
 
 /// Builds a pool. It connects lazily, so a service starts even while PostgreSQL is down.
 pub fn pool(url: &str, size: usize, schemas: &[Schema]) -> Result<Pool, DbError> {
-    build_pool(url, size, &options(schemas, ""))
+    build_pool(url, size, &options_for(schemas, ""))
+}
+
+/// [`pool`] with more connection options (`-c name=value`, space-separated).
+pub fn pool_with_options(
+    url: &str,
+    size: usize,
+    schemas: &[Schema],
+    options: &str,
+) -> Result<Pool, DbError> {
+    build_pool(url, size, &options_for(schemas, &format!(" {options}")))
 }
 
 /// A pool whose commits do not wait for the WAL flush (`synchronous_commit = off`). Only for
@@ -200,12 +210,16 @@ pub fn pool_without_flush_wait(
     size: usize,
     schemas: &[Schema],
 ) -> Result<Pool, DbError> {
-    build_pool(url, size, &options(schemas, " -c synchronous_commit=off"))
+    build_pool(
+        url,
+        size,
+        &options_for(schemas, " -c synchronous_commit=off"),
+    )
 }
 
 /// Connection options: the service's schemas as `search_path` (its SQL names its tables
 /// unqualified), then `extra`.
-fn options(schemas: &[Schema], extra: &str) -> String {
+fn options_for(schemas: &[Schema], extra: &str) -> String {
     let path: Vec<&str> = schemas.iter().map(|s| s.name()).collect();
     format!("-c search_path={}{extra}", path.join(","))
 }
@@ -382,7 +396,17 @@ pub async fn migrate_until_done(
     schemas: &[Schema],
     shutdown: &CancellationToken,
 ) -> bool {
-    let attempt = || async { migrate(pool, schemas).await };
+    until_done("migrations", shutdown, || migrate(pool, schemas)).await
+}
+
+/// Runs `attempt` until it succeeds, with backoff (200 ms doubling to 5 s) and a warning naming
+/// `what` after each failure. Returns false only when shutdown was requested first.
+pub async fn until_done<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
     let retried = attempt
         .retry(
             ExponentialBuilder::default()
@@ -391,7 +415,7 @@ pub async fn migrate_until_done(
                 .without_max_times(),
         )
         .notify(|error, after| {
-            tracing::warn!(%error, retry_in_ms = after.as_millis() as u64, "migrations not applied yet");
+            tracing::warn!(%error, what, retry_in_ms = after.as_millis() as u64, "not done yet; retrying");
         });
     tokio::select! {
         result = retried => result.is_ok(),

@@ -102,6 +102,19 @@ impl From<tokio_postgres::Error> for ApiError {
     }
 }
 
+/// What `outbox.publish` refused is the request's fault (422); PostgreSQL trouble maps as usual.
+impl From<crate::outbox::PublishError> for ApiError {
+    fn from(error: crate::outbox::PublishError) -> Self {
+        use crate::outbox::PublishError;
+        match error {
+            PublishError::Invalid(m) => ApiError::unprocessable("invalid_event", m),
+            PublishError::TooLarge(m) => ApiError::unprocessable("event_too_large", m),
+            PublishError::NoRoute(m) => ApiError::unprocessable("no_topic_route", m),
+            PublishError::Db(e) => ApiError::from(e),
+        }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         ApiError::unavailable(format!("PostgreSQL is unavailable: {error}"))

@@ -60,6 +60,29 @@ fn matches(pattern: &str, event_type: &str) -> bool {
     }
 }
 
+impl TopicRoutes {
+    /// Writes the rules into `outbox.routes`, replacing what was there, so that `outbox.publish`
+    /// routes SQL callers as this configuration routes the producer. The producer and the relay
+    /// both do it at start-up; the last to start wins, so give them the same `TOPIC_ROUTES`.
+    pub async fn store(&self, pool: &crate::db::PgPool) -> Result<(), crate::db::DbError> {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        let positions: Vec<i32> = (1..=self.rules.len() as i32).collect();
+        let patterns: Vec<&str> = self.rules.iter().map(|(p, _)| p.as_str()).collect();
+        let topics: Vec<&str> = self.rules.iter().map(|(_, t)| t.as_str()).collect();
+        tx.batch_execute("lock table outbox.routes in exclusive mode; delete from outbox.routes")
+            .await?;
+        tx.execute(
+            "insert into outbox.routes (position, pattern, topic)
+             select * from unnest($1::int[], $2::text[], $3::text[])",
+            &[&positions, &patterns, &topics],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// Kafka's rule for topic names: 1–249 of `[a-zA-Z0-9._-]`.
 pub fn valid_topic(name: &str) -> bool {
     !name.is_empty()

@@ -91,10 +91,20 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let routes = TopicRoutes::parse(&config.topic_routes, &config.kafka_topic)
         .map_err(anyhow::Error::msg)?;
-    let pool = db::pool(
+    anyhow::ensure!(
+        !config.environment.is_empty()
+            && config
+                .environment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+        "ENVIRONMENT must be letters, digits, '-', '_' or '.'"
+    );
+    // outbox.publish writes this session setting into every envelope's metadata.environment.
+    let pool = db::pool_with_options(
         &config.database.database_url,
         config.database.database_pool_size,
         SCHEMAS,
+        &format!("-c outbox.environment={}", config.environment),
     )?;
     let state = AppState {
         pool: pool.clone(),
@@ -105,12 +115,15 @@ pub async fn run(
     let background = {
         let shutdown = shutdown.clone();
         let metrics = state.metrics.clone();
+        let routes = state.routes.clone();
         let retention = store::idempotency_key_retention(
             config.idempotency_key_retention,
             config.idempotency_key_retention_interval,
         );
         tokio::spawn(async move {
-            if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await {
+            if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await
+                && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool)).await
+            {
                 let deleted = |n| metrics.idempotency_keys_deleted.inc_by(n);
                 retention.run_every_interval(pool, deleted, shutdown).await;
             }

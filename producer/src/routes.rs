@@ -189,7 +189,6 @@ pub async fn create_message(
         topic: topic.to_owned(),
         data: request.data,
         correlation_id: correlation_id.clone(),
-        environment: state.config.environment.clone(),
     };
     let idempotency = idempotency_key.map(|key| Idempotency { key, request_hash });
     let outcome = async {

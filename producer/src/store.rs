@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use outbox_core::envelope::{Envelope, Metadata};
 use outbox_core::http::ApiError;
 use outbox_core::outbox::{self, OutboxState};
 use outbox_core::retention::BatchDelete;
@@ -20,7 +19,6 @@ pub struct NewMessage {
     pub topic: String,
     pub data: Option<Value>,
     pub correlation_id: String,
-    pub environment: String,
 }
 
 /// The idempotency key of a request and the hash of its body.
@@ -113,17 +111,20 @@ pub async fn create_message(
         "key": aggregate_id,
         "data": new.data,
     });
-    let envelope = Envelope::new(
-        &new.event_type,
-        &aggregate_id,
-        data,
-        Metadata {
-            source: "producer".into(),
-            environment: new.environment,
-            correlation_id: new.correlation_id.clone(),
+    let published = outbox::publish_returning_row(
+        &tx,
+        &outbox::NewEvent {
+            event_type: &new.event_type,
+            key: &aggregate_id,
+            data: &data,
+            topic: Some(&new.topic),
+            headers: None,
+            correlation_id: Some(&new.correlation_id),
+            source: Some("producer"),
         },
-    );
-    let outbox_id = outbox::insert_event(&tx, &envelope, &aggregate_id, &new.topic).await?;
+    )
+    .await?;
+    let outbox_id = published.outbox_id;
     let row = tx
         .query_one(
             "insert into messages (id, content, aggregate_id, event_type, event_id, outbox_id, data, correlation_id)
@@ -133,7 +134,7 @@ pub async fn create_message(
                 &new.content,
                 &aggregate_id,
                 &new.event_type,
-                &envelope.id,
+                &published.event_id,
                 &outbox_id,
                 &new.data,
                 &new.correlation_id,
@@ -143,7 +144,7 @@ pub async fn create_message(
     let created_at: DateTime<Utc> = row.get(0);
     let body = json!({
         "id": id,
-        "event_id": envelope.id,
+        "event_id": published.event_id,
         "outbox_id": outbox_id,
         "state": OutboxState::Pending,
         "event_type": new.event_type,

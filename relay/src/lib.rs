@@ -158,7 +158,9 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await {
+    if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await
+        && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool)).await
+    {
         leader::elect_and_publish(&config, publisher.clone(), shutdown.clone()).await;
     }
 

@@ -418,31 +418,32 @@ impl Publisher {
                 RDKafkaErrorCode::InvalidMessage,
             ));
         };
+        // The contract's three headers first (absent ones empty, as before), then whatever else
+        // the publisher gave (outbox.publish's `headers`).
         let header = |name: &str| {
             row.headers
                 .get(name)
                 .and_then(Value::as_str)
                 .unwrap_or_default()
-                .to_owned()
         };
-        let (event_id, event_type, correlation_id) = (
-            header(HEADER_EVENT_ID),
-            header(HEADER_EVENT_TYPE),
-            header(HEADER_CORRELATION_ID),
-        );
-        let headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header {
-                key: HEADER_EVENT_ID,
-                value: Some(&event_id),
-            })
-            .insert(Header {
-                key: HEADER_EVENT_TYPE,
-                value: Some(&event_type),
-            })
-            .insert(Header {
-                key: HEADER_CORRELATION_ID,
-                value: Some(&correlation_id),
+        let mut headers = OwnedHeaders::new_with_capacity(3);
+        for name in [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_CORRELATION_ID] {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(header(name)),
             });
+        }
+        if let Some(extra) = row.headers.as_object() {
+            for (name, value) in extra {
+                let contract = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_CORRELATION_ID];
+                if let (false, Some(value)) = (contract.contains(&name.as_str()), value.as_str()) {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(value),
+                    });
+                }
+            }
+        }
         let mut record = FutureRecord::to(&row.topic)
             .key(&row.key)
             .payload(payload)
