@@ -76,9 +76,13 @@ struct Stack {
 
 impl Stack {
     async fn start(brokers: &str) -> Stack {
+        Self::start_on(TestDb::create().await, &unique_topic("e2e"), brokers).await
+    }
+
+    /// The four services on `db` (migrated by them as they start), sending to `topic`.
+    async fn start_on(db: TestDb, topic: &str, brokers: &str) -> Stack {
         outbox_core::telemetry::init_logging();
-        let db = TestDb::create().await;
-        let topic = unique_topic("e2e");
+        let topic = topic.to_owned();
         outbox_core::kafka::ensure_topics(brokers, std::slice::from_ref(&topic), 3)
             .await
             .expect("topic");
@@ -267,6 +271,12 @@ impl Stack {
                 None => return events,
             }
         }
+    }
+
+    async fn get_json(&self, url: &str) -> Value {
+        let r = self.http.get(url).send().await.expect("answers");
+        assert_eq!(r.status(), 200, "GET {url}");
+        r.json().await.expect("JSON")
     }
 
     async fn received_ids(&self) -> HashSet<String> {
@@ -486,4 +496,210 @@ async fn kafka_stopped_consumer_killed_receiver_down_under_load_nothing_acknowle
     stack.consumer.stop().await;
     stack.notifier.stop().await;
     chaos_stack("kafka-stop");
+}
+
+/// A database an earlier release made (every table in `public`) with rows in every state, as a
+/// running system leaves it.
+async fn legacy_database_with_rows(topic: &str) -> (TestDb, Vec<String>) {
+    use outbox_core::envelope::{Envelope, Metadata};
+    let db = TestDb::create_legacy().await;
+    let client = db.client().await;
+    let mut unsent = Vec::new();
+    for (n, state) in ["P", "P", "X", "E", "D"].iter().enumerate() {
+        let envelope = Envelope::new(
+            "message.created",
+            &format!("legacy-{n}"),
+            json!({"content": format!("legacy {n}")}),
+            Metadata {
+                source: "producer".into(),
+                environment: "test".into(),
+                correlation_id: format!("req_legacy_{n}"),
+            },
+        );
+        let headers = json!({"event_id": envelope.id, "event_type": envelope.event, "correlation_id": envelope.metadata.correlation_id});
+        let row = client
+            .query_one(
+                "insert into public.outbox (event_id, event_type, aggregate_id, topic, headers, state, attempts,
+                                            next_attempt_at, kafka_partition, kafka_offset)
+                 values ($1, 'message.created', $2, $3, $4, $5::text, case when $5::text in ('X', 'D') then 3 else 0 end,
+                         now() - interval '1 minute',
+                         case when $5::text = 'E' then 0 end, case when $5::text = 'E' then 0 end)
+                 returning id",
+                &[&envelope.id, &format!("legacy-{n}"), &topic, &headers, &state.to_string()],
+            )
+            .await
+            .unwrap();
+        let outbox_id: i64 = row.get(0);
+        client
+            .execute(
+                "insert into public.outbox_payloads (outbox_id, payload) values ($1, $2)",
+                &[&outbox_id, &serde_json::to_value(&envelope).unwrap()],
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                "insert into public.messages (id, content, aggregate_id, event_type, event_id, outbox_id, correlation_id)
+                 values ($1, $2, $3, 'message.created', $4, $5, $6)",
+                &[&uuid::Uuid::now_v7(), &format!("legacy {n}"), &format!("legacy-{n}"), &envelope.id, &outbox_id,
+                  &envelope.metadata.correlation_id],
+            )
+            .await
+            .unwrap();
+        if matches!(*state, "P" | "X") {
+            unsent.push(envelope.id.clone());
+        }
+    }
+    // The consumer's side: an endpoint whose address is not up yet, a pending delivery to it, a
+    // dead one, its open breaker; the notifier's side: an event it stored, an open channel breaker.
+    client
+        .batch_execute(
+            "insert into public.endpoints (id, url, event_types, secret)
+                 values ('ep_legacy', 'http://127.0.0.1:9/down', '{*}', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+             insert into public.inbox (event_id, event_type, topic, kafka_partition, kafka_offset, payload)
+                 values ('evt_legacy_pending', 'message.created', 'old', 0, 1, '{\"id\": \"evt_legacy_pending\"}'),
+                        ('evt_legacy_dead', 'message.created', 'old', 0, 2, '{\"id\": \"evt_legacy_dead\"}');
+             insert into public.deliveries (event_id, endpoint_id, state, attempts)
+                 values ('evt_legacy_pending', 'ep_legacy', 'pending', 1),
+                        ('evt_legacy_dead', 'ep_legacy', 'dead', 6);
+             insert into public.circuit_breakers (scope, name, state, failure_count, opened_at)
+                 values ('endpoint', 'ep_legacy', 'OPEN', 5, now() - interval '1 hour'),
+                        ('channel', 'email', 'OPEN', 5, now() - interval '1 hour');
+             insert into public.received_events (webhook_id, route, event_type, payload)
+                 values ('evt_legacy_received', '/webhooks/logger', 'message.created', '{}');",
+        )
+        .await
+        .unwrap();
+    (db, unsent)
+}
+
+#[tokio::test]
+async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps_flowing() {
+    let brokers = kafka_brokers();
+    let topic = unique_topic("e2e-upgrade");
+    outbox_core::kafka::ensure_topics(&brokers, std::slice::from_ref(&topic), 3)
+        .await
+        .expect("topic");
+    let (db, unsent) = legacy_database_with_rows(&topic).await;
+    let stack = Stack::start_on(db, &topic, &brokers).await;
+
+    // Every table left public, with its rows, and the legacy history went with them.
+    let left = stack
+        .db
+        .count("select count(*) from pg_tables where schemaname = 'public'")
+        .await;
+    assert_eq!(left, 0, "nothing of the product stays in public");
+    for (table, rows) in [
+        ("outbox.outbox", 5),
+        ("outbox.outbox_payloads", 5),
+        ("producer.messages", 5),
+        ("webhooks.inbox", 2),
+        ("webhooks.deliveries", 2),
+        ("webhooks.circuit_breakers", 1),
+        ("notifier.circuit_breakers", 1),
+        ("notifier.received_events", 1),
+    ] {
+        let n = stack
+            .db
+            .count(&format!("select count(*) from {table}"))
+            .await;
+        assert!(n >= rows, "{table}: {n} rows, expected at least {rows}");
+    }
+    // The outbox keeps flowing: P and X rows are sent, E and D stay as they were.
+    eventually(
+        "the legacy unsent rows are sent",
+        Duration::from_secs(30),
+        || async {
+            (stack
+                .db
+                .count("select count(*) from outbox.outbox where state in ('P', 'X')")
+                .await
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        stack
+            .db
+            .count("select count(*) from outbox.outbox where state = 'D'")
+            .await,
+        1
+    );
+    let received = eventually(
+        "the notifier got the legacy events",
+        Duration::from_secs(30),
+        || async {
+            let ids = stack.received_ids().await;
+            unsent.iter().all(|id| ids.contains(id)).then_some(ids)
+        },
+    )
+    .await;
+    assert!(received.len() >= unsent.len());
+    let stored = stack.db.count("select count(*) from notifier.received_events where webhook_id = 'evt_legacy_received'").await;
+    assert_eq!(stored, 1, "the notifier's old events stay");
+
+    // The consumer's state came along: its breaker is still open, the dead letter listed and
+    // replayable, and the pending delivery goes out once its endpoint has an address.
+    let breakers: Value = stack
+        .get_json(&format!("{}/circuit-breakers", stack.consumer_url))
+        .await;
+    let legacy = breakers["circuit_breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["endpoint_id"] == "ep_legacy")
+        .cloned()
+        .expect("the legacy breaker");
+    assert_eq!(legacy["state"], "OPEN", "{legacy}");
+    let dead: Value = stack
+        .get_json(&format!("{}/deliveries?state=dead", stack.consumer_url))
+        .await;
+    assert!(dead.to_string().contains("evt_legacy_dead"), "{dead}");
+    // The operator points the old endpoint at the notifier (its secret is the notifier's).
+    let logger = format!("http://127.0.0.1:{}/webhooks/logger", stack.notifier_port);
+    stack
+        .db
+        .client()
+        .await
+        .execute(
+            "update webhooks.endpoints set url = $1, secret = $2 where id = 'ep_legacy'",
+            &[&logger, &stack.secret.as_str()],
+        )
+        .await
+        .unwrap();
+    let r = stack
+        .http
+        .post(format!(
+            "{}/circuit-breakers/ep_legacy/reset",
+            stack.consumer_url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    eventually("the legacy pending delivery is delivered", Duration::from_secs(30), || async {
+        (stack
+            .db
+            .count("select count(*) from webhooks.deliveries where event_id = 'evt_legacy_pending' and state = 'succeeded'")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    // And a new message goes all the way, as on a fresh database.
+    let id = stack
+        .post("after the upgrade".into(), "req_after_upgrade")
+        .await
+        .expect("201");
+    eventually(
+        "the new message arrives",
+        Duration::from_secs(30),
+        || async { stack.received_ids().await.contains(&id).then_some(()) },
+    )
+    .await;
+    stack.producer.stop().await;
+    stack.relay.stop().await;
+    stack.consumer.stop().await;
+    stack.notifier.stop().await;
 }

@@ -218,8 +218,11 @@ pub fn pool_without_flush_wait(
 }
 
 /// Connection options: the service's schemas as `search_path` (its SQL names its tables
-/// unqualified), then `extra`.
+/// unqualified), then `extra`. No schemas: the database's own `search_path`.
 fn options_for(schemas: &[Schema], extra: &str) -> String {
+    if schemas.is_empty() {
+        return extra.trim_start().to_owned();
+    }
     let path: Vec<&str> = schemas.iter().map(|s| s.name()).collect();
     format!("-c search_path={}{extra}", path.join(","))
 }
@@ -303,6 +306,28 @@ pub async fn migrate(pool: &Pool, schemas: &[Schema]) -> Result<Vec<String>, DbE
     }
     tx.commit().await?;
     Ok(newly)
+}
+
+/// Makes a database as the releases that kept every table in `public` did (their migrations,
+/// recorded in `public.schema_migrations`), to test the upgrade in place.
+#[doc(hidden)]
+pub async fn migrate_as_legacy_release(pool: &Pool) -> Result<(), DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(
+        "set local search_path = public;
+         create table schema_migrations (
+             version integer primary key,
+             name text not null,
+             applied_at timestamptz not null default now())",
+    )
+    .await?;
+    for (version, name, sql) in LEGACY_MIGRATIONS {
+        tx.batch_execute(sql).await?;
+        record(&tx, "public", *version, name).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Whether this database was made by the releases that kept every table in `public`: their

@@ -65,6 +65,33 @@ impl TestDb {
         TestDb { url, name, pool }
     }
 
+    /// A database as an earlier release made it: every table in `public` (see
+    /// [`db::migrate_as_legacy_release`]), for upgrade tests.
+    pub async fn create_legacy() -> TestDb {
+        let server = server_url();
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) = tokio_postgres::connect(&server, NoTls)
+            .await
+            .expect("PostgreSQL is reachable");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .expect("create test database");
+        client
+            .batch_execute(&format!(
+                "alter database {name} set search_path = outbox, producer, webhooks, notifier, public"
+            ))
+            .await
+            .expect("set the test database's search_path");
+        let url = with_database(&server, &name);
+        let pool = db::pool(&url, 16, &[]).expect("pool");
+        db::migrate_as_legacy_release(&pool)
+            .await
+            .expect("the legacy migrations apply");
+        TestDb { url, name, pool }
+    }
+
     /// A client from the pool.
     pub async fn client(&self) -> db::Client {
         self.pool.get().await.expect("test database connection")
