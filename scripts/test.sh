@@ -30,6 +30,16 @@ export TEST_KAFKA_BROKERS=${TEST_KAFKA_BROKERS:-127.0.0.1:9092}
 export TEST_STACK_SCRIPT=$ROOT/scripts/stack.sh
 export RUST_LOG=${RUST_LOG:-warn}
 
+# The example services the end-to-end tests run as their own processes (examples/).
+if [ ! -d examples/products/node_modules ] || [ examples/products/package-lock.json -nt examples/products/node_modules ]; then
+  log "installing the Node example's dependencies (npm ci)"
+  (cd examples/products && npm ci --no-audit --no-fund --loglevel=error)
+fi
+log "building the Go example"
+mkdir -p target/examples
+(cd examples/orders && go build -o "$ROOT/target/examples/orders" .)
+export EXAMPLE_ORDERS_BIN=$ROOT/target/examples/orders
+
 log "running the test suite"
 cargo test --workspace "$@"
 

@@ -703,3 +703,194 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
     stack.consumer.stop().await;
     stack.notifier.stop().await;
 }
+
+/// An example service from `examples/`, run as its own process against the stack's database.
+struct Example {
+    base: String,
+    _process: tokio::process::Child,
+}
+
+impl Example {
+    async fn start(program: &str, args: &[&str], database_url: &str) -> Example {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let process = tokio::process::Command::new(program)
+            .args(args)
+            .env("DATABASE_URL", database_url)
+            .env("PORT", port.to_string())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{program} starts ({e}); scripts/test.sh installs the examples")
+            });
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        eventually(
+            &format!("{program} answers"),
+            Duration::from_secs(30),
+            || async {
+                let r = http.get(format!("{base}/health")).send().await.ok()?;
+                r.status().is_success().then_some(())
+            },
+        )
+        .await;
+        Example {
+            base,
+            _process: process,
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("the example answers");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn examples_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// The stack with the examples' event types routed to its topic.
+async fn stack_for_examples() -> Stack {
+    let stack = Stack::start(&kafka_brokers()).await;
+    eventually("TOPIC_ROUTES stored", Duration::from_secs(20), || async {
+        (stack.db.count("select count(*) from outbox.routes").await > 0).then_some(())
+    })
+    .await;
+    stack
+        .db
+        .client()
+        .await
+        .execute(
+            "insert into outbox.routes values (100, 'product.*', $1), (101, 'order.*', $1)",
+            &[&stack.topic],
+        )
+        .await
+        .unwrap();
+    stack
+}
+
+#[tokio::test]
+async fn the_node_products_example_publishes_in_its_transactions_and_a_rollback_publishes_nothing()
+{
+    let stack = stack_for_examples().await;
+    let script = examples_dir().join("products/server.js");
+    let products = Example::start("node", &[script.to_str().unwrap()], &stack.db.url).await;
+    use reqwest::Method;
+
+    let product = json!({"sku": "sku-1", "name": "Lamp", "price": 10});
+    let (status, created) = products
+        .call(Method::POST, "/products", product.clone())
+        .await;
+    assert_eq!(status, 201, "{created}");
+    // The same sku again: its event was published first in the transaction, then rolled back.
+    let (status, body) = products.call(Method::POST, "/products", product).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, updated) = products
+        .call(Method::PUT, "/products/sku-1", json!({"price": 12.5}))
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    let (status, _) = products
+        .call(Method::PUT, "/products/nope", json!({"price": 1}))
+        .await;
+    assert_eq!(status, 404);
+
+    let ids: Vec<String> = [&created, &updated]
+        .iter()
+        .map(|b| b["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    let received = eventually(
+        "both product events at the notifier",
+        Duration::from_secs(30),
+        || async {
+            let events = stack.received().await;
+            ids.iter()
+                .all(|id| events.iter().any(|e| e["webhook_id"] == id.as_str()))
+                .then_some(events)
+        },
+    )
+    .await;
+    let types: Vec<&str> = ids
+        .iter()
+        .map(|id| {
+            received
+                .iter()
+                .find(|e| e["webhook_id"] == id.as_str())
+                .unwrap()["event_type"]
+                .as_str()
+                .unwrap_or("")
+        })
+        .collect();
+    assert_eq!(types, ["product.created", "product.updated"]);
+    assert_eq!(
+        stack
+            .db
+            .count("select count(*) from outbox.outbox where aggregate_id = 'sku-1'")
+            .await,
+        2,
+        "the rolled-back create left no event"
+    );
+}
+
+#[tokio::test]
+async fn the_go_orders_example_sends_100_updates_of_one_order_in_order() {
+    let stack = stack_for_examples().await;
+    let binary = std::env::var("EXAMPLE_ORDERS_BIN").unwrap_or_else(|_| {
+        examples_dir()
+            .join("../target/examples/orders")
+            .to_string_lossy()
+            .into_owned()
+    });
+    let orders = Example::start(&binary, &[], &stack.db.url).await;
+    use reqwest::Method;
+
+    let (status, body) = orders
+        .call(Method::POST, "/orders/o-1/process", json!({"total": -1}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let mut ids = Vec::new();
+    for n in 1..=100 {
+        let (status, body) = orders
+            .call(Method::POST, "/orders/o-1/process", json!({"total": n}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["order"]["revision"], n);
+        ids.push(body["event_id"].as_str().unwrap().to_owned());
+    }
+    eventually(
+        "all 100 at the notifier",
+        Duration::from_secs(60),
+        || async {
+            let received = stack.received_ids().await;
+            ids.iter().all(|id| received.contains(id)).then_some(())
+        },
+    )
+    .await;
+    let records =
+        outbox_core::testing::read_topic(&stack.topic, 100, Duration::from_secs(30)).await;
+    let revisions: Vec<i64> = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("o-1"))
+        .map(|r| r.json()["data"]["revision"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        revisions,
+        (1..=100).collect::<Vec<i64>>(),
+        "one key, in commit order"
+    );
+    assert_eq!(
+        stack
+            .db
+            .count("select count(*) from outbox.outbox where aggregate_id = 'o-1'")
+            .await,
+        100,
+        "the refused negative total published nothing"
+    );
+}
