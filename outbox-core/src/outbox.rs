@@ -3,8 +3,6 @@
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
-use crate::envelope::{Envelope, HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
-
 /// An outbox row's state (contract).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum OutboxState {
@@ -178,44 +176,4 @@ fn params<'a>(event: &'a NewEvent<'a>) -> [&'a (dyn tokio_postgres::types::ToSql
         &event.correlation_id,
         &event.source,
     ]
-}
-
-/// Inserts the outbox row for `envelope` (state `P`, the envelope itself in `outbox_payloads`)
-/// and wakes the relay when the caller's transaction commits. Call it inside the transaction
-/// that writes the domain row.
-pub async fn insert_event(
-    tx: &impl GenericClient,
-    envelope: &Envelope,
-    aggregate_id: &str,
-    topic: &str,
-) -> Result<i64, tokio_postgres::Error> {
-    let payload = serde_json::to_value(envelope).expect("an envelope always serialises");
-    let headers = serde_json::json!({
-        HEADER_EVENT_ID: envelope.id,
-        HEADER_EVENT_TYPE: envelope.event,
-        HEADER_CORRELATION_ID: envelope.metadata.correlation_id,
-    });
-    let row = tx
-        .query_one(
-            "with row as (
-                 insert into outbox (event_id, event_type, aggregate_id, topic, headers)
-                 values ($1, $2, $3, $4, $6) returning id
-             ), envelope as (
-                 insert into outbox_payloads (outbox_id, payload) select id, $5 from row
-             )
-             select id from row",
-            &[
-                &envelope.id,
-                &envelope.event,
-                &aggregate_id,
-                &topic,
-                &payload,
-                &headers,
-            ],
-        )
-        .await?;
-    // NOTIFY is delivered at commit, and only if the transaction commits.
-    tx.execute("select pg_notify($1, '')", &[&NOTIFY_CHANNEL])
-        .await?;
-    Ok(row.get(0))
 }

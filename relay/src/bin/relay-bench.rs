@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::Parser;
-use outbox_core::envelope::{Envelope, Metadata};
 use outbox_core::kafka;
 use outbox_core::testing::{unique_topic, TestDb};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -275,18 +274,14 @@ async fn relay_latency(
     {
         let mut client = relay.db.pool.get().await?;
         let tx = client.transaction().await?;
-        let metadata = Metadata {
-            source: "bench".into(),
-            environment: "bench".into(),
-            correlation_id: "warm-up".into(),
-        };
-        let envelope = Envelope::new(
-            "message.created",
+        publish(
+            &tx,
             "warm-up",
-            serde_json::json!({}),
-            metadata,
-        );
-        outbox_core::outbox::insert_event(&tx, &envelope, "warm-up", &relay.topic).await?;
+            &serde_json::json!({}),
+            &relay.topic,
+            "warm-up",
+        )
+        .await?;
         tx.commit().await?;
         relay.wait_until_sent(Duration::from_millis(20)).await?;
     }
@@ -302,20 +297,10 @@ async fn relay_latency(
         writers.push(tokio::spawn(async move {
             let mut client = pool.get().await?;
             let tx = client.transaction().await?;
-            let metadata = Metadata {
-                source: "bench".into(),
-                environment: "bench".into(),
-                correlation_id,
-            };
-            let envelope = Envelope::new(
-                "message.created",
-                &key,
-                serde_json::json!({"content": *content}),
-                metadata,
-            );
-            outbox_core::outbox::insert_event(&tx, &envelope, &key, &topic).await?;
+            let data = serde_json::json!({"content": *content});
+            let id = publish(&tx, &key, &data, &topic, &correlation_id).await?;
             tx.commit().await?;
-            anyhow::Ok((envelope.id, Utc::now()))
+            anyhow::Ok((id, Utc::now()))
         }));
     }
     let mut committed_at = HashMap::with_capacity(writers.len());
@@ -483,4 +468,27 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// One event through `outbox.publish`, as every publisher writes them.
+async fn publish(
+    tx: &impl deadpool_postgres::GenericClient,
+    key: &str,
+    data: &serde_json::Value,
+    topic: &str,
+    correlation_id: &str,
+) -> anyhow::Result<String> {
+    Ok(outbox_core::outbox::publish(
+        tx,
+        &outbox_core::outbox::NewEvent {
+            event_type: "message.created",
+            key,
+            data,
+            topic: Some(topic),
+            headers: None,
+            correlation_id: Some(correlation_id),
+            source: Some("bench"),
+        },
+    )
+    .await?)
 }
