@@ -16,7 +16,7 @@ pub enum DbError {
     Url(tokio_postgres::Error),
     #[error("PostgreSQL is unavailable: {0}")]
     Unavailable(#[from] deadpool_postgres::PoolError),
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("cannot build the PostgreSQL pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
@@ -181,6 +181,14 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+}
+
+/// A PostgreSQL error with what the server said (tokio-postgres alone prints only "db error").
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => error.to_string(),
+    }
 }
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
@@ -390,10 +398,12 @@ async fn record(
 /// it goes when no component's rows are left in it), the legacy history goes too.
 async fn drop_emptied_legacy(tx: &tokio_postgres::Transaction<'_>) -> Result<(), DbError> {
     tx.batch_execute(
+        // Nested: PL/pgSQL plans a condition whole, so the table may only be named once it exists.
         "do $$ begin
-             if to_regclass('public.circuit_breakers') is not null
-                and not exists (select 1 from public.circuit_breakers) then
-                 drop table public.circuit_breakers;
+             if to_regclass('public.circuit_breakers') is not null then
+                 if not exists (select 1 from public.circuit_breakers) then
+                     drop table public.circuit_breakers;
+                 end if;
              end if;
          end $$",
     )

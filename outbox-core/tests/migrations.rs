@@ -133,3 +133,49 @@ async fn the_relay_adds_the_outbox_schema_and_nothing_else() {
         "untouched"
     );
 }
+
+#[tokio::test]
+async fn a_legacy_database_ends_with_nothing_in_public_whichever_service_upgrades_first() {
+    use db::Schema::{Notifier, Outbox, Producer, Webhooks};
+    let orders = [
+        [Outbox, Producer, Webhooks, Notifier],
+        [Notifier, Webhooks, Producer, Outbox],
+        [Webhooks, Outbox, Notifier, Producer],
+        [Notifier, Outbox, Webhooks, Producer],
+        [Producer, Notifier, Outbox, Webhooks],
+        [Webhooks, Notifier, Outbox, Producer],
+    ];
+    for order in orders {
+        let legacy = outbox_core::testing::TestDb::create_legacy().await;
+        legacy
+            .client()
+            .await
+            .batch_execute(
+                "insert into public.circuit_breakers (scope, name, state) values
+                     ('endpoint', 'ep_1', 'OPEN'), ('channel', 'email', 'OPEN')",
+            )
+            .await
+            .unwrap();
+        for schema in order {
+            let pool = db::pool(&legacy.url, 1, &[schema]).unwrap();
+            db::migrate(&pool, &[schema])
+                .await
+                .unwrap_or_else(|e| panic!("{order:?}, at {schema:?}: {e}"));
+        }
+        let public = legacy
+            .count("select count(*) from pg_tables where schemaname = 'public'")
+            .await;
+        assert_eq!(public, 0, "{order:?}");
+        for (table, scope) in [
+            ("webhooks.circuit_breakers", "endpoint"),
+            ("notifier.circuit_breakers", "channel"),
+        ] {
+            let moved = legacy
+                .count(&format!(
+                    "select count(*) from {table} where scope = '{scope}' and state = 'OPEN'"
+                ))
+                .await;
+            assert_eq!(moved, 1, "{order:?}: {table}");
+        }
+    }
+}
