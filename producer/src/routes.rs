@@ -95,8 +95,18 @@ fn validate(request: &CreateMessage) -> Result<(), ApiError> {
         ));
     }
     if let Some(data) = &request.data {
-        outbox_core::envelope::check_data(data)
-            .map_err(|e| ApiError::unprocessable("data_too_deep", e.to_string()))?;
+        // The event's data is {"message_id", "content", "key", "data": <this>}: one level more.
+        let depth = outbox_core::envelope::depth(data) + 1;
+        if depth > outbox_core::envelope::MAX_DATA_DEPTH {
+            return Err(ApiError::unprocessable(
+                "data_too_deep",
+                format!(
+                    "data nests {} levels deep; at most {} are accepted (the event wraps it in one more)",
+                    depth - 1,
+                    outbox_core::envelope::MAX_DATA_DEPTH - 1
+                ),
+            ));
+        }
     }
     if let Some(key) = &request.key {
         if key.trim().is_empty() || key.len() > MAX_KEY_BYTES {

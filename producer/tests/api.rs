@@ -576,7 +576,8 @@ async fn data_nested_deeper_than_the_envelope_allows_is_refused_at_the_door() {
     let nested = |levels: usize| -> Value {
         serde_json::from_str(&("[".repeat(levels) + &"]".repeat(levels))).unwrap()
     };
-    let limit = outbox_core::envelope::MAX_DATA_DEPTH;
+    // The event's data wraps the request's data in one more object.
+    let limit = outbox_core::envelope::MAX_DATA_DEPTH - 1;
     let (status, body) = app
         .post(json!({"content": "deep", "data": nested(limit)}))
         .await;
