@@ -1,7 +1,7 @@
 //! Outbox rows: their states (contract) and how a service writes one inside its own transaction.
 
-use deadpool_postgres::GenericClient;
 use serde::Serialize;
+use tokio_postgres::GenericClient;
 
 /// An outbox row's state (contract).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

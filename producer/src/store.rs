@@ -112,7 +112,7 @@ pub async fn create_message(
         "data": new.data,
     });
     let published = outbox::publish_returning_row(
-        &tx,
+        &*tx,
         &outbox::NewEvent {
             event_type: &new.event_type,
             key: &aggregate_id,

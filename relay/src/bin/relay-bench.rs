@@ -275,7 +275,7 @@ async fn relay_latency(
         let mut client = relay.db.pool.get().await?;
         let tx = client.transaction().await?;
         publish(
-            &tx,
+            &*tx,
             "warm-up",
             &serde_json::json!({}),
             &relay.topic,
@@ -298,7 +298,7 @@ async fn relay_latency(
             let mut client = pool.get().await?;
             let tx = client.transaction().await?;
             let data = serde_json::json!({"content": *content});
-            let id = publish(&tx, &key, &data, &topic, &correlation_id).await?;
+            let id = publish(&*tx, &key, &data, &topic, &correlation_id).await?;
             tx.commit().await?;
             anyhow::Ok((id, Utc::now()))
         }));
@@ -472,7 +472,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// One event through `outbox.publish`, as every publisher writes them.
 async fn publish(
-    tx: &impl deadpool_postgres::GenericClient,
+    tx: &impl tokio_postgres::GenericClient,
     key: &str,
     data: &serde_json::Value,
     topic: &str,
