@@ -9,7 +9,7 @@
 #   scripts/stack.sh kafka-stop   stop the broker (chaos: the outbox keeps filling, rows turn X)
 #   scripts/stack.sh kafka-start  start it again
 #   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
-#   scripts/stack.sh migrate      apply sql/ migrations to DATABASE_URL's database
+#   scripts/stack.sh migrate      apply every service's migrations (sql/) to DATABASE_URL's database
 #
 # KAFKA_PORT / KAFKA_CONTROLLER_PORT with another OUTBOX_STACK_DIR run a second, separate broker
 # (the chaos tests stop and start their own so that other tests keep theirs).
@@ -299,7 +299,11 @@ case $cmd in
   kafka-start) kafka_start ;;
   pg-stop) pg_stop ;;
   pg-start) pg_start ;;
-  migrate) (cd "$ROOT" && cargo run -q --release --bin producer -- migrate) ;;
+  migrate)
+    # Each service applies its own schemas' migrations (outbox, producer, webhooks, notifier).
+    (cd "$ROOT" && cargo build -q --release --bins)
+    export WEBHOOK_SECRET=${WEBHOOK_SECRET:-$(local_secret)}
+    for s in relay producer consumer notifier; do "$ROOT/target/release/$s" migrate; done ;;
   help|-h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" ;;
   *) die "unknown subcommand '$cmd' (try: up, deps, down, status, kafka-stop, kafka-start)" ;;
 esac
