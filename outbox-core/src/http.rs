@@ -121,21 +121,18 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
-/// Longest accepted `X-Correlation-Id`.
-pub const MAX_CORRELATION_ID_BYTES: usize = 128;
+/// Longest accepted `X-Correlation-Id` (the envelope's rule).
+pub use crate::envelope::MAX_CORRELATION_ID_BYTES;
 
-/// The request's `X-Correlation-Id` when it is a sane token (1 to 128 visible ASCII characters);
-/// anything else is ignored rather than logged or forwarded.
+/// The request's `X-Correlation-Id` when it is one the envelope can carry
+/// ([`crate::envelope::check_correlation_id`]); anything else is ignored rather than logged or
+/// forwarded.
 pub fn correlation_id(headers: &axum::http::HeaderMap) -> Option<String> {
     headers
         .get("x-correlation-id")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_CORRELATION_ID_BYTES
-                && v.chars().all(|c| c.is_ascii_graphic())
-        })
+        .filter(|v| crate::envelope::check_correlation_id(v).is_ok())
         .map(str::to_owned)
 }
 
