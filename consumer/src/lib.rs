@@ -5,6 +5,7 @@
 //! endpoints, deliveries and breakers.
 
 mod admin;
+pub mod delivery;
 pub mod dispatch;
 pub mod endpoints;
 pub mod ingest;

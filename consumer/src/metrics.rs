@@ -184,10 +184,6 @@ impl Default for Metrics {
     }
 }
 
-const PENDING: &str = "select count(*) from deliveries where state = 'pending'";
-const DEAD_BY_ENDPOINT: &str = "
-    select e.id, (select count(*) from deliveries d where d.endpoint_id = e.id and d.state = 'dead')
-      from endpoints e";
 const BREAKERS: &str = "
     select e.id, coalesce(b.state, 'CLOSED')
       from endpoints e
@@ -198,17 +194,11 @@ const BREAKERS: &str = "
 pub async fn refresh_gauges(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         if let Ok(client) = pool.get().await {
-            if let Ok(row) = client.query_one(PENDING, &[]).await {
-                metrics.pending.set(row.get(0));
-            }
-            if let Ok(rows) = client.query(DEAD_BY_ENDPOINT, &[]).await {
+            if let Ok((pending, dead)) = crate::delivery::store::counts(&**client).await {
+                metrics.pending.set(pending);
                 metrics.dead_letters.reset();
-                for row in rows {
-                    let id: String = row.get(0);
-                    metrics
-                        .dead_letters
-                        .with_label_values(&[&id])
-                        .set(row.get(1));
+                for (id, count) in dead {
+                    metrics.dead_letters.with_label_values(&[&id]).set(count);
                 }
             }
             if let Ok(rows) = client.query(BREAKERS, &[]).await {

@@ -117,10 +117,16 @@ fn chrono(d: Duration) -> chrono::Duration {
 }
 
 impl Breaker {
+    /// The instant the cool-down of an OPEN breaker ends and a probe may go through:
+    /// `opened_at + open_for` (from `now` if it was never stamped). The one place it is computed.
+    pub fn probe_at(&self, policy: &BreakerPolicy, now: DateTime<Utc>) -> DateTime<Utc> {
+        self.opened_at.unwrap_or(now) + chrono(policy.open_for)
+    }
+
     /// Asks to make a call at `now`, moving OPEN → HALF_OPEN when the cool-down has passed.
     pub fn admit(&mut self, policy: &BreakerPolicy, now: DateTime<Utc>) -> Admission {
         if self.state == BreakerState::Open {
-            let reopen = self.opened_at.unwrap_or(now) + chrono(policy.open_for);
+            let reopen = self.probe_at(policy, now);
             if now < reopen {
                 return Admission::Rejected { retry_at: reopen };
             }

@@ -87,11 +87,18 @@ impl Schema {
                     include_str!("../../sql/producer/V3__messages_data_json.sql"),
                 ),
             ],
-            Schema::Webhooks => &[(
-                1,
-                "webhooks",
-                include_str!("../../sql/webhooks/V1__webhooks.sql"),
-            )],
+            Schema::Webhooks => &[
+                (
+                    1,
+                    "webhooks",
+                    include_str!("../../sql/webhooks/V1__webhooks.sql"),
+                ),
+                (
+                    2,
+                    "delivery_holds",
+                    include_str!("../../sql/webhooks/V2__delivery_holds.sql"),
+                ),
+            ],
             Schema::Notifier => &[(
                 1,
                 "notifier",
