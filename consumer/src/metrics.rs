@@ -14,19 +14,7 @@ use tokio_util::sync::CancellationToken;
 /// How often the gauges read from PostgreSQL are refreshed: other instances change them too.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
-/// Outcome labels of `consumer_deliveries_total`: each attempt counts once.
-pub mod outcome {
-    /// 2xx within the timeout.
-    pub const SUCCESS: &str = "success";
-    /// Failed; another attempt is scheduled.
-    pub const FAILURE: &str = "failure";
-    /// Failed and no attempt is left: the delivery is dead.
-    pub const DEAD: &str = "dead";
-    /// The receiver answered `webhook-delivery: abort-message`: dead at once.
-    pub const ABORTED: &str = "aborted";
-    /// The request could not be built (the delivery's fault, not the endpoint's): dead at once.
-    pub const UNSENDABLE: &str = "unsendable";
-}
+pub use crate::delivery::decision::outcome;
 
 /// Counters and gauges of one consumer instance.
 #[derive(Clone)]

@@ -9,7 +9,19 @@ use chrono::{DateTime, Utc};
 use outbox_core::schedule::RetrySchedule;
 use reqwest::header::HeaderMap;
 
-use crate::metrics::outcome;
+/// Outcome labels of `consumer_deliveries_total`: each attempt counts once.
+pub mod outcome {
+    /// 2xx within the timeout.
+    pub const SUCCESS: &str = "success";
+    /// Failed; another attempt is scheduled.
+    pub const FAILURE: &str = "failure";
+    /// Failed and no attempt is left: the delivery is dead.
+    pub const DEAD: &str = "dead";
+    /// The receiver answered `webhook-delivery: abort-message`: dead at once.
+    pub const ABORTED: &str = "aborted";
+    /// The request could not be built (the delivery's fault, not the endpoint's): dead at once.
+    pub const UNSENDABLE: &str = "unsendable";
+}
 
 /// The longest `Retry-After` honoured: a receiver cannot park a delivery for longer.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
