@@ -32,6 +32,49 @@ pub struct TestDb {
     pub pool: PgPool,
 }
 
+/// Test databases older than this are dropped by the next test that creates one: nothing drops a
+/// test's database when it ends (a failed test's is worth a look), and a machine that runs the
+/// suite all day would otherwise fill its disk.
+const STALE_TEST_DATABASE: std::time::Duration = std::time::Duration::from_secs(3 * 3600);
+
+/// Creates `test_<UUIDv7>` (so its age is in its name) after dropping stale ones.
+async fn create_database(client: &tokio_postgres::Client) -> String {
+    let names = client
+        .query(
+            "select datname from pg_database where datname like 'test\\_%'",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let now = std::time::SystemTime::now();
+    for stale in names.iter().filter(|name| {
+        let created = uuid::Uuid::try_parse(name.trim_start_matches("test_"))
+            .ok()
+            .and_then(|id| id.get_timestamp())
+            .map(|t| {
+                let (secs, nanos) = t.to_unix();
+                std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos)
+            });
+        created.is_some_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TEST_DATABASE)
+    }) {
+        // Best effort: a database still in use is left for a later run.
+        let _ = client
+            .batch_execute(&format!("drop database if exists {stale}"))
+            .await;
+    }
+    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+    client
+        .batch_execute(&format!("create database {name}"))
+        .await
+        .expect("create test database");
+    name
+}
+
 impl TestDb {
     /// Creates `test_<random>` on the test server and applies every migration.
     pub async fn create() -> TestDb {
@@ -41,15 +84,11 @@ impl TestDb {
     /// [`TestDb::create`] on another PostgreSQL server (`server` names its maintenance database).
     pub async fn create_on(server: &str) -> TestDb {
         let server = server.to_owned();
-        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let (client, connection) = tokio_postgres::connect(&server, NoTls)
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL at {server} is not reachable ({e}); run scripts/test.sh, or scripts/stack.sh deps first"));
         tokio::spawn(connection);
-        client
-            .batch_execute(&format!("create database {name}"))
-            .await
-            .expect("create test database");
+        let name = create_database(&client).await;
         let url = with_database(&server, &name);
         let pool = db::pool(&url, 16, &db::Schema::ALL).expect("pool");
         db::migrate(&pool, &db::Schema::ALL)
@@ -69,15 +108,11 @@ impl TestDb {
     /// [`db::migrate_as_legacy_release`]), for upgrade tests.
     pub async fn create_legacy() -> TestDb {
         let server = server_url();
-        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let (client, connection) = tokio_postgres::connect(&server, NoTls)
             .await
             .expect("PostgreSQL is reachable");
         tokio::spawn(connection);
-        client
-            .batch_execute(&format!("create database {name}"))
-            .await
-            .expect("create test database");
+        let name = create_database(&client).await;
         client
             .batch_execute(&format!(
                 "alter database {name} set search_path = outbox, producer, webhooks, notifier, public"
