@@ -15,7 +15,8 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::breaker::{self, Admission, Breaker, BreakerState};
-use outbox_core::http::{operational_routes, ApiError, QueryParams};
+use outbox_core::config::{chrono_duration, time_until};
+use outbox_core::http::{next_cursor, operational_routes, ApiError, PageLimit, QueryParams};
 use outbox_core::signature::VerifyError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -34,8 +35,8 @@ pub const NOTIFY: &str = "/webhooks/notify";
 /// Longest accepted webhook id: it is a primary key, and btree entries have a size limit.
 const MAX_WEBHOOK_ID_BYTES: usize = 256;
 const MAX_EVENT_TYPE_CHARS: usize = 200;
-const DEFAULT_PAGE: i64 = 50;
-const MAX_PAGE: i64 = 500;
+/// Pages of the list routes: 50 by default, at most 500.
+const PAGE: PageLimit = PageLimit::new(50, 500);
 
 /// The routes that need no `ADMIN_TOKEN` (besides `/health`, `/ready` and `/metrics`): the two
 /// receiving routes, which check webhook signatures instead. The stored events, notifications and
@@ -236,7 +237,7 @@ impl IntoResponse for NotifyError {
         let message = self.to_string();
         match self {
             NotifyError::BreakerOpen { retry_at, .. } => {
-                let millis = (retry_at - Utc::now()).num_milliseconds().max(0) as u64;
+                let millis = time_until(retry_at, Utc::now()).as_millis() as u64;
                 let mut response = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "channel_unavailable",
@@ -419,16 +420,6 @@ async fn notify_locked(
     .into_response())
 }
 
-fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(DEFAULT_PAGE) {
-        n @ 1..=MAX_PAGE => Ok(n),
-        _ => Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_PAGE}"),
-        )),
-    }
-}
-
 /// Query of `GET /webhooks/events`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -445,12 +436,10 @@ async fn list_events(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = page_size(q.limit)?;
+    let limit = PAGE.of(q.limit)?;
     let client = state.pool.get().await?;
     let events = store::list_events(&client, q.route.as_deref(), q.before, limit).await?;
-    let next = (events.len() as i64 == limit)
-        .then(|| events.last().map(|e| e.seq))
-        .flatten();
+    let next = next_cursor(&events, limit, |e| e.seq);
     Ok(Json(json!({"events": events, "next_before": next})))
 }
 
@@ -470,7 +459,7 @@ async fn list_notifications(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<NotificationsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = page_size(q.limit)?;
+    let limit = PAGE.of(q.limit)?;
     let client = state.pool.get().await?;
     let notifications = store::list_notifications(
         &client,
@@ -480,9 +469,7 @@ async fn list_notifications(
         limit,
     )
     .await?;
-    let next = (notifications.len() as i64 == limit)
-        .then(|| notifications.last().map(|n| n.id))
-        .flatten();
+    let next = next_cursor(&notifications, limit, |n| n.id);
     Ok(Json(
         json!({"notifications": notifications, "next_before": next}),
     ))
@@ -492,8 +479,7 @@ async fn list_notifications(
 async fn breakers(state: &AppState) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await?;
     let stored = breaker::store::list(&client, BREAKER_SCOPE).await?;
-    let open_for =
-        chrono::Duration::from_std(state.policy.open_for).unwrap_or(chrono::Duration::MAX);
+    let open_for = chrono_duration(state.policy.open_for);
     let list: Vec<Value> = channels::ALL
         .iter()
         .map(|&name| {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::config::chrono_duration;
+
 /// The breaker's state, spelled as the admin API shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -112,15 +114,11 @@ pub enum Admission {
     Rejected { retry_at: DateTime<Utc> },
 }
 
-fn chrono(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
 impl Breaker {
     /// Asks to make a call at `now`, moving OPEN → HALF_OPEN when the cool-down has passed.
     pub fn admit(&mut self, policy: &BreakerPolicy, now: DateTime<Utc>) -> Admission {
         if self.state == BreakerState::Open {
-            let reopen = self.opened_at.unwrap_or(now) + chrono(policy.open_for);
+            let reopen = self.opened_at.unwrap_or(now) + chrono_duration(policy.open_for);
             if now < reopen {
                 return Admission::Rejected { retry_at: reopen };
             }
@@ -133,7 +131,7 @@ impl Breaker {
             _ => match self.probe_until {
                 Some(until) if now < until => Admission::Rejected { retry_at: until },
                 _ => {
-                    self.probe_until = Some(now + chrono(policy.probe_timeout));
+                    self.probe_until = Some(now + chrono_duration(policy.probe_timeout));
                     Admission::Probe
                 }
             },

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
@@ -434,7 +434,7 @@ pub async fn migrate_until_done(
     until_done("migrations", shutdown, || migrate(pool, schemas)).await
 }
 
-/// Runs `attempt` until it succeeds, with backoff (200 ms doubling to 5 s) and a warning naming
+/// Runs `attempt` until it succeeds, with the [`crate::reconnect`] backoff and a warning naming
 /// `what` after each failure. Returns false only when shutdown was requested first.
 pub async fn until_done<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> bool
 where
@@ -443,12 +443,7 @@ where
     E: std::fmt::Display,
 {
     let retried = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .without_max_times(),
-        )
+        .retry(crate::reconnect::policy())
         .notify(|error, after| {
             tracing::warn!(%error, what, retry_in_ms = after.as_millis() as u64, "not done yet; retrying");
         });

@@ -8,7 +8,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::envelope::new_correlation_id;
-use outbox_core::http::{operational_routes, ApiError, JsonBody, QueryParams};
+use outbox_core::http::{
+    next_cursor, operational_routes, ApiError, JsonBody, PageLimit, QueryParams,
+};
 use outbox_core::outbox::OutboxState;
 use outbox_core::routing::valid_event_type;
 use serde::Deserialize;
@@ -254,15 +256,8 @@ pub struct MessagePage {
     before: Option<Uuid>,
 }
 
-fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(50) {
-        l @ 1..=500 => Ok(l),
-        _ => Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit must be between 1 and 500",
-        )),
-    }
-}
+/// Pages of the list routes: 50 by default, at most 500.
+const PAGE: PageLimit = PageLimit::new(50, 500);
 
 /// Lists messages, newest first.
 #[utoipa::path(get, path = "/messages", params(MessagePage), responses((status = 200, body = Object)))]
@@ -270,12 +265,10 @@ pub async fn list_messages(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<MessagePage>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = page_limit(page.limit)?;
+    let limit = PAGE.of(page.limit)?;
     let client = state.pool.get().await?;
     let items = store::list_messages(&client, limit, page.before).await?;
-    let next = (items.len() as i64 == limit)
-        .then(|| items.last().map(|m| m.id))
-        .flatten();
+    let next = next_cursor(&items, limit, |m| m.id);
     Ok(Json(json!({"items": items, "next_before": next})))
 }
 
@@ -316,7 +309,7 @@ pub async fn list_outbox(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<OutboxPage>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = page_limit(page.limit)?;
+    let limit = PAGE.of(page.limit)?;
     let filter = match page.state.as_deref() {
         None => None,
         Some(code) => Some(OutboxState::parse(code).ok_or_else(|| {
@@ -328,9 +321,7 @@ pub async fn list_outbox(
     };
     let client = state.pool.get().await?;
     let items = store::list_outbox(&client, filter, page.after.unwrap_or(0), limit).await?;
-    let next = (items.len() as i64 == limit)
-        .then(|| items.last().map(|r| r.id))
-        .flatten();
+    let next = next_cursor(&items, limit, |r| r.id);
     Ok(Json(json!({"items": items, "next_after": next})))
 }
 
