@@ -14,11 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
-use outbox_core::breaker::{self, Admission, Breaker, BreakerState};
-use outbox_core::config::{chrono_duration, time_until};
+use outbox_core::breaker::{self, Admission, BreakerView};
+use outbox_core::config::time_until;
 use outbox_core::http::{next_cursor, operational_routes, ApiError, PageLimit, QueryParams};
 use outbox_core::signature::VerifyError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tracing::{field, Instrument, Span};
 
@@ -475,33 +475,32 @@ async fn list_notifications(
     ))
 }
 
+/// One channel's breaker: its name, whether it is configured, and the shared breaker view.
+#[derive(Debug, Serialize)]
+struct ChannelBreaker {
+    channel: &'static str,
+    enabled: bool,
+    #[serde(flatten)]
+    breaker: BreakerView,
+}
+
 /// Both channels' breakers (configured or not), as stored, with when an open one lets a probe in.
 async fn breakers(state: &AppState) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await?;
     let stored = breaker::store::list(&client, BREAKER_SCOPE).await?;
-    let open_for = chrono_duration(state.policy.open_for);
-    let list: Vec<Value> = channels::ALL
+    let list: Vec<ChannelBreaker> = channels::ALL
         .iter()
         .map(|&name| {
-            let row = stored.iter().find(|b| b.name == name);
-            let breaker = row
-                .map(|b| b.breaker.clone())
-                .unwrap_or_else(Breaker::default);
-            state.metrics.set_breaker(name, breaker.state);
-            let probe_at = (breaker.state == BreakerState::Open)
-                .then(|| breaker.opened_at.map(|at| at + open_for))
-                .flatten();
-            json!({
-                "channel": name,
-                "enabled": state.channels.iter().any(|c| c.name() == name),
-                "state": breaker.state,
-                "failure_count": breaker.failure_count,
-                "success_count": breaker.success_count,
-                "opened_at": breaker.opened_at,
-                "probe_at": probe_at,
-                "probe_until": breaker.probe_until,
-                "updated_at": row.map(|b| b.updated_at),
-            })
+            let view = BreakerView::of_stored(
+                stored.iter().find(|b| b.name == name),
+                state.policy.open_for,
+            );
+            state.metrics.set_breaker(name, view.state);
+            ChannelBreaker {
+                channel: name,
+                enabled: state.channels.iter().any(|c| c.name() == name),
+                breaker: view,
+            }
         })
         .collect();
     Ok(Json(json!({ "breakers": list })))
