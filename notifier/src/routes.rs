@@ -495,7 +495,7 @@ async fn breakers(state: &AppState) -> Result<Json<Value>, ApiError> {
                 stored.iter().find(|b| b.name == name),
                 state.policy.open_for,
             );
-            state.metrics.set_breaker(name, view.state);
+            state.metrics.set_breaker(name, view.breaker.state);
             ChannelBreaker {
                 channel: name,
                 enabled: state.channels.iter().any(|c| c.name() == name),

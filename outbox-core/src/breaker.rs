@@ -80,13 +80,14 @@ impl Default for BreakerPolicy {
 }
 
 /// One breaker's state and counters.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Breaker {
     pub state: BreakerState,
     /// Consecutive failures (CLOSED), reset by a success.
     pub failure_count: u32,
     /// Successful probes so far (HALF_OPEN).
     pub success_count: u32,
+    /// When it last opened.
     pub opened_at: Option<DateTime<Utc>>,
     /// While a HALF_OPEN probe is in flight: when its slot frees up again.
     pub probe_until: Option<DateTime<Utc>>,
@@ -207,17 +208,11 @@ impl Breaker {
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BreakerView {
-    pub state: BreakerState,
-    /// Consecutive failures (CLOSED), reset by a success.
-    pub failure_count: u32,
-    /// Successful probes so far (HALF_OPEN).
-    pub success_count: u32,
-    /// When it last opened.
-    pub opened_at: Option<DateTime<Utc>>,
+    /// State and counters, as stored.
+    #[serde(flatten)]
+    pub breaker: Breaker,
     /// While OPEN: when a probe may go through (`opened_at` + `BREAKER_OPEN_FOR`); null otherwise.
     pub probe_at: Option<DateTime<Utc>>,
-    /// While a HALF_OPEN probe is in flight: when its slot frees up for another.
-    pub probe_until: Option<DateTime<Utc>>,
     /// When it was last written; null for a breaker never written (CLOSED with zero counts).
     pub updated_at: Option<DateTime<Utc>>,
 }
@@ -226,12 +221,8 @@ impl BreakerView {
     /// The view of `breaker` under a policy that keeps it open for `open_for`.
     pub fn new(breaker: &Breaker, open_for: Duration, updated_at: Option<DateTime<Utc>>) -> Self {
         BreakerView {
-            state: breaker.state,
-            failure_count: breaker.failure_count,
-            success_count: breaker.success_count,
-            opened_at: breaker.opened_at,
+            breaker: breaker.clone(),
             probe_at: breaker.probe_at(open_for),
-            probe_until: breaker.probe_until,
             updated_at,
         }
     }
@@ -483,10 +474,8 @@ mod tests {
         let p = policy();
         let mut b = Breaker::default();
         let closed = BreakerView::new(&b, p.open_for, None);
-        assert_eq!(
-            (closed.state, closed.probe_at, closed.opened_at),
-            (BreakerState::Closed, None, None)
-        );
+        assert_eq!(closed.breaker, Breaker::default());
+        assert_eq!(closed.probe_at, None);
         for _ in 0..5 {
             b.on_failure(&p, at(0));
         }
@@ -500,7 +489,7 @@ mod tests {
         assert_eq!(b.admit(&p, at(60)), Admission::Probe);
         let half_open = BreakerView::new(&b, p.open_for, Some(at(60)));
         assert_eq!(half_open.probe_at, None);
-        assert_eq!(half_open.probe_until, Some(at(70)));
+        assert_eq!(half_open.breaker.probe_until, Some(at(70)));
 
         let json = serde_json::to_value(&open).unwrap();
         let mut fields: Vec<&str> = json
