@@ -4,23 +4,28 @@
 //! Every webhook is checked in the same order: the body's size, the signature over the raw body
 //! bytes (401, nothing stored), the body's JSON (400), then the dedupe record (200 duplicate).
 
+use std::collections::BTreeMap;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::breaker::{self, Admission, BreakerView};
 use outbox_core::config::time_until;
-use outbox_core::http::{next_cursor, operational_routes, ApiError, PageLimit, QueryParams};
+use outbox_core::http::{
+    next_cursor, openapi, operational_routes, ApiError, PageLimit, QueryParams,
+};
 use outbox_core::signature::VerifyError;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use tracing::{field, Instrument, Span};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::channels::{self, Notice};
 use crate::metrics::{notified, received};
@@ -41,18 +46,37 @@ const PAGE: PageLimit = PageLimit::new(50, 500);
 /// The routes that need no `ADMIN_TOKEN` (besides `/health`, `/ready` and `/metrics`): the two
 /// receiving routes, which check webhook signatures instead. The stored events, notifications and
 /// breakers need it when it is set.
-pub const OPEN_ROUTES: &[RouteSpec] = &[("POST", LOGGER), ("POST", NOTIFY)];
+pub const OPEN_ROUTES: &[RouteSpec] = &[
+    ("POST", LOGGER),
+    ("POST", NOTIFY),
+    ("GET", openapi::DOCUMENT_PATH),
+];
+
+#[derive(OpenApi)]
+#[openapi(info(
+    title = "Notifier API",
+    description = "Receives signed webhooks, stores them and notifies by email and chat."
+))]
+struct ApiDoc;
+
+/// The API's routes, each registered with its OpenAPI operation (`routes!`), and the document
+/// they make, served at `GET /openapi.json`.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    openapi::serve_document(
+        OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .routes(routes!(log_webhook))
+            .routes(routes!(notify_webhook))
+            .routes(routes!(list_events))
+            .routes(routes!(list_notifications))
+            .routes(routes!(list_breakers))
+            .routes(routes!(reset_breakers)),
+    )
+}
 
 pub fn router(state: AppState, max_body_bytes: usize, admin_token: Option<&str>) -> Router {
     let auth = AdminAuth::new(admin_token, OPEN_ROUTES);
-    Router::new()
-        .route(LOGGER, post(log_webhook))
-        .route(NOTIFY, post(notify_webhook))
-        .route("/webhooks/events", get(list_events))
-        .route("/notifications", get(list_notifications))
-        .route("/circuit-breaker", get(list_breakers))
-        .route("/circuit-breaker/reset", post(reset_breakers))
-        .merge(operational_routes::<AppState>())
+    let (api, _) = api();
+    api.merge(operational_routes::<AppState>())
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
@@ -173,10 +197,36 @@ fn receive(
 fn duplicate(state: &AppState, route: &str) -> Response {
     state.metrics.received(route, received::DUPLICATE);
     tracing::info!("duplicate webhook, already handled");
-    Json(json!({"duplicate": true})).into_response()
+    Json(WebhookAnswer::Duplicate { duplicate: true }).into_response()
+}
+
+/// The answer to an accepted webhook.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+enum WebhookAnswer {
+    /// Stored (and notified, on `/webhooks/notify`) now.
+    Received {
+        received: bool,
+        webhook_id: String,
+        /// `/webhooks/notify` only: each configured channel's outcome (`sent`, `already_sent`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        notifications: Option<BTreeMap<&'static str, &'static str>>,
+    },
+    /// Handled before (same webhook id): nothing done again.
+    Duplicate { duplicate: bool },
 }
 
 /// `POST /webhooks/logger`: verifies, deduplicates and stores the event.
+#[utoipa::path(post, path = LOGGER, request_body(content = inline(Object), description = "Any JSON; the body is signed"),
+    params(
+        ("webhook-id" = Option<String>, Header, description = "Standard Webhooks headers (or x-webhook-id, x-webhook-timestamp, x-webhook-signature)"),
+        ("webhook-timestamp" = Option<String>, Header),
+        ("webhook-signature" = Option<String>, Header),
+    ),
+    responses(
+        (status = 200, description = "Stored, or a duplicate", body = WebhookAnswer),
+        (status = 401, description = "Missing, invalid or stale signature"),
+    ))]
 async fn log_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -194,7 +244,12 @@ async fn log_webhook(
         }
         state.metrics.received(LOGGER, received::ACCEPTED);
         tracing::info!(event_type = event.event_type.as_deref(), "webhook logged");
-        Ok(Json(json!({"received": true, "webhook_id": event.webhook_id})).into_response())
+        Ok(Json(WebhookAnswer::Received {
+            received: true,
+            webhook_id: event.webhook_id,
+            notifications: None,
+        })
+        .into_response())
     }
     .instrument(span)
     .await
@@ -264,6 +319,18 @@ impl IntoResponse for NotifyError {
 /// configured channel. The event is recorded as received only once every channel has sent it;
 /// a channel that already sent it on an earlier attempt is skipped, so a retried webhook never
 /// sends a second email or chat message.
+#[utoipa::path(post, path = NOTIFY, request_body(content = inline(Object), description = "Any JSON; the body is signed"),
+    params(
+        ("webhook-id" = Option<String>, Header, description = "Standard Webhooks headers (or x-webhook-id, x-webhook-timestamp, x-webhook-signature)"),
+        ("webhook-timestamp" = Option<String>, Header),
+        ("webhook-signature" = Option<String>, Header),
+    ),
+    responses(
+        (status = 200, description = "Stored and notified by every configured channel, or a duplicate", body = WebhookAnswer),
+        (status = 401, description = "Missing, invalid or stale signature"),
+        (status = 502, description = "A channel failed; the sender retries"),
+        (status = 503, description = "A channel's circuit breaker is open (Retry-After), or PostgreSQL is unavailable"),
+    ))]
 async fn notify_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -327,14 +394,14 @@ async fn notify_locked(
         payload: &event.payload,
     };
     let policy = state.policy;
-    let mut outcomes = Map::new();
+    let mut outcomes = BTreeMap::new();
     let mut open: Vec<&str> = Vec::new();
     let mut retry_at: Option<DateTime<Utc>> = None;
     let mut failed: Vec<(&str, String)> = Vec::new();
     for channel in state.channels.iter() {
         let name = channel.name();
         if store::already_sent(&*client, &event.webhook_id, name).await? {
-            outcomes.insert(name.into(), "already_sent".into());
+            outcomes.insert(name, "already_sent");
             continue;
         }
         let (admission, breaker) = breaker::store::update(client, BREAKER_SCOPE, name, |b| {
@@ -353,7 +420,7 @@ async fn notify_locked(
             .await?;
             state.metrics.notified(name, notified::REJECTED_OPEN);
             tracing::warn!(channel = name, retry_at = %at, "channel breaker open; not sent");
-            outcomes.insert(name.into(), notified::REJECTED_OPEN.into());
+            outcomes.insert(name, notified::REJECTED_OPEN);
             open.push(name);
             retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
             continue;
@@ -381,7 +448,7 @@ async fn notify_locked(
                 failed.push((name, error));
             }
         }
-        outcomes.insert(name.into(), outcome.into());
+        outcomes.insert(name, outcome);
     }
     if let Some(retry_at) = retry_at {
         return Err(NotifyError::BreakerOpen {
@@ -412,18 +479,21 @@ async fn notify_locked(
         event_type = event.event_type.as_deref(),
         "webhook accepted and notified"
     );
-    Ok(Json(json!({
-        "received": true,
-        "webhook_id": event.webhook_id,
-        "notifications": outcomes,
-    }))
+    Ok(Json(WebhookAnswer::Received {
+        received: true,
+        webhook_id: event.webhook_id.clone(),
+        notifications: Some(outcomes),
+    })
     .into_response())
 }
 
 /// Query of `GET /webhooks/events`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// At most this many (1–500, default 50).
+    #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
     /// Only events older than this `seq` (the previous page's `next_before`).
     before: Option<i64>,
@@ -431,22 +501,38 @@ struct EventsQuery {
     route: Option<String>,
 }
 
+/// A page of received events, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+struct EventList {
+    events: Vec<store::ReceivedEvent>,
+    /// The `before` of the next page; null on the last page.
+    next_before: Option<i64>,
+}
+
 /// `GET /webhooks/events`: received events, newest first; `next_before` fetches the next page.
+#[utoipa::path(get, path = "/webhooks/events", params(EventsQuery),
+    responses((status = 200, body = EventList)), security((), ("admin_token" = [])))]
 async fn list_events(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<EventsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EventList>, ApiError> {
     let limit = PAGE.of(q.limit)?;
     let client = state.pool.get().await?;
     let events = store::list_events(&client, q.route.as_deref(), q.before, limit).await?;
-    let next = next_cursor(&events, limit, |e| e.seq);
-    Ok(Json(json!({"events": events, "next_before": next})))
+    let next_before = next_cursor(&events, limit, |e| e.seq);
+    Ok(Json(EventList {
+        events,
+        next_before,
+    }))
 }
 
 /// Query of `GET /notifications`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct NotificationsQuery {
+    /// At most this many (1–500, default 50).
+    #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
     /// Only attempts older than this id (the previous page's `next_before`).
     before: Option<i64>,
@@ -454,11 +540,21 @@ struct NotificationsQuery {
     channel: Option<String>,
 }
 
+/// A page of notification attempts, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+struct NotificationList {
+    notifications: Vec<store::Notification>,
+    /// The `before` of the next page; null on the last page.
+    next_before: Option<i64>,
+}
+
 /// `GET /notifications`: every notification attempt and its outcome, newest first.
+#[utoipa::path(get, path = "/notifications", params(NotificationsQuery),
+    responses((status = 200, body = NotificationList)), security((), ("admin_token" = [])))]
 async fn list_notifications(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<NotificationsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<NotificationList>, ApiError> {
     let limit = PAGE.of(q.limit)?;
     let client = state.pool.get().await?;
     let notifications = store::list_notifications(
@@ -469,14 +565,15 @@ async fn list_notifications(
         limit,
     )
     .await?;
-    let next = next_cursor(&notifications, limit, |n| n.id);
-    Ok(Json(
-        json!({"notifications": notifications, "next_before": next}),
-    ))
+    let next_before = next_cursor(&notifications, limit, |n| n.id);
+    Ok(Json(NotificationList {
+        notifications,
+        next_before,
+    }))
 }
 
 /// One channel's breaker: its name, whether it is configured, and the shared breaker view.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct ChannelBreaker {
     channel: &'static str,
     enabled: bool,
@@ -484,8 +581,14 @@ struct ChannelBreaker {
     breaker: BreakerView,
 }
 
+/// Both channels' breakers.
+#[derive(Debug, Serialize, ToSchema)]
+struct BreakerList {
+    breakers: Vec<ChannelBreaker>,
+}
+
 /// Both channels' breakers (configured or not), as stored, with when an open one lets a probe in.
-async fn breakers(state: &AppState) -> Result<Json<Value>, ApiError> {
+async fn breakers(state: &AppState) -> Result<Json<BreakerList>, ApiError> {
     let client = state.pool.get().await?;
     let stored = breaker::store::list(&client, BREAKER_SCOPE).await?;
     let list: Vec<ChannelBreaker> = channels::ALL
@@ -503,27 +606,34 @@ async fn breakers(state: &AppState) -> Result<Json<Value>, ApiError> {
             }
         })
         .collect();
-    Ok(Json(json!({ "breakers": list })))
+    Ok(Json(BreakerList { breakers: list }))
 }
 
 /// `GET /circuit-breaker`.
-async fn list_breakers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/circuit-breaker",
+    responses((status = 200, body = BreakerList)), security((), ("admin_token" = [])))]
+async fn list_breakers(State(state): State<AppState>) -> Result<Json<BreakerList>, ApiError> {
     breakers(&state).await
 }
 
 /// Query of `POST /circuit-breaker/reset`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ResetQuery {
     /// `email` or `chat`; absent: both.
+    #[param(nullable = false)]
     channel: Option<String>,
 }
 
 /// `POST /circuit-breaker/reset[?channel=chat]`: closes the breaker(s) with zero counts.
+#[utoipa::path(post, path = "/circuit-breaker/reset", params(ResetQuery),
+    responses((status = 200, description = "Both channels' breakers after the reset", body = BreakerList)),
+    security((), ("admin_token" = [])))]
 async fn reset_breakers(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<ResetQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BreakerList>, ApiError> {
     let names: Vec<&str> = match q.channel.as_deref() {
         None => channels::ALL.to_vec(),
         Some(name) => match channels::ALL.iter().find(|&&c| c == name) {

@@ -4,6 +4,7 @@
 
 mod body_timeout;
 mod extract;
+pub mod openapi;
 mod page;
 mod server;
 mod uniform;
