@@ -255,26 +255,18 @@ pub async fn upsert_declared_until_done(
     if declared.is_empty() {
         return true;
     }
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match upsert_declared(pool, declared, grace).await {
-            Ok(()) => {
-                tracing::info!(
-                    count = declared.len(),
-                    "endpoints from ENDPOINTS_FILE upserted"
-                );
-                return true;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot upsert ENDPOINTS_FILE yet");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return false,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
+    let done = outbox_core::db::until_done("upserting ENDPOINTS_FILE", shutdown, || {
+        upsert_declared(pool, declared, grace)
+    })
+    .await
+    .is_some();
+    if done {
+        tracing::info!(
+            count = declared.len(),
+            "endpoints from ENDPOINTS_FILE upserted"
+        );
     }
+    done
 }
 
 async fn upsert_declared(

@@ -108,18 +108,6 @@ pub fn create_consumer(config: &Config, metrics: Metrics) -> anyhow::Result<Kafk
     Ok(consumer)
 }
 
-/// True when a broker answers a metadata request within two seconds.
-pub async fn kafka_reachable(consumer: Arc<KafkaConsumer>) -> bool {
-    tokio::task::spawn_blocking(move || {
-        consumer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(2))
-            .is_ok()
-    })
-    .await
-    .unwrap_or(false)
-}
-
 /// One Kafka record, copied out of librdkafka's buffer.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -574,18 +562,8 @@ async fn record_until_done(
     lease: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Option<(Recorded, Option<Leased>)> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match record_batch(pool, records, lease).await {
-            Ok(recorded) => return Some(recorded),
-            Err(error) => {
-                tracing::warn!(%error, records = records.len(), retry_in_ms = delay.as_millis() as u64, "cannot record batch yet")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return None,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    outbox_core::db::until_done("recording a consumed batch", shutdown, || {
+        record_batch(pool, records, lease)
+    })
+    .await
 }

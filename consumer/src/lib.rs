@@ -168,7 +168,9 @@ impl Operational for AppState {
     async fn readiness(&self) -> Readiness {
         let (postgres, kafka) = tokio::join!(
             db::is_reachable(&self.pool),
-            ingest::kafka_reachable(self.kafka.clone())
+            outbox_core::kafka::is_reachable(self.kafka.clone(), |c| {
+                rdkafka::consumer::Consumer::client(&**c)
+            })
         );
         Readiness::of(&[
             ("postgres", postgres),

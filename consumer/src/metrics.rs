@@ -201,9 +201,6 @@ pub async fn refresh_gauges(pool: PgPool, metrics: Metrics, shutdown: Cancellati
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(GAUGE_REFRESH) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        outbox_core::shutdown::sleep_or_cancel(GAUGE_REFRESH, &shutdown).await;
     }
 }

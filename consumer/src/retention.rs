@@ -81,10 +81,7 @@ pub async fn run(
                 )
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        outbox_core::shutdown::sleep_or_cancel(interval, &shutdown).await;
     }
 }
 

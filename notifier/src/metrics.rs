@@ -129,9 +129,8 @@ pub async fn refresh_breaker_gauges(state: &AppState, shutdown: &CancellationTok
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(GAUGE_REFRESH) => {}
-            _ = shutdown.cancelled() => return,
+        if !outbox_core::shutdown::sleep_or_cancel(GAUGE_REFRESH, shutdown).await {
+            return;
         }
     }
 }

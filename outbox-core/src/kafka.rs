@@ -22,6 +22,26 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
     config
 }
 
+/// True when a broker answers a metadata request within two seconds. `client` picks the
+/// librdkafka client out of `handle` (a producer or a consumer: `|p| p.client()`); the request
+/// blocks, so it runs on the blocking pool.
+pub async fn is_reachable<H, C>(
+    handle: H,
+    client: impl Fn(&H) -> &rdkafka::client::Client<C> + Send + 'static,
+) -> bool
+where
+    H: Send + 'static,
+    C: rdkafka::client::ClientContext,
+{
+    tokio::task::spawn_blocking(move || {
+        client(&handle)
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
 /// The idempotent producer (acks=all, ordered per partition, no duplicates from its own retries).
 /// `message_timeout` bounds how long a record may wait for the broker before its delivery report
 /// fails: short, so rows turn X promptly during an outage (librdkafka's default is 5 minutes).

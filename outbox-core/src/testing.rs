@@ -13,6 +13,9 @@ use tokio_postgres::NoTls;
 
 use crate::db::{self, PgPool};
 
+mod openapi;
+pub use openapi::{assert_openapi_lists_every_route, openapi_problems, operations};
+
 /// The server tests create their databases on.
 pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")

@@ -159,7 +159,9 @@ pub async fn run(
     ));
 
     if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await
-        && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool)).await
+        && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool))
+            .await
+            .is_some()
     {
         leader::elect_and_publish(&config, publisher.clone(), shutdown.clone()).await;
     }

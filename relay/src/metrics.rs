@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use outbox_core::db::PgPool;
+use outbox_core::outbox::OutboxState;
 use outbox_core::telemetry::register;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -138,18 +139,16 @@ pub async fn refresh_backlog(pool: PgPool, metrics: Metrics, shutdown: Cancellat
             if let Ok(row) = client.query_one(BACKLOG, &[]).await {
                 let (p, x, d, total): (f64, f64, f64, f64) =
                     (row.get(0), row.get(1), row.get(2), row.get(3));
-                metrics.rows.with_label_values(&["P"]).set(p);
-                metrics.rows.with_label_values(&["X"]).set(x);
-                metrics.rows.with_label_values(&["D"]).set(d);
-                metrics
-                    .rows
-                    .with_label_values(&["E"])
-                    .set((total - p - x - d).max(0.0));
+                let rows = |state: OutboxState| metrics.rows.with_label_values(&[state.code()]);
+                rows(OutboxState::Pending).set(p);
+                rows(OutboxState::Retry).set(x);
+                rows(OutboxState::Dead).set(d);
+                rows(OutboxState::Sent).set((total - p - x - d).max(0.0));
                 metrics
                     .oldest_unsent_age
                     .set(row.get::<_, Option<f64>>(4).unwrap_or(0.0));
             }
         }
-        crate::leader::sleep_or_cancel(Duration::from_secs(5), &shutdown).await;
+        outbox_core::shutdown::sleep_or_cancel(Duration::from_secs(5), &shutdown).await;
     }
 }

@@ -9,7 +9,10 @@ use chrono::{DateTime, Utc};
 use outbox_core::db::PgPool;
 use outbox_core::envelope::{HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 use outbox_core::kafka;
+use outbox_core::outbox::OutboxState;
+use outbox_core::reconnect::Backoff;
 use outbox_core::schedule::exponential_backoff;
+use outbox_core::shutdown::sleep_or_cancel;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -18,7 +21,6 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::sleep_or_cancel;
 use crate::{Config, Metrics};
 
 /// Due `P`/`X` rows in id order, never a row whose key has an older unsent row that is not due
@@ -154,15 +156,7 @@ impl Publisher {
 
     /// True when the cluster answers a metadata request within two seconds.
     pub async fn kafka_reachable(&self) -> bool {
-        let producer = self.producer();
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false)
+        outbox_core::kafka::is_reachable(self.producer(), |p| p.client()).await
     }
 
     /// Publishes batches while `leadership` and `shutdown` hold; sleeps until NOTIFY, the next due
@@ -174,7 +168,7 @@ impl Publisher {
         shutdown: &CancellationToken,
     ) {
         self.ensure_topics(&self.configured_topics).await;
-        let mut db_backoff = Duration::from_millis(100);
+        let mut db_backoff = Backoff::new();
         let mut pipeline = Pipeline::default();
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
             match self.publish_batch(&mut pipeline, leadership).await {
@@ -187,12 +181,12 @@ impl Publisher {
                         _ = shutdown.cancelled() => {}
                     }
                 }
-                Ok(_) => db_backoff = Duration::from_millis(100),
+                Ok(_) => db_backoff.reset(),
                 Err(error) => {
-                    tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
+                    let delay = db_backoff.next_delay();
+                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
                     pipeline.next = None;
-                    sleep_or_cancel(db_backoff, leadership).await;
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                    sleep_or_cancel(delay, leadership).await;
                 }
             }
         }
@@ -210,9 +204,7 @@ impl Publisher {
             Err(_) => None,
         };
         match next {
-            Some(at) => (at - Utc::now())
-                .to_std()
-                .unwrap_or(Duration::from_millis(5))
+            Some(at) => outbox_core::config::time_until(at, Utc::now())
                 .clamp(Duration::from_millis(5), self.poll_interval),
             None => self.poll_interval,
         }
@@ -311,7 +303,12 @@ impl Publisher {
                     let delay =
                         exponential_backoff(attempts as u32, self.retry_base, self.retry_max);
                     failed.ids.push(row.id);
-                    failed.states.push(if dead { "D" } else { "X" }.to_owned());
+                    let state = if dead {
+                        OutboxState::Dead
+                    } else {
+                        OutboxState::Retry
+                    };
+                    failed.states.push(state.code().to_owned());
                     failed.errors.push(error.to_string());
                     failed
                         .kinds
@@ -607,15 +604,15 @@ impl Marks {
     /// Retries until written: the next batch is already in Kafka, so giving up would send these
     /// rows again after it. Only a lost leadership ends the attempts (the next leader resends).
     async fn write_until_done(self, leadership: CancellationToken) -> Result<(), BatchError> {
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new();
         loop {
             match self.write().await {
                 Ok(()) => return Ok(()),
                 Err(error) if leadership.is_cancelled() => return Err(error),
                 Err(error) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(%error, rows = self.sent_ids.len(), retry_in_ms = delay.as_millis() as u64, "sent rows not marked yet");
                     sleep_or_cancel(delay, &leadership).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }

@@ -3,8 +3,7 @@
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
-use outbox_core::breaker::{self, BreakerState};
+use outbox_core::breaker::{self, BreakerState, BreakerView};
 use outbox_core::http::ApiError;
 use serde::Serialize;
 
@@ -19,48 +18,34 @@ pub fn routes() -> Router<AppState> {
         .route("/circuit-breakers/{endpoint_id}/reset", post(reset))
 }
 
+/// An endpoint's breaker: the shared breaker view beside the endpoint's id.
 #[derive(Debug, Serialize)]
-struct BreakerView {
+struct EndpointBreaker {
     endpoint_id: String,
-    state: BreakerState,
-    failure_count: i32,
-    success_count: i32,
-    opened_at: Option<DateTime<Utc>>,
-    /// While OPEN: when a probe may go through.
-    half_open_at: Option<DateTime<Utc>>,
-    probe_until: Option<DateTime<Utc>>,
-    updated_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    breaker: BreakerView,
 }
 
+/// Every endpoint with its stored breaker, if it was ever written.
 const BREAKER_VIEW: &str = "
-    select e.id, coalesce(b.state, 'CLOSED'), coalesce(b.failure_count, 0),
-           coalesce(b.success_count, 0), b.opened_at, b.probe_until, b.updated_at
+    select e.id as endpoint_id, b.name, b.state, b.failure_count, b.success_count, b.opened_at,
+           b.probe_until, b.updated_at
       from endpoints e
       left join circuit_breakers b on b.scope = 'endpoint' and b.name = e.id";
 
-fn breaker_view(state: &AppState, row: &tokio_postgres::Row) -> BreakerView {
-    let text: String = row.get(1);
-    let breaker_state = BreakerState::parse(&text).unwrap_or(BreakerState::Closed);
-    let opened_at: Option<DateTime<Utc>> = row.get(4);
-    let open_for = chrono::Duration::from_std(state.config.breaker.breaker_open_for)
-        .unwrap_or(chrono::Duration::MAX);
-    BreakerView {
-        endpoint_id: row.get(0),
-        state: breaker_state,
-        failure_count: row.get(2),
-        success_count: row.get(3),
-        opened_at,
-        half_open_at: (breaker_state == BreakerState::Open)
-            .then(|| opened_at.map(|t| t + open_for))
-            .flatten(),
-        probe_until: row.get(5),
-        updated_at: row.get(6),
+fn breaker_view(state: &AppState, row: &tokio_postgres::Row) -> EndpointBreaker {
+    let stored = row
+        .get::<_, Option<String>>("name")
+        .map(|_| breaker::store::from_row(row));
+    EndpointBreaker {
+        endpoint_id: row.get("endpoint_id"),
+        breaker: BreakerView::of_stored(stored.as_ref(), state.config.breaker.breaker_open_for),
     }
 }
 
 #[derive(Serialize)]
 struct BreakerList {
-    circuit_breakers: Vec<BreakerView>,
+    circuit_breakers: Vec<EndpointBreaker>,
 }
 
 /// Every endpoint's breaker (never written: CLOSED with zero counts).
@@ -76,7 +61,7 @@ async fn list(State(state): State<AppState>) -> Result<Json<BreakerList>, ApiErr
 async fn reset(
     State(state): State<AppState>,
     Path(endpoint_id): Path<String>,
-) -> Result<Json<BreakerView>, ApiError> {
+) -> Result<Json<EndpointBreaker>, ApiError> {
     let client = state.pool.get().await?;
     if endpoints::get(&client, &endpoint_id, false)
         .await?

@@ -6,7 +6,9 @@ use axum::{Json, Router};
 use outbox_core::http::{ApiError, QueryParams};
 use serde::{Deserialize, Serialize};
 
-use super::{next_after, page_limit};
+use outbox_core::http::next_cursor;
+
+use super::PAGE;
 use crate::delivery::store::{self, DeliveryDetail, DeliveryView, Filter, Retry};
 use crate::delivery::DeliveryState;
 use crate::AppState;
@@ -52,7 +54,7 @@ async fn list(
             ApiError::bad_request("invalid_state", "state is one of pending, succeeded, dead")
         })?),
     };
-    let limit = page_limit(q.limit)?;
+    let limit = PAGE.of(q.limit)?;
     let filter = Filter {
         state: state_filter,
         endpoint_id: q.endpoint_id,
@@ -60,7 +62,7 @@ async fn list(
     };
     let client = state.pool.get().await?;
     let deliveries = store::list(&**client, &filter, q.after.unwrap_or(0), limit).await?;
-    let next_after = next_after(deliveries.iter().map(|d| d.fields.id), limit);
+    let next_after = next_cursor(&deliveries, limit, |d| d.fields.id);
     Ok(Json(DeliveryPage {
         deliveries,
         next_after,

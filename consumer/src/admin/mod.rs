@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use axum::middleware;
 use axum::Router;
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
-use outbox_core::http::{operational_routes, ApiError};
+use outbox_core::http::{operational_routes, ApiError, PageLimit};
 use serde::de::DeserializeOwned;
 
 use crate::AppState;
@@ -35,17 +35,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The page size of a list: 100 unless `limit` (1 to 1000) says otherwise.
-fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit {
-        None => Ok(100),
-        Some(n) if (1..=1000).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit is between 1 and 1000",
-        )),
-    }
-}
+/// Every list of the admin API: 100 a page unless `limit` (1 to 1000) says otherwise.
+const PAGE: PageLimit = PageLimit::new(100, 1000);
 
 /// A body that may be empty (all defaults) or a JSON object.
 fn optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
@@ -54,13 +45,4 @@ fn optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiEr
     } else {
         outbox_core::http::parse_object(body)
     }
-}
-
-/// `next_after` of a page: the last id when the page is full.
-fn next_after(
-    ids: impl DoubleEndedIterator<Item = i64> + ExactSizeIterator,
-    limit: i64,
-) -> Option<i64> {
-    let full = ids.len() as i64 == limit;
-    ids.last().filter(|_| full)
 }

@@ -7,7 +7,9 @@ use axum::{Json, Router};
 use outbox_core::http::{ApiError, QueryParams};
 use serde::{Deserialize, Serialize};
 
-use super::{next_after, page_limit};
+use outbox_core::http::next_cursor;
+
+use super::PAGE;
 use crate::ingest::{self, PoisonRecord, PoisonReplay, RecordError};
 use crate::AppState;
 
@@ -37,10 +39,10 @@ async fn list(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<PageQuery>,
 ) -> Result<Json<PoisonPage>, ApiError> {
-    let limit = page_limit(q.limit)?;
+    let limit = PAGE.of(q.limit)?;
     let client = state.pool.get().await?;
     let poison_records = ingest::list_poison(&**client, q.after.unwrap_or(0), limit).await?;
-    let next_after = next_after(poison_records.iter().map(|r| r.id), limit);
+    let next_after = next_cursor(&poison_records, limit, |r| r.id);
     Ok(Json(PoisonPage {
         poison_records,
         next_after,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use outbox_core::breaker::{self, Admission, Breaker, BreakerPolicy, BreakerState};
+use outbox_core::config::chrono_duration;
 use outbox_core::db::PgPool;
 
 use super::limits::lock;
@@ -120,9 +121,13 @@ impl Breakers {
         if stored.state == BreakerState::Closed {
             return ShareAdmission::Send;
         }
-        let probe_at = stored.probe_at(&self.policy, now);
-        if stored.state == BreakerState::Open && now < probe_at {
-            return ShareAdmission::Hold(probe_at);
+        if stored.state == BreakerState::Open {
+            let probe_at = stored
+                .probe_at(self.policy.open_for)
+                .unwrap_or_else(|| now + chrono_duration(self.policy.open_for));
+            if now < probe_at {
+                return ShareAdmission::Hold(probe_at);
+            }
         }
         let admission = match self.pool.get().await {
             Ok(mut client) => {
@@ -169,13 +174,11 @@ impl Breakers {
     }
 
     fn learn(&self, endpoint_id: &str, breaker: &Breaker, as_of: Instant) {
-        let now = Utc::now();
         lock(&self.known).insert(
             endpoint_id.to_owned(),
             Known {
                 failures: breaker.failure_count,
-                probe_at: (breaker.state == BreakerState::Open)
-                    .then(|| breaker.probe_at(&self.policy, now)),
+                probe_at: breaker.probe_at(self.policy.open_for),
                 as_of,
             },
         );
@@ -217,8 +220,4 @@ impl Breakers {
             }
         }
     }
-}
-
-pub fn chrono_duration(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }

@@ -23,15 +23,18 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use outbox_core::breaker::Breaker;
+use outbox_core::config::chrono_duration;
 use outbox_core::db::PgPool;
+use outbox_core::reconnect::Backoff;
 use outbox_core::schedule::{with_jitter, RetrySchedule};
+use outbox_core::shutdown::sleep_or_cancel;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use self::admission::BREAKER_SCOPE;
-use self::admission::{chrono_duration, Breakers, ShareAdmission};
+use self::admission::{Breakers, ShareAdmission};
 use self::attempt::Made;
 use self::limits::{lock, RateLimits, Shares};
 use crate::delivery::decision::{self, Decision, Next, Verdict};
@@ -138,24 +141,19 @@ impl Dispatcher {
     /// interval (or until woken by new deliveries) when nothing is due. A batch in hand is
     /// finished: requests in flight complete, unsent deliveries are handed back, all is recorded.
     pub async fn work(self: &Arc<Self>, worker: usize, shutdown: CancellationToken) {
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new();
         while !shutdown.is_cancelled() {
             let wake = self.wake.notified();
             match self.dispatch_once(&shutdown).await {
                 Ok(claimed) => {
-                    failures = 0;
+                    backoff.reset();
                     if claimed as i64 >= self.settings.batch_size {
                         continue;
                     }
                 }
                 Err(error) => {
-                    failures += 1;
                     tracing::warn!(worker, %error, "dispatcher cannot claim deliveries");
-                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
+                    sleep_or_cancel(backoff.next_delay(), &shutdown).await;
                     continue;
                 }
             }
@@ -414,7 +412,7 @@ impl Dispatcher {
         lease: DateTime<Utc>,
         shutdown: &CancellationToken,
     ) {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
         loop {
             match self.record(outcomes, lease).await {
                 Ok(()) => return,
@@ -431,8 +429,7 @@ impl Dispatcher {
                 );
                 return;
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 
