@@ -15,6 +15,9 @@
 #   scripts/stack.sh kill|stop|start SERVICE [N]   SIGKILL / SIGTERM / start one instance
 #                                 (SERVICE: producer, relay, consumer, notifier; N defaults to 1)
 #   scripts/stack.sh leader       print the number of the relay instance that leads
+#   scripts/stack.sh url SERVICE [N]      print an instance's base URL (http://127.0.0.1:8092)
+#   scripts/stack.sh bootstrap    print the Kafka bootstrap list the services get
+#   scripts/stack.sh info         the stack's sizes, ports and URLs as KEY=value lines (for scripts)
 #   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
 #   scripts/stack.sh migrate      apply every service's migrations (sql/) to DATABASE_URL's database
 #
@@ -36,7 +39,7 @@
 # $OUTBOX_STACK_DIR/stack.conf, so later subcommands need only OUTBOX_STACK_DIR; variables set in
 # the environment win over it, and over .env.
 # OUTBOX_BIN_DIR: run the service binaries from there (e.g. target/debug) instead of building
-# target/release.
+# target/release. OUTBOX_ENV_FILE: the services' settings file (default .env; `none`: no file).
 # Every subcommand is idempotent. State lives in $OUTBOX_STACK_DIR (default /var/tmp/outbox-stack), shared by
 # every clone on the machine, so a second checkout finds the same broker instead of fighting it.
 set -euo pipefail
@@ -408,7 +411,7 @@ check_service() { # check_service <service> <n>
 # The caller's environment wins over .env (as with docker compose), so that a private stack's
 # DATABASE_URL or KAFKA_BROKERS is never replaced by the file's.
 load_env_file() {
-  local f=$ROOT/.env line key
+  local f=${OUTBOX_ENV_FILE:-$ROOT/.env} line key
   [ -f "$f" ] || return 0
   while IFS= read -r -d '' line; do
     key=${line%%=*}
@@ -578,7 +581,7 @@ case $cmd in
   down) services_stop; kafka_stop; pg_stop ;;
   status) status ;;
   kafka-stop) kafka_stop ;;
-  kafka-start) kafka_start ;;
+  kafka-start) kafka_start; save_conf ;;
   broker-stop)
     [ $# -ge 1 ] || die "usage: broker-stop N [--kill]"
     n=$1; check_node "$n"
@@ -600,6 +603,13 @@ case $cmd in
       esac
     fi ;;
   leader) relay_leader || die "no relay instance leads" ;;
+  url) [ $# -ge 1 ] || die "usage: url SERVICE [N]"; check_service "$1" "${2:-1}"; echo "http://127.0.0.1:$(service_port "$1" "${2:-1}")" ;;
+  bootstrap) kafka_bootstrap ;;
+  info)
+    ( services_env >/dev/null
+      printf '%s=%q\n' STACK_BROKERS "$STACK_BROKERS" STACK_RELAYS "$STACK_RELAYS" STACK_CONSUMERS "$STACK_CONSUMERS" \
+        PG_PORT "$PG_PORT" KAFKA_BROKERS "$KAFKA_BROKERS" DATABASE_URL "$DATABASE_URL" \
+        PG_MANAGED "$([ -f "$PG_DATA/postmaster.pid" ] && echo true || echo false)" LOGS "$LOGS" ) ;;
   pg-stop) pg_stop ;;
   pg-start) pg_start ;;
   migrate)
