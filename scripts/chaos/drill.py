@@ -555,7 +555,10 @@ def plot(path, t0, t_end, traffic, sampler, receivers, windows, title):
 
 
 def table(summary) -> str:
-    lines = []
+    tr = summary["traffic"]
+    lines = [f"traffic: {tr['attempted']} attempted in {tr['duration_s']:g}s ({tr['achieved_rate_per_s']:g}/s of "
+             f"{tr['rate_per_s']:g}/s asked), {tr['acknowledged']} acknowledged; answers {tr['answers']}; "
+             f"longest time without a 201: {tr['longest_gap_without_201_s']:g}s", ""]
     cols = ["attempted", "acknowledged", "received", "lost", "unexpected", "duplicates", "longest_stall_s"]
     lines.append(f"{'receiver':<9} " + " ".join(f"{c:>15}" for c in cols))
     for name, r in summary["receivers"].items():
@@ -677,6 +680,7 @@ def main():
             "stack": {"brokers": args.brokers, "relays": args.relays, "consumers": args.consumers},
             "traffic": {
                 "rate_per_s": args.rate,
+                "achieved_rate_per_s": round(len(traffic.attempted) / max(t_traffic - t0, 1e-9), 1),
                 "duration_s": round(t_traffic - t0, 1),
                 "attempted": len(traffic.attempted),
                 "acknowledged": len(traffic.acked),
