@@ -15,11 +15,13 @@ fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// The services' debug binaries, built by this checkout's cargo (quick when up to date).
+/// The services' debug binaries, built by this checkout's cargo: a no-op after `cargo test
+/// --workspace`, which builds them with the same features (outbox-core's `testing`, enabled by
+/// every crate's tests), so neither build undoes the other's.
 fn service_binaries() -> PathBuf {
     let status = Command::new(env!("CARGO"))
         .current_dir(root())
-        .args(["build", "--bins"])
+        .args(["build", "--bins", "--features", "outbox-core/testing"])
         .args([
             "-p", "producer", "-p", "relay", "-p", "consumer", "-p", "notifier",
         ])
