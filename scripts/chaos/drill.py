@@ -32,7 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,6 +56,12 @@ def duration(text: str) -> float:
 
 def log(msg: str):
     print(f"\033[1m[chaos]\033[0m {msg}", file=sys.stderr, flush=True)
+
+
+def fail(msg: str):
+    """The drill cannot run as asked: exit 2 (1 means something was lost)."""
+    log(f"error: {msg}")
+    sys.exit(2)
 
 
 class Stack:
@@ -445,11 +451,11 @@ def plan_faults(args) -> list:
     skipped = {f.strip() for f in args.skip.split(",") if f.strip()}
     for f in chosen + sorted(skipped):
         if f not in ALL_FAULTS:
-            raise SystemExit(f"unknown fault {f!r} (known: {', '.join(ALL_FAULTS)})")
+            fail(f"unknown fault {f!r} (known: {', '.join(ALL_FAULTS)})")
     plan = [f for f in chosen if f not in skipped]
     if "broker" in plan and args.brokers < 3:
         if args.faults:
-            raise SystemExit("the broker fault needs --brokers 3 (one node of one is the kafka fault)")
+            fail("the broker fault needs --brokers 3 (one node of one is the kafka fault)")
         plan.remove("broker")
     if "postgres" in plan and not args.pg_managed:
         log("skipping the postgres fault: this PostgreSQL is not run by scripts/stack.sh")
@@ -607,9 +613,9 @@ def main():
     stack = Stack(args.stack_script, stack_log)
     plan = plan_faults(args)
     if args.broker_victim > args.brokers and "broker" in plan:
-        raise SystemExit(f"--broker-victim {args.broker_victim}: the cluster has {args.brokers} nodes")
+        fail(f"--broker-victim {args.broker_victim}: the cluster has {args.brokers} nodes")
     if args.consumer_victim > args.consumers and "consumer" in plan:
-        raise SystemExit(f"--consumer-victim {args.consumer_victim}: the stack runs {args.consumers} consumers")
+        fail(f"--consumer-victim {args.consumer_victim}: the stack runs {args.consumers} consumers")
     run_id = secrets.token_hex(4)
     prefix = f"chaos-{run_id}-"
     log(f"run {run_id}: {args.rate:g} messages/s for at least {args.duration:g}s; faults: {', '.join(plan) or 'none'}")
@@ -721,6 +727,9 @@ def main():
         print(f"\nlost {summary['lost']}, unexpected {summary['unexpected']}, duplicates {summary['duplicates']}"
               f" (at least once: allowed); results in {args.results}")
         exit_code = 0 if summary["valid"] else 1
+    except (RuntimeError, OSError, urllib.error.URLError) as e:
+        log(f"error: the drill stopped: {e} (stack commands and their output: {stack_log.name})")
+        exit_code = 2
     finally:
         traffic.stop.set()
         sampler.stop.set()
