@@ -32,7 +32,7 @@
 #   --warmup D (10s)  --gap D (10s)  --recovery-timeout D (2m)  --drain-timeout D (3m)
 #   --private       a stack of the drill's own (CHAOS_PRIVATE=1): OUTBOX_STACK_DIR
 #                   /var/tmp/outbox-drill, PG_PORT 5445, KAFKA_PORT 19140 (controllers 19141),
-#                   SERVICE_PORT_BASE 19150 unless set; no .env; stopped at the end unless --keep
+#                   SERVICE_PORT_BASE 19190 unless set; no .env; stopped at the end unless --keep
 #   --keep          leave the private stack running
 #   --no-up         use the stack as it runs (do not call scripts/stack.sh up)
 #   --results DIR   default target/chaos/<UTC time>
@@ -74,7 +74,7 @@ if [ -n "$private" ]; then
   export PG_PORT=${PG_PORT:-5445}
   export KAFKA_PORT=${KAFKA_PORT:-19140}
   export KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-19141}
-  export SERVICE_PORT_BASE=${SERVICE_PORT_BASE:-19150}
+  export SERVICE_PORT_BASE=${SERVICE_PORT_BASE:-19190}
   export KAFKA_HEAP=${KAFKA_HEAP:-384m}
   # Nothing of the normal stack's settings may leak into the private one.
   export OUTBOX_ENV_FILE=none
