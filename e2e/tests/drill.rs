@@ -15,9 +15,9 @@ fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// The services' debug binaries, built by this checkout's cargo: a no-op after `cargo test
-/// --workspace`, which builds them with the same features (outbox-core's `testing`, enabled by
-/// every crate's tests), so neither build undoes the other's.
+/// The services' debug binaries, built by this checkout's cargo so the drill never runs stale ones.
+/// With outbox-core's `testing` feature, as every crate's tests enable it, to stay close to what
+/// `cargo test --workspace` built (whether it is then a no-op is not yet measured).
 fn service_binaries() -> PathBuf {
     let status = Command::new(env!("CARGO"))
         .current_dir(root())
