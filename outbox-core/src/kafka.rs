@@ -68,8 +68,10 @@ pub fn idempotent_producer_config(
     config
 }
 
-/// Creates the topics that are missing, with `partitions` partitions and replication factor 1
-/// (a single-node cluster; raise it on a real one). Existing topics are left as they are.
+/// Creates the topics that are missing, with `partitions` partitions and the cluster's own
+/// replication factor (`default.replication.factor`: 1 on a single node, 3 on the local stack's
+/// three-node cluster), so the services need no setting of their own for it. Existing topics are
+/// left as they are.
 pub async fn ensure_topics(
     brokers: &str,
     topics: &[String],
@@ -80,7 +82,8 @@ pub async fn ensure_topics(
         .map_err(|e| format!("cannot create Kafka admin client: {e}"))?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        // -1: the broker's default (KIP-464, Kafka 2.4+).
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin

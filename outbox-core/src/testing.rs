@@ -311,6 +311,71 @@ pub fn chaos_stack(subcommand: &str) {
     assert!(status.success(), "scripts/stack.sh {subcommand} failed");
 }
 
+/// A stack of `scripts/stack.sh` of a test binary's own: its own state directory and ports, so the
+/// test may stop and kill its brokers while other tests keep the shared ones.
+pub struct PrivateStack {
+    env: Vec<(&'static str, String)>,
+}
+
+impl PrivateStack {
+    /// A stack in `dir` with `brokers` Kafka nodes, node n on `kafka_port + 3(n-1)` and its
+    /// controller on the port after it, PostgreSQL on `pg_port` and the services from
+    /// `service_port_base` (used only by the subcommands that start them).
+    pub fn new(
+        dir: &str,
+        brokers: u8,
+        kafka_port: u16,
+        pg_port: u16,
+        service_port_base: u16,
+    ) -> Self {
+        PrivateStack {
+            env: vec![
+                ("OUTBOX_STACK_DIR", dir.to_owned()),
+                ("STACK_BROKERS", brokers.to_string()),
+                ("KAFKA_PORT", kafka_port.to_string()),
+                ("KAFKA_CONTROLLER_PORT", (kafka_port + 1).to_string()),
+                ("PG_PORT", pg_port.to_string()),
+                ("SERVICE_PORT_BASE", service_port_base.to_string()),
+                ("KAFKA_HEAP", "384m".to_owned()),
+                ("OUTBOX_ENV_FILE", "none".to_owned()),
+            ],
+        }
+    }
+
+    /// The variables that point `scripts/stack.sh` (and `scripts/chaos.sh`) at this stack.
+    pub fn env(&self) -> &[(&'static str, String)] {
+        &self.env
+    }
+
+    /// Runs `scripts/stack.sh <args>`; panics unless it succeeds. Returns what it printed.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("bash")
+            .arg(stack_script())
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run scripts/stack.sh");
+        assert!(
+            output.status.success(),
+            "scripts/stack.sh {} failed",
+            args.join(" ")
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// The bootstrap list of every node (what the services get as `KAFKA_BROKERS`).
+    pub fn bootstrap(&self) -> String {
+        self.run(&["bootstrap"])
+    }
+}
+
+/// `scripts/stack.sh` of this checkout (`TEST_STACK_SCRIPT` names another).
+pub fn stack_script() -> String {
+    std::env::var("TEST_STACK_SCRIPT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh").to_owned())
+}
+
 /// The sum of the samples of metric `name` in Prometheus text, over the series whose labels
 /// include every one of `labels` (written like `outcome="duplicate"`).
 pub fn metric_total(text: &str, name: &str, labels: &[&str]) -> f64 {
