@@ -2,7 +2,8 @@
 # The local stack without Docker: real PostgreSQL (Debian's package) and Apache Kafka 4 in KRaft mode
 # (the official broker jars from Maven Central), plus the four services.
 #
-#   scripts/stack.sh up           install what is missing, start PostgreSQL, Kafka and the services
+#   scripts/stack.sh up           install what is missing, start PostgreSQL, Kafka, the services and
+#                                 Prometheus (:9090, scraping every instance started, alert rules loaded)
 #   scripts/stack.sh deps         only PostgreSQL and Kafka (what the tests need)
 #   scripts/stack.sh down         stop everything this script started
 #   scripts/stack.sh status       what runs, and where
@@ -10,6 +11,7 @@
 #   scripts/stack.sh kafka-start  start it again
 #   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
 #   scripts/stack.sh migrate      apply every service's migrations (sql/) to DATABASE_URL's database
+#   scripts/stack.sh prometheus-start | prometheus-stop   only Prometheus (after `up`: a fresh scrape config)
 #
 # KAFKA_PORT / KAFKA_CONTROLLER_PORT with another OUTBOX_STACK_DIR run a second, separate broker
 # (the chaos tests stop and start their own so that other tests keep theirs).
@@ -29,6 +31,8 @@ PG_DB=${PG_DB:-outbox}
 PG_DATA=$STACK_DIR/postgres
 KAFKA_DATA=$STACK_DIR/kafka
 LOGS=$STACK_DIR/logs
+PROM_PORT=${PROM_PORT:-9090}
+PROM_DIR=$STACK_DIR/prometheus
 SERVICES=(producer relay consumer notifier)
 
 log() { printf '\033[1m[stack]\033[0m %s\n' "$*" >&2; }
@@ -225,6 +229,68 @@ kafka_stop() {
   log "Kafka stopped"
 }
 
+# ---------------------------------------------------------------- Prometheus
+# Debian's package, run as a plain process with its own config and data in the stack dir (not the
+# package's systemd service, which would scrape its own config).
+
+# The instances this stack started, one "<job> <host:port>" line each: the scrape targets. The one
+# place that knows which instances run, so more instances per service only change this function.
+scrape_targets() {
+  local s
+  for s in "${SERVICES[@]}"; do echo "$s 127.0.0.1:$(service_port "$s")"; done
+}
+
+# The project's scrape configuration (prometheus/prometheus.yml: global settings and jobs) with the
+# targets of this stack and the project's alert rules by absolute path.
+prometheus_config() {
+  mkdir -p "$PROM_DIR"
+  {
+    echo "# Written by scripts/stack.sh from prometheus/prometheus.yml and scrape_targets(); do not edit."
+    sed -n '/^global:/,/^rule_files:/p' "$ROOT/prometheus/prometheus.yml" | sed '$d'
+    echo "rule_files:"
+    echo "  - $ROOT/prometheus/alerts.yml"
+    echo
+    echo "scrape_configs:"
+    local job target current=""
+    while read -r job target; do
+      if [ "$job" != "$current" ]; then
+        printf '  - job_name: %s\n    static_configs:\n      - targets:\n' "$job"
+        current=$job
+      fi
+      printf '          - "%s"\n' "$target"
+    done < <(scrape_targets | sort -s -k1,1)
+    printf '  - job_name: prometheus\n    static_configs:\n      - targets: ["127.0.0.1:%s"]\n' "$PROM_PORT"
+  } >"$PROM_DIR/prometheus.yml"
+}
+
+prometheus_ready() { curl -fsS -o /dev/null "http://127.0.0.1:$PROM_PORT/-/ready" 2>/dev/null; }
+
+prometheus_start() {
+  command -v prometheus >/dev/null || apt_install prometheus
+  mkdir -p "$LOGS"
+  prometheus_config
+  local pid; pid=$(cat "$PROM_DIR/prometheus.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -HUP "$pid"; log "Prometheus already runs (pid $pid): reloaded its config"; return
+  fi
+  if port_open "$PROM_PORT"; then log "something else answers on :$PROM_PORT: not starting Prometheus"; return; fi
+  nohup prometheus --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" \
+    --storage.tsdb.retention.time=7d --web.listen-address="127.0.0.1:$PROM_PORT" --web.enable-lifecycle \
+    >>"$LOGS/prometheus.log" 2>&1 &
+  echo $! >"$PROM_DIR/prometheus.pid"
+  wait_for "Prometheus on :$PROM_PORT" 60 prometheus_ready
+}
+
+prometheus_stop() {
+  local pid; pid=$(cat "$PROM_DIR/prometheus.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    log "Prometheus stopped"
+  fi
+  rm -f "$PROM_DIR/prometheus.pid"
+}
+
 # ---------------------------------------------------------------- services
 services_start() {
   log "building the services (cargo build --release)"
@@ -286,14 +352,24 @@ status() {
       printf '%-11s %-8s\n' "$s" down
     fi
   done
+  if prometheus_ready; then
+    local targets
+    targets=$(curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/targets?state=active" 2>/dev/null |
+      python3 -c 'import json,sys; t=json.load(sys.stdin)["data"]["activeTargets"]; print("%d/%d targets up" % (sum(x["health"] == "up" for x in t), len(t)))' 2>/dev/null || true)
+    printf '%-11s %-8s %s\n' prometheus up "http://127.0.0.1:$PROM_PORT ${targets:+($targets)}"
+  else
+    printf '%-11s %-8s\n' prometheus down
+  fi
   echo "logs: $LOGS"
 }
 
 cmd=${1:-help}
 case $cmd in
-  up) pg_start; kafka_start; services_start; status ;;
+  up) pg_start; kafka_start; services_start; prometheus_start; status ;;
   deps) pg_start; kafka_start ;;
-  down) services_stop; kafka_stop; pg_stop ;;
+  down) prometheus_stop; services_stop; kafka_stop; pg_stop ;;
+  prometheus-start) prometheus_start ;;
+  prometheus-stop) prometheus_stop ;;
   status) status ;;
   kafka-stop) kafka_stop ;;
   kafka-start) kafka_start ;;
@@ -305,5 +381,5 @@ case $cmd in
     export WEBHOOK_SECRET=${WEBHOOK_SECRET:-$(local_secret)}
     for s in relay producer consumer notifier; do "$ROOT/target/release/$s" migrate; done ;;
   help|-h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" ;;
-  *) die "unknown subcommand '$cmd' (try: up, deps, down, status, kafka-stop, kafka-start)" ;;
+  *) die "unknown subcommand '$cmd' (try: up, deps, down, status, kafka-stop, kafka-start, prometheus-start)" ;;
 esac
