@@ -8,7 +8,7 @@ Checks (each failure is printed; the exit status is 1 if any):
       every target uses `${datasource}`
     - panel ids unique within the dashboard; every panel has a gridPos, a title and a unit
     - every metric name in every expr (and in label_values() of query variables) is one from
-      docs/metrics.md (histograms also as _bucket/_sum/_count), `up`, or a kafka-exporter metric
+      docs/metrics.md (histograms also as _bucket/_sum/_count) or `up`
     - every range selector is [$__rate_interval]; every histogram_quantile groups by le
   alert rules (prometheus/alerts.yml)
     - the same metric-name check; every alert has `for`, a severity (critical|warning|info),
@@ -27,9 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Metrics from outside our services that dashboards and alerts may use.
 EXTERNAL = {
     "up",  # Prometheus' own scrape health
-    "kafka_consumergroup_lag",  # kafka-exporter (danielqsj), docker-compose only
-    "kafka_consumergroup_lag_sum",
-    "kafka_consumergroup_members",
 }
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
             "and", "or", "unless", "inf", "nan", "le"}
