@@ -12,6 +12,12 @@
 #   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
 #   scripts/stack.sh migrate      apply every service's migrations (sql/) to DATABASE_URL's database
 #   scripts/stack.sh prometheus-start | prometheus-stop   only Prometheus (after `up`: a fresh scrape config)
+#   scripts/stack.sh services-stop   stop what `up` adds (services, Prometheus, sinks), leave PostgreSQL and Kafka
+#
+# `up` also starts the demo notification sinks (scripts/demo-sinks.py: SMTP on :2525, a chat Bot API
+# on :8099) and subscribes the notifier's /webhooks/notify to every event, so notifications flow.
+# STACK_PROFILE=debug runs target/debug binaries (what `cargo test` built) instead of a release build;
+# PROM_SCRAPE_INTERVAL overrides the scrape interval of prometheus/prometheus.yml.
 #
 # KAFKA_PORT / KAFKA_CONTROLLER_PORT with another OUTBOX_STACK_DIR run a second, separate broker
 # (the chaos tests stop and start their own so that other tests keep theirs).
@@ -33,6 +39,10 @@ KAFKA_DATA=$STACK_DIR/kafka
 LOGS=$STACK_DIR/logs
 PROM_PORT=${PROM_PORT:-9090}
 PROM_DIR=$STACK_DIR/prometheus
+PROM_SCRAPE_INTERVAL=${PROM_SCRAPE_INTERVAL:-}
+STACK_PROFILE=${STACK_PROFILE:-release}
+SMTP_SINK_PORT=${SMTP_SINK_PORT:-2525}
+CHAT_SINK_PORT=${CHAT_SINK_PORT:-8099}
 SERVICES=(producer relay consumer notifier)
 
 log() { printf '\033[1m[stack]\033[0m %s\n' "$*" >&2; }
@@ -246,7 +256,12 @@ prometheus_config() {
   mkdir -p "$PROM_DIR"
   {
     echo "# Written by scripts/stack.sh from prometheus/prometheus.yml and scrape_targets(); do not edit."
-    sed -n '/^global:/,/^rule_files:/p' "$ROOT/prometheus/prometheus.yml" | sed '$d'
+    if [ -n "$PROM_SCRAPE_INTERVAL" ]; then
+      sed -n '/^global:/,/^rule_files:/p' "$ROOT/prometheus/prometheus.yml" | sed '$d' |
+        sed -E "s/^(  (scrape|evaluation)_interval:).*/\1 $PROM_SCRAPE_INTERVAL/"
+    else
+      sed -n '/^global:/,/^rule_files:/p' "$ROOT/prometheus/prometheus.yml" | sed '$d'
+    fi
     echo "rule_files:"
     echo "  - $ROOT/prometheus/alerts.yml"
     echo
@@ -291,10 +306,38 @@ prometheus_stop() {
   rm -f "$PROM_DIR/prometheus.pid"
 }
 
+# ---------------------------------------------------------------- demo notification sinks
+sinks_start() {
+  local pid; pid=$(cat "$STACK_DIR/sinks.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then log "notification sinks already run (pid $pid)"; return; fi
+  mkdir -p "$LOGS"
+  SMTP_SINK_PORT=$SMTP_SINK_PORT CHAT_SINK_PORT=$CHAT_SINK_PORT SINK_LOG=$LOGS/sinks.jsonl \
+    nohup python3 "$ROOT/scripts/demo-sinks.py" >>"$LOGS/sinks.log" 2>&1 &
+  echo $! >"$STACK_DIR/sinks.pid"
+  wait_for "notification sinks (SMTP :$SMTP_SINK_PORT, chat :$CHAT_SINK_PORT)" 20 port_open "$CHAT_SINK_PORT"
+}
+
+sinks_stop() {
+  local pid; pid=$(cat "$STACK_DIR/sinks.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid"; log "notification sinks stopped"; fi
+  rm -f "$STACK_DIR/sinks.pid"
+}
+
 # ---------------------------------------------------------------- services
+bin_dir() { if [ "$STACK_PROFILE" = debug ]; then echo "$ROOT/target/debug"; else echo "$ROOT/target/release"; fi; }
+
+build_services() {
+  if [ "$STACK_PROFILE" = debug ]; then
+    log "building the services (cargo build, debug)"
+    (cd "$ROOT" && cargo build -q -p producer -p relay -p consumer -p notifier --bins)
+  else
+    log "building the services (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --bins)
+  fi
+}
+
 services_start() {
-  log "building the services (cargo build --release)"
-  (cd "$ROOT" && cargo build --release --bins)
+  build_services
   mkdir -p "$LOGS"
   set -a
   [ -f "$ROOT/.env" ] && . "$ROOT/.env"
@@ -303,15 +346,20 @@ services_start() {
   export ALLOW_PRIVATE_ENDPOINTS=${ALLOW_PRIVATE_ENDPOINTS:-true}
   export WEBHOOK_SECRET=${WEBHOOK_SECRET:-$(local_secret)}
   export ENDPOINTS_FILE=${ENDPOINTS_FILE:-$STACK_DIR/endpoints.json}
+  # The notifier's demo channels: the sinks above (scripts/demo-sinks.py).
+  export SMTP_HOST=${SMTP_HOST-127.0.0.1} SMTP_PORT=${SMTP_PORT:-$SMTP_SINK_PORT} SMTP_TO=${SMTP_TO:-ops@example.com}
+  export CHAT_API_URL=${CHAT_API_URL:-http://127.0.0.1:$CHAT_SINK_PORT} CHAT_BOT_TOKEN=${CHAT_BOT_TOKEN-demo-token} CHAT_ID=${CHAT_ID:-demo-chat}
   cat >"$ENDPOINTS_FILE" <<EOF
 [{"id": "notifier-logger", "url": "http://127.0.0.1:8083/webhooks/logger", "event_types": ["*"],
-  "description": "local stack: the notifier's logger", "secret": "${WEBHOOK_SECRET%%,*}"}]
+  "description": "local stack: the notifier's logger", "secret": "${WEBHOOK_SECRET%%,*}"},
+ {"id": "notifier-notify", "url": "http://127.0.0.1:8083/webhooks/notify", "event_types": ["*"],
+  "description": "local stack: the notifier's email and chat notifications (demo sinks)", "secret": "${WEBHOOK_SECRET%%,*}"}]
 EOF
   for s in "${SERVICES[@]}"; do
     if [ -f "$STACK_DIR/$s.pid" ] && kill -0 "$(cat "$STACK_DIR/$s.pid")" 2>/dev/null; then
       log "$s already runs (pid $(cat "$STACK_DIR/$s.pid"))"; continue
     fi
-    nohup "$ROOT/target/release/$s" >>"$LOGS/$s.log" 2>&1 &
+    nohup "$(bin_dir)/$s" >>"$LOGS/$s.log" 2>&1 &
     echo $! >"$STACK_DIR/$s.pid"
   done
   for s in "${SERVICES[@]}"; do
@@ -352,6 +400,11 @@ status() {
       printf '%-11s %-8s\n' "$s" down
     fi
   done
+  if port_open "$CHAT_SINK_PORT" && port_open "$SMTP_SINK_PORT"; then
+    printf '%-11s %-8s %s\n' sinks up "smtp 127.0.0.1:$SMTP_SINK_PORT, chat http://127.0.0.1:$CHAT_SINK_PORT ($LOGS/sinks.jsonl)"
+  else
+    printf '%-11s %-8s\n' sinks down
+  fi
   if prometheus_ready; then
     local targets
     targets=$(curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/targets?state=active" 2>/dev/null |
@@ -365,9 +418,10 @@ status() {
 
 cmd=${1:-help}
 case $cmd in
-  up) pg_start; kafka_start; services_start; prometheus_start; status ;;
+  up) pg_start; kafka_start; sinks_start; services_start; prometheus_start; status ;;
   deps) pg_start; kafka_start ;;
-  down) prometheus_stop; services_stop; kafka_stop; pg_stop ;;
+  down) prometheus_stop; services_stop; sinks_stop; kafka_stop; pg_stop ;;
+  services-stop) prometheus_stop; services_stop; sinks_stop ;;
   prometheus-start) prometheus_start ;;
   prometheus-stop) prometheus_stop ;;
   status) status ;;

@@ -2,7 +2,8 @@
 # Sets up everything the tests need and runs them: PostgreSQL and Kafka (scripts/stack.sh deps,
 # installing them when missing), the Python tools some tests use as independent peers (an SMTP
 # server, a Standard Webhooks verifier, schemathesis), then the whole Rust test suite, then
-# scripts/api-fuzz.sh (schemathesis against every OpenAPI document the services serve).
+# scripts/api-fuzz.sh (schemathesis against every OpenAPI document the services serve), then
+# scripts/check-dashboards-live.sh (every Grafana panel has data on a local stack after demo traffic).
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh -p relay        extra arguments go to `cargo test`
@@ -47,4 +48,6 @@ cargo test --workspace "$@"
 if [ $# -eq 0 ]; then
   log "fuzzing the OpenAPI documents against the services"
   scripts/api-fuzz.sh
+  log "checking that every dashboard panel has data on a running stack"
+  scripts/check-dashboards-live.sh
 fi

@@ -205,6 +205,10 @@ pub async fn run(
         SCHEMAS,
     )?;
     let metrics = Metrics::new();
+    metrics.init_series(
+        &config.consumer_topics,
+        declared.iter().map(|e| e.id.as_str()),
+    );
     let kafka = Arc::new(ingest::create_consumer(&config, metrics.clone())?);
     let state = AppState {
         pool: pool.clone(),
