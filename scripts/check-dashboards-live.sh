@@ -16,6 +16,7 @@ export OUTBOX_STACK_DIR=${DASHBOARD_STACK_DIR:-$ROOT/target/dashboard-stack}
 export PG_DB=${DASHBOARD_DB:-outbox_dashboards}
 export STACK_PROFILE=${STACK_PROFILE:-debug}
 export PROM_SCRAPE_INTERVAL=${PROM_SCRAPE_INTERVAL:-2s}
+export JAEGER=off   # no spans needed here (scripts/check-trace.sh checks them)
 PROM=http://127.0.0.1:${PROM_PORT:-9090}
 MESSAGES=${DASHBOARD_MESSAGES:-20}
 

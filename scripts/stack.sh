@@ -12,7 +12,12 @@
 #   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
 #   scripts/stack.sh migrate      apply every service's migrations (sql/) to DATABASE_URL's database
 #   scripts/stack.sh prometheus-start | prometheus-stop   only Prometheus (after `up`: a fresh scrape config)
-#   scripts/stack.sh services-stop   stop what `up` adds (services, Prometheus, sinks), leave PostgreSQL and Kafka
+#   scripts/stack.sh services-stop   stop what `up` adds (services, Prometheus, sinks, Jaeger), leave PostgreSQL and Kafka
+#   scripts/stack.sh jaeger-start | jaeger-stop   only Jaeger (jaeger-start builds it when missing)
+#
+# `up` starts Jaeger (query API and UI :16686, OTLP :4317 gRPC / :4318 HTTP; traces kept in memory)
+# and points the services at it (OTEL_EXPORTER_OTLP_ENDPOINT) when scripts/jaeger.sh has built it:
+# the first `up` on a machine builds it (about 6 minutes); JAEGER=off skips Jaeger and tracing.
 #
 # `up` also starts the demo notification sinks (scripts/demo-sinks.py: SMTP on :2525, a chat Bot API
 # on :8099) and subscribes the notifier's /webhooks/notify to every event, so notifications flow.
@@ -306,6 +311,35 @@ prometheus_stop() {
   rm -f "$PROM_DIR/prometheus.pid"
 }
 
+# ---------------------------------------------------------------- Jaeger
+JAEGER=${JAEGER:-on}
+JAEGER_UI_PORT=16686
+
+jaeger_ready() { curl -fsS -o /dev/null "http://127.0.0.1:$JAEGER_UI_PORT/api/services" 2>/dev/null; }
+
+jaeger_start() { # jaeger_start [--if-built]
+  local bin pid
+  if ! bin=$("$ROOT/scripts/jaeger.sh" path); then
+    if [ "${1:-}" = --if-built ]; then log "Jaeger is not built (scripts/jaeger.sh build): no tracing"; return 1; fi
+    "$ROOT/scripts/jaeger.sh" build
+    bin=$("$ROOT/scripts/jaeger.sh" path)
+  fi
+  pid=$(cat "$STACK_DIR/jaeger.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then log "Jaeger already runs (pid $pid)"; return; fi
+  if jaeger_ready; then log "a Jaeger already answers on :$JAEGER_UI_PORT"; return; fi
+  mkdir -p "$LOGS"
+  # The built-in all-in-one configuration: OTLP receivers on 127.0.0.1, in-memory storage.
+  nohup "$bin" >>"$LOGS/jaeger.log" 2>&1 &
+  echo $! >"$STACK_DIR/jaeger.pid"
+  wait_for "Jaeger on :$JAEGER_UI_PORT (OTLP :4317, :4318)" 60 jaeger_ready
+}
+
+jaeger_stop() {
+  local pid; pid=$(cat "$STACK_DIR/jaeger.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid"; log "Jaeger stopped"; fi
+  rm -f "$STACK_DIR/jaeger.pid"
+}
+
 # ---------------------------------------------------------------- demo notification sinks
 sinks_start() {
   local pid; pid=$(cat "$STACK_DIR/sinks.pid" 2>/dev/null || true)
@@ -346,6 +380,8 @@ services_start() {
   export ALLOW_PRIVATE_ENDPOINTS=${ALLOW_PRIVATE_ENDPOINTS:-true}
   export WEBHOOK_SECRET=${WEBHOOK_SECRET:-$(local_secret)}
   export ENDPOINTS_FILE=${ENDPOINTS_FILE:-$STACK_DIR/endpoints.json}
+  # Spans to the stack's Jaeger when it runs (OTLP over HTTP/protobuf).
+  if jaeger_ready && [ -z "${OTEL_EXPORTER_OTLP_ENDPOINT+x}" ]; then export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318; fi
   # The notifier's demo channels: the sinks above (scripts/demo-sinks.py).
   export SMTP_HOST=${SMTP_HOST-127.0.0.1} SMTP_PORT=${SMTP_PORT:-$SMTP_SINK_PORT} SMTP_TO=${SMTP_TO:-ops@example.com}
   export CHAT_API_URL=${CHAT_API_URL:-http://127.0.0.1:$CHAT_SINK_PORT} CHAT_BOT_TOKEN=${CHAT_BOT_TOKEN-demo-token} CHAT_ID=${CHAT_ID:-demo-chat}
@@ -405,6 +441,11 @@ status() {
   else
     printf '%-11s %-8s\n' sinks down
   fi
+  if jaeger_ready; then
+    printf '%-11s %-8s %s\n' jaeger up "http://127.0.0.1:$JAEGER_UI_PORT (OTLP 127.0.0.1:4317, :4318)"
+  else
+    printf '%-11s %-8s\n' jaeger down
+  fi
   if prometheus_ready; then
     local targets
     targets=$(curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/targets?state=active" 2>/dev/null |
@@ -418,10 +459,15 @@ status() {
 
 cmd=${1:-help}
 case $cmd in
-  up) pg_start; kafka_start; sinks_start; services_start; prometheus_start; status ;;
+  up)
+    pg_start; kafka_start; sinks_start
+    if [ "$JAEGER" != off ]; then jaeger_start || true; fi
+    services_start; prometheus_start; status ;;
   deps) pg_start; kafka_start ;;
-  down) prometheus_stop; services_stop; sinks_stop; kafka_stop; pg_stop ;;
-  services-stop) prometheus_stop; services_stop; sinks_stop ;;
+  down) prometheus_stop; services_stop; sinks_stop; jaeger_stop; kafka_stop; pg_stop ;;
+  services-stop) prometheus_stop; services_stop; sinks_stop; jaeger_stop ;;
+  jaeger-start) jaeger_start ;;
+  jaeger-stop) jaeger_stop ;;
   prometheus-start) prometheus_start ;;
   prometheus-stop) prometheus_stop ;;
   status) status ;;

@@ -625,7 +625,10 @@ impl Dispatcher {
             event_id = %d.event_id,
             endpoint_id = %d.endpoint_id,
             correlation_id = d.correlation_id.as_deref().unwrap_or(""),
+            attempt = d.attempts + 1,
+            outcome = tracing::field::Empty,
         );
+        crate::trace_context::continue_delivery(&span, &d.event_id);
         self.send_inner(d).instrument(span).await
     }
 
@@ -719,6 +722,7 @@ impl Dispatcher {
                 None => ("dead", now, outcome::DEAD, Verdict::Failure),
             }
         };
+        tracing::Span::current().record("outcome", label);
         self.metrics
             .deliveries
             .with_label_values(&[&d.endpoint_id, label])
@@ -785,6 +789,9 @@ impl Dispatcher {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("x-correlation-id", correlation_id);
         for (name, value) in sign_headers(&secrets, &d.event_id, timestamp, &d.body) {
+            request = request.header(name, value);
+        }
+        if let Some((name, value)) = crate::trace_context::webhook_header() {
             request = request.header(name, value);
         }
         Ok(request.body(d.body.clone()))

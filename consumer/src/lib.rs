@@ -11,6 +11,7 @@ pub mod ingest;
 mod metrics;
 pub mod retention;
 pub mod special_address;
+mod trace_context;
 pub mod webhook_client;
 
 use std::path::PathBuf;
