@@ -3,7 +3,9 @@
 # installing them when missing), the Python tools some tests use as independent peers (an SMTP
 # server, a Standard Webhooks verifier, schemathesis), then the whole Rust test suite, then
 # scripts/api-fuzz.sh (schemathesis against every OpenAPI document the services serve), then
-# scripts/check-dashboards-live.sh (every Grafana panel has data on a local stack after demo traffic).
+# scripts/check-dashboards-live.sh (every Grafana panel has data on a local stack after demo traffic)
+# and scripts/check-trace.sh (one trace across the four services in Jaeger; skipped unless
+# scripts/jaeger.sh has built Jaeger on this machine).
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh -p relay        extra arguments go to `cargo test`
@@ -50,4 +52,6 @@ if [ $# -eq 0 ]; then
   scripts/api-fuzz.sh
   log "checking that every dashboard panel has data on a running stack"
   scripts/check-dashboards-live.sh
+  log "checking that one message makes one trace across the four services (skipped unless Jaeger is built)"
+  scripts/check-trace.sh
 fi
