@@ -5,6 +5,7 @@
 #   scripts/stack.sh up [--brokers N] [--relays N] [--consumers N]
 #                                 install what is missing, start PostgreSQL, Kafka and the services
 #   scripts/stack.sh deps [--brokers N]   only PostgreSQL and Kafka (what the tests need)
+#                                 and Prometheus (:9090, scraping every instance started, alert rules loaded)
 #   scripts/stack.sh down         stop everything this script started
 #   scripts/stack.sh status       what runs, and where (each Kafka node, each service instance)
 #   scripts/stack.sh kafka-stop   stop every Kafka node (chaos: the outbox keeps filling, rows turn X)
@@ -20,6 +21,18 @@
 #   scripts/stack.sh info         the stack's sizes, ports and URLs as KEY=value lines (for scripts)
 #   scripts/stack.sh pg-stop | pg-start   the same for PostgreSQL
 #   scripts/stack.sh migrate      apply every service's migrations (sql/) to DATABASE_URL's database
+#   scripts/stack.sh prometheus-start | prometheus-stop   only Prometheus (after `up`: a fresh scrape config)
+#   scripts/stack.sh services-stop   stop what `up` adds (services, Prometheus, sinks, Jaeger), leave PostgreSQL and Kafka
+#   scripts/stack.sh jaeger-start | jaeger-stop   only Jaeger (jaeger-start builds it when missing)
+#
+# `up` starts Jaeger (query API and UI :16686, OTLP :4317 gRPC / :4318 HTTP; traces kept in memory)
+# and points the services at it (OTEL_EXPORTER_OTLP_ENDPOINT) when scripts/jaeger.sh has built it:
+# the first `up` on a machine builds it (about 6 minutes); JAEGER=off skips Jaeger and tracing.
+#
+# `up` also starts the demo notification sinks (scripts/demo-sinks.py: SMTP on :2525, a chat Bot API
+# on :8099) and subscribes the notifier's /webhooks/notify to every event, so notifications flow.
+# STACK_PROFILE=debug runs target/debug binaries (what `cargo test` built) instead of a release build;
+# PROM_SCRAPE_INTERVAL overrides the scrape interval of prometheus/prometheus.yml.
 #
 # --brokers N (1, the default, or 3): N KRaft nodes on loopback, each broker and controller, one
 # controller quorum. With 3, every topic (the product's and the internal ones: offsets, transaction
@@ -63,7 +76,13 @@ STACK_CONSUMERS=${STACK_CONSUMERS:-1}
 PG_DB=${PG_DB:-outbox}
 PG_DATA=$STACK_DIR/postgres
 LOGS=$STACK_DIR/logs
-BIN_DIR=${OUTBOX_BIN_DIR:-$ROOT/target/release}
+STACK_PROFILE=${STACK_PROFILE:-release}
+if [ "$STACK_PROFILE" = debug ]; then BIN_DIR=${OUTBOX_BIN_DIR:-$ROOT/target/debug}; else BIN_DIR=${OUTBOX_BIN_DIR:-$ROOT/target/release}; fi
+PROM_PORT=${PROM_PORT:-9090}
+PROM_DIR=$STACK_DIR/prometheus
+PROM_SCRAPE_INTERVAL=${PROM_SCRAPE_INTERVAL:-}
+SMTP_SINK_PORT=${SMTP_SINK_PORT:-2525}
+CHAT_SINK_PORT=${CHAT_SINK_PORT:-8099}
 SERVICES=(producer relay consumer notifier)
 
 log() { printf '\033[1m[stack]\033[0m %s\n' "$*" >&2; }
@@ -388,6 +407,122 @@ kafka_stop() { # kafka_stop [--kill] [n...]: the given nodes (default: every one
   done
 }
 
+# ---------------------------------------------------------------- Prometheus
+# Debian's package, run as a plain process with its own config and data in the stack dir (not the
+# package's systemd service, which would scrape its own config).
+
+# The instances this stack started, one "<job> <host:port>" line each: the scrape targets. The one
+# place that knows which instances run, so more instances per service only change this function.
+scrape_targets() {
+  local s
+  local n
+  for s in "${SERVICES[@]}"; do
+    for n in $(seq 1 "$(service_count "$s")"); do echo "$s 127.0.0.1:$(service_port "$s" "$n")"; done
+  done
+}
+
+# The project's scrape configuration (prometheus/prometheus.yml: global settings and jobs) with the
+# targets of this stack and the project's alert rules by absolute path.
+prometheus_config() {
+  mkdir -p "$PROM_DIR"
+  {
+    echo "# Written by scripts/stack.sh from prometheus/prometheus.yml and scrape_targets(); do not edit."
+    if [ -n "$PROM_SCRAPE_INTERVAL" ]; then
+      sed -n '/^global:/,/^rule_files:/p' "$ROOT/prometheus/prometheus.yml" | sed '$d' |
+        sed -E "s/^(  (scrape|evaluation)_interval:).*/\1 $PROM_SCRAPE_INTERVAL/"
+    else
+      sed -n '/^global:/,/^rule_files:/p' "$ROOT/prometheus/prometheus.yml" | sed '$d'
+    fi
+    echo "rule_files:"
+    echo "  - $ROOT/prometheus/alerts.yml"
+    echo
+    echo "scrape_configs:"
+    local job target current=""
+    while read -r job target; do
+      if [ "$job" != "$current" ]; then
+        printf '  - job_name: %s\n    static_configs:\n      - targets:\n' "$job"
+        current=$job
+      fi
+      printf '          - "%s"\n' "$target"
+    done < <(scrape_targets | sort -s -k1,1)
+    printf '  - job_name: prometheus\n    static_configs:\n      - targets: ["127.0.0.1:%s"]\n' "$PROM_PORT"
+  } >"$PROM_DIR/prometheus.yml"
+}
+
+prometheus_ready() { curl -fsS -o /dev/null "http://127.0.0.1:$PROM_PORT/-/ready" 2>/dev/null; }
+
+prometheus_start() {
+  command -v prometheus >/dev/null || apt_install prometheus
+  mkdir -p "$LOGS"
+  prometheus_config
+  local pid; pid=$(cat "$PROM_DIR/prometheus.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -HUP "$pid"; log "Prometheus already runs (pid $pid): reloaded its config"; return
+  fi
+  if port_open "$PROM_PORT"; then log "something else answers on :$PROM_PORT: not starting Prometheus"; return; fi
+  nohup prometheus --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" \
+    --storage.tsdb.retention.time=7d --web.listen-address="127.0.0.1:$PROM_PORT" --web.enable-lifecycle \
+    >>"$LOGS/prometheus.log" 2>&1 &
+  echo $! >"$PROM_DIR/prometheus.pid"
+  wait_for "Prometheus on :$PROM_PORT" 60 prometheus_ready
+}
+
+prometheus_stop() {
+  local pid; pid=$(cat "$PROM_DIR/prometheus.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    log "Prometheus stopped"
+  fi
+  rm -f "$PROM_DIR/prometheus.pid"
+}
+
+# ---------------------------------------------------------------- Jaeger
+JAEGER=${JAEGER:-on}
+JAEGER_UI_PORT=16686
+
+jaeger_ready() { curl -fsS -o /dev/null "http://127.0.0.1:$JAEGER_UI_PORT/api/services" 2>/dev/null; }
+
+jaeger_start() { # jaeger_start [--if-built]
+  local bin pid
+  if ! bin=$("$ROOT/scripts/jaeger.sh" path); then
+    if [ "${1:-}" = --if-built ]; then log "Jaeger is not built (scripts/jaeger.sh build): no tracing"; return 1; fi
+    "$ROOT/scripts/jaeger.sh" build
+    bin=$("$ROOT/scripts/jaeger.sh" path)
+  fi
+  pid=$(cat "$STACK_DIR/jaeger.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then log "Jaeger already runs (pid $pid)"; return; fi
+  if jaeger_ready; then log "a Jaeger already answers on :$JAEGER_UI_PORT"; return; fi
+  mkdir -p "$LOGS"
+  # The built-in all-in-one configuration: OTLP receivers on 127.0.0.1, in-memory storage.
+  nohup "$bin" >>"$LOGS/jaeger.log" 2>&1 &
+  echo $! >"$STACK_DIR/jaeger.pid"
+  wait_for "Jaeger on :$JAEGER_UI_PORT (OTLP :4317, :4318)" 60 jaeger_ready
+}
+
+jaeger_stop() {
+  local pid; pid=$(cat "$STACK_DIR/jaeger.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid"; log "Jaeger stopped"; fi
+  rm -f "$STACK_DIR/jaeger.pid"
+}
+
+# ---------------------------------------------------------------- demo notification sinks
+sinks_start() {
+  local pid; pid=$(cat "$STACK_DIR/sinks.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then log "notification sinks already run (pid $pid)"; return; fi
+  mkdir -p "$LOGS"
+  SMTP_SINK_PORT=$SMTP_SINK_PORT CHAT_SINK_PORT=$CHAT_SINK_PORT SINK_LOG=$LOGS/sinks.jsonl \
+    nohup python3 "$ROOT/scripts/demo-sinks.py" >>"$LOGS/sinks.log" 2>&1 &
+  echo $! >"$STACK_DIR/sinks.pid"
+  wait_for "notification sinks (SMTP :$SMTP_SINK_PORT, chat :$CHAT_SINK_PORT)" 20 port_open "$CHAT_SINK_PORT"
+}
+
+sinks_stop() {
+  local pid; pid=$(cat "$STACK_DIR/sinks.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid"; log "notification sinks stopped"; fi
+  rm -f "$STACK_DIR/sinks.pid"
+}
+
 # ---------------------------------------------------------------- services
 # Instance n of a service: "relay" for n = 1, "relay-2" for n = 2 (pid file, log, port).
 instance() { if [ "$2" = 1 ]; then echo "$1"; else echo "$1-$2"; fi; }
@@ -429,10 +564,17 @@ services_env() {
   export ALLOW_PRIVATE_ENDPOINTS=${ALLOW_PRIVATE_ENDPOINTS:-true}
   export WEBHOOK_SECRET=${WEBHOOK_SECRET:-$(local_secret)}
   export ENDPOINTS_FILE=${ENDPOINTS_FILE:-$STACK_DIR/endpoints.json}
+  # Spans to the stack's Jaeger when it runs (OTLP over HTTP/protobuf).
+  if jaeger_ready && [ -z "${OTEL_EXPORTER_OTLP_ENDPOINT+x}" ]; then export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318; fi
+  # The notifier's demo channels: the sinks above (scripts/demo-sinks.py).
+  export SMTP_HOST=${SMTP_HOST-127.0.0.1} SMTP_PORT=${SMTP_PORT:-$SMTP_SINK_PORT} SMTP_TO=${SMTP_TO:-ops@example.com}
+  export CHAT_API_URL=${CHAT_API_URL:-http://127.0.0.1:$CHAT_SINK_PORT} CHAT_BOT_TOKEN=${CHAT_BOT_TOKEN-demo-token} CHAT_ID=${CHAT_ID:-demo-chat}
   if [ "$ENDPOINTS_FILE" = "$STACK_DIR/endpoints.json" ]; then
     cat >"$ENDPOINTS_FILE" <<JSON
 [{"id": "notifier-logger", "url": "http://127.0.0.1:$(service_port notifier)/webhooks/logger", "event_types": ["*"],
-  "description": "local stack: the notifier's logger", "secret": "${WEBHOOK_SECRET%%,*}"}]
+  "description": "local stack: the notifier's logger", "secret": "${WEBHOOK_SECRET%%,*}"},
+ {"id": "notifier-notify", "url": "http://127.0.0.1:$(service_port notifier)/webhooks/notify", "event_types": ["*"],
+  "description": "local stack: the notifier's email and chat notifications (demo sinks)", "secret": "${WEBHOOK_SECRET%%,*}"}]
 JSON
   fi
 }
@@ -443,8 +585,13 @@ build_services() {
     for s in "${SERVICES[@]}"; do [ -x "$BIN_DIR/$s" ] || die "$BIN_DIR/$s is missing (OUTBOX_BIN_DIR)"; done
     return
   fi
-  log "building the services (cargo build --release)"
-  (cd "$ROOT" && cargo build --release --bins)
+  if [ "$STACK_PROFILE" = debug ]; then
+    log "building the services (cargo build, debug)"
+    (cd "$ROOT" && cargo build -q -p producer -p relay -p consumer -p notifier --bins)
+  else
+    log "building the services (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --bins)
+  fi
 }
 
 instance_pid() { # instance_pid <service> <n>: the running instance's pid, or nothing
@@ -552,6 +699,24 @@ status() {
     done
   done
   echo "kafka bootstrap: $(kafka_bootstrap)"
+  if port_open "$CHAT_SINK_PORT" && port_open "$SMTP_SINK_PORT"; then
+    printf '%-11s %-8s %s\n' sinks up "smtp 127.0.0.1:$SMTP_SINK_PORT, chat http://127.0.0.1:$CHAT_SINK_PORT ($LOGS/sinks.jsonl)"
+  else
+    printf '%-11s %-8s\n' sinks down
+  fi
+  if jaeger_ready; then
+    printf '%-11s %-8s %s\n' jaeger up "http://127.0.0.1:$JAEGER_UI_PORT (OTLP 127.0.0.1:4317, :4318)"
+  else
+    printf '%-11s %-8s\n' jaeger down
+  fi
+  if prometheus_ready; then
+    local targets
+    targets=$(curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/targets?state=active" 2>/dev/null |
+      python3 -c 'import json,sys; t=json.load(sys.stdin)["data"]["activeTargets"]; print("%d/%d targets up" % (sum(x["health"] == "up" for x in t), len(t)))' 2>/dev/null || true)
+    printf '%-11s %-8s %s\n' prometheus up "http://127.0.0.1:$PROM_PORT ${targets:+($targets)}"
+  else
+    printf '%-11s %-8s\n' prometheus down
+  fi
   echo "logs: $LOGS"
 }
 
@@ -576,9 +741,17 @@ done
 set -- ${args[@]+"${args[@]}"}
 
 case $cmd in
-  up) pg_start; kafka_start; save_conf; services_start; status ;;
+  up)
+    pg_start; kafka_start; save_conf; sinks_start
+    if [ "$JAEGER" != off ]; then jaeger_start || true; fi
+    services_start; prometheus_start; status ;;
   deps) pg_start; kafka_start; save_conf; echo "KAFKA_BROKERS=$(kafka_bootstrap)" ;;
-  down) services_stop; kafka_stop; pg_stop ;;
+  down) prometheus_stop; services_stop; sinks_stop; jaeger_stop; kafka_stop; pg_stop ;;
+  services-stop) prometheus_stop; services_stop; sinks_stop; jaeger_stop ;;
+  jaeger-start) jaeger_start ;;
+  jaeger-stop) jaeger_stop ;;
+  prometheus-start) prometheus_start ;;
+  prometheus-stop) prometheus_stop ;;
   status) status ;;
   kafka-stop) kafka_stop ;;
   kafka-start) kafka_start; save_conf ;;

@@ -497,9 +497,13 @@ pub async fn consume(
             },
         };
         let mut records = Vec::with_capacity(chunk.len());
+        let mut recording = crate::trace_context::Recording::default();
         for item in chunk {
             match item {
-                Ok(message) => records.push(to_incoming(&message)),
+                Ok(message) => {
+                    recording.add(&message);
+                    records.push(to_incoming(&message))
+                }
                 Err(error) => tracing::warn!(%error, "Kafka consumer error"),
             }
         }
@@ -513,6 +517,7 @@ pub async fn consume(
             // Shutdown while PostgreSQL was down: nothing committed, the records are read again.
             break;
         };
+        recording.finish();
         for r in &records {
             metrics.consumed.with_label_values(&[&r.topic]).inc();
         }

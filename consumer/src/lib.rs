@@ -12,6 +12,7 @@ pub mod ingest;
 mod metrics;
 pub mod retention;
 pub mod special_address;
+mod trace_context;
 pub mod webhook_client;
 
 use std::path::PathBuf;
@@ -208,6 +209,10 @@ pub async fn run(
         SCHEMAS,
     )?;
     let metrics = Metrics::new();
+    metrics.init_series(
+        &config.consumer_topics,
+        declared.iter().map(|e| e.id.as_str()),
+    );
     let kafka = Arc::new(ingest::create_consumer(&config, metrics.clone())?);
     let state = AppState {
         pool: pool.clone(),

@@ -156,6 +156,27 @@ impl Metrics {
         metrics
     }
 
+    /// Creates at 0 the series a healthy run may never increment (poison records, failed, dead and
+    /// aborted deliveries) for the consumed topics and the endpoints known at start-up, so rate()
+    /// sees the first one and a dashboard shows 0 rather than "No data".
+    pub fn init_series<'a>(&self, topics: &[String], endpoint_ids: impl Iterator<Item = &'a str>) {
+        for topic in topics {
+            self.consumed.with_label_values(&[topic]);
+            self.poison.with_label_values(&[topic]);
+        }
+        for id in endpoint_ids {
+            for o in [
+                outcome::SUCCESS,
+                outcome::FAILURE,
+                outcome::DEAD,
+                outcome::ABORTED,
+                outcome::UNSENDABLE,
+            ] {
+                self.deliveries.with_label_values(&[id, o]);
+            }
+        }
+    }
+
     /// Sets the 0/1 state gauges of one endpoint's breaker.
     pub fn set_breaker(&self, endpoint_id: &str, state: BreakerState) {
         for s in BreakerState::ALL {

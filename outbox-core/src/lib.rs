@@ -31,3 +31,4 @@ pub mod signature;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace_context;

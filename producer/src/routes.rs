@@ -169,7 +169,7 @@ pub async fn create_message(
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let correlation_id = correlation_id(&headers)?;
-    let span = tracing::info_span!("create_message", correlation_id = %correlation_id);
+    let span = tracing::info_span!("create_message", otel.name = "producer transaction", correlation_id = %correlation_id);
     let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
     let request: CreateMessage = serde_json::from_value(body)
         .map_err(|e| ApiError::unprocessable("invalid_body", format!("invalid message: {e}")))?;

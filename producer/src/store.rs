@@ -128,6 +128,9 @@ pub async fn create_message(
         "key": aggregate_id,
         "data": new.data,
     });
+    // The trace of this request travels with the event (as a Kafka header) when spans are exported.
+    let headers = outbox_core::trace_context::traceparent(&tracing::Span::current())
+        .map(|tp| json!({ outbox_core::trace_context::TRACEPARENT: tp }));
     let published = outbox::publish_returning_row(
         &*tx,
         &outbox::NewEvent {
@@ -135,7 +138,7 @@ pub async fn create_message(
             key: &aggregate_id,
             data: &data,
             topic: Some(&new.topic),
-            headers: None,
+            headers: headers.as_ref(),
             correlation_id: Some(&new.correlation_id),
             source: Some("producer"),
         },

@@ -6,7 +6,8 @@ use outbox_core::db::PgPool;
 use outbox_core::outbox::OutboxState;
 use outbox_core::telemetry::register;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +23,10 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub commit_to_ack: Histogram,
     pub retention_deleted: IntCounter,
+    /// kafka-exporter's `kafka_consumergroup_lag`, by `consumergroup`, `topic`, `partition`.
+    pub group_lag: IntGaugeVec,
+    /// kafka-exporter's `kafka_consumergroup_lag_sum`, by `consumergroup`, `topic`.
+    pub group_lag_sum: IntGaugeVec,
 }
 
 impl Metrics {
@@ -110,6 +115,28 @@ impl Metrics {
                 r,
                 IntCounter::new("relay_retention_deleted_total", "Old sent rows deleted")
                     .expect("metric"),
+            ),
+            group_lag: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kafka_consumergroup_lag",
+                        "High watermark minus the group's committed offset, per partition, as the broker reports them (-1: nothing committed)",
+                    ),
+                    &["consumergroup", "topic", "partition"],
+                )
+                .expect("metric"),
+            ),
+            group_lag_sum: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kafka_consumergroup_lag_sum",
+                        "kafka_consumergroup_lag summed over a topic's partitions with a committed offset",
+                    ),
+                    &["consumergroup", "topic"],
+                )
+                .expect("metric"),
             ),
             registry,
         }

@@ -13,6 +13,7 @@ use outbox_core::outbox::OutboxState;
 use outbox_core::reconnect::Backoff;
 use outbox_core::schedule::exponential_backoff;
 use outbox_core::shutdown::sleep_or_cancel;
+use outbox_core::trace_context::TRACEPARENT;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -20,6 +21,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{Config, Metrics};
 
@@ -80,6 +82,43 @@ struct Claimed {
 /// Errors that will not go away by waiting: the row counts towards `RELAY_MAX_ATTEMPTS` and then
 /// turns dead. Everything else (timeouts, broker down, leader changes) is transient and retried
 /// for as long as it takes.
+/// The spans of one batch's sends: the batch's own, linked to the trace of every event it carries
+/// (a batch belongs to many traces, so it is a child of none), and one per event, a child of the
+/// event's `traceparent` header, which then carries that span's context on into Kafka. Nothing
+/// when spans are not exported.
+fn batch_spans(rows: &mut [Claimed]) -> (tracing::Span, Vec<tracing::Span>) {
+    let batch = tracing::info_span!(
+        "relay_batch",
+        events = rows.len(),
+        sent = tracing::field::Empty
+    );
+    if !outbox_core::telemetry::exporting() {
+        return (batch, Vec::new());
+    }
+    let mut per_event = Vec::new();
+    for row in rows.iter_mut() {
+        let Some(tp) = row
+            .headers
+            .get(TRACEPARENT)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        outbox_core::trace_context::link_to(&batch, &tp);
+        let span = tracing::info_span!(parent: None, "relay_publish", otel.kind = "producer", outbox_id = row.id, topic = %row.topic);
+        outbox_core::trace_context::continue_from_value(&span, Some(&tp));
+        if let (Some(next), Some(headers)) = (
+            outbox_core::trace_context::traceparent(&span),
+            row.headers.as_object_mut(),
+        ) {
+            headers.insert(TRACEPARENT.to_owned(), Value::String(next));
+        }
+        per_event.push(span);
+    }
+    (batch, per_event)
+}
+
 fn is_permanent(error: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
@@ -278,7 +317,14 @@ impl Publisher {
         let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
         let send_started = std::time::Instant::now();
         let producer = self.producer();
-        let outcomes = self.send_in_order(&producer, &rows).await;
+        let mut rows = rows;
+        let (span, per_event) = batch_spans(&mut rows);
+        let outcomes = self
+            .send_in_order(&producer, &rows)
+            .instrument(span.clone())
+            .await;
+        span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
+        drop(per_event);
         let mut sent = Sent::default();
         let mut failed = Failed::default();
         for (row, outcome) in rows.iter().zip(outcomes) {

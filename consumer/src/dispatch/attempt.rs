@@ -111,6 +111,9 @@ async fn request(
     for (name, value) in sign_headers(&secrets, &d.event_id, timestamp, &d.body) {
         request = request.header(name, value);
     }
+    if let Some((name, value)) = crate::trace_context::webhook_header() {
+        request = request.header(name, value);
+    }
     Ok(request.body(d.body.clone()))
 }
 

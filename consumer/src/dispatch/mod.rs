@@ -340,7 +340,10 @@ impl Dispatcher {
             event_id = %d.event_id,
             endpoint_id = %d.endpoint_id,
             correlation_id = d.correlation_id.as_deref().unwrap_or(""),
+            attempt = d.attempts + 1,
+            outcome = tracing::field::Empty,
         );
+        crate::trace_context::continue_delivery(&span, &d.event_id);
         async {
             let Made { reply, attempt } = attempt::make(&self.http, d).await;
             let now = Utc::now();
@@ -373,6 +376,7 @@ impl Dispatcher {
 
     /// Phase 5: what the decision tells the metrics and the logs.
     fn handle(&self, d: &Claimed, attempt: &Attempt, decision: &Decision) {
+        tracing::Span::current().record("outcome", decision.outcome);
         self.metrics
             .delivery_duration
             .with_label_values(&[&d.endpoint_id])
