@@ -85,9 +85,10 @@ start() {
 # Every OpenAPI document a service serves: "service path". Add a line per new document.
 DOCUMENTS=(
   "producer /openapi.json"
-  # The notifier's document passes every check except that, under the fuzzer's burst of unsigned
-  # webhooks, a few answer 500 internal_error (a caught panic) or close the connection; not seen
-  # with single requests. Enable once that is found: `scripts/api-fuzz.sh` then covers both.
+  # The notifier's document passes every check (three runs of four), but one run, on a machine
+  # at a load average of ~15, saw 36 answers 500 internal_error (the panic catcher's) and closed
+  # connections on the webhook routes, with no panic message logged. Enable once that is
+  # explained, so a loaded CI machine cannot fail the suite on it.
   # "notifier /openapi.json"
 )
 
