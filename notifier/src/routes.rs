@@ -53,10 +53,14 @@ pub const OPEN_ROUTES: &[RouteSpec] = &[
 ];
 
 #[derive(OpenApi)]
-#[openapi(info(
-    title = "Notifier API",
-    description = "Receives signed webhooks, stores them and notifies by email and chat."
-))]
+#[openapi(
+    info(
+        title = "Notifier API",
+        description = "Receives signed webhooks, stores them and notifies by email and chat."
+    ),
+    // Named by a query parameter only, which `routes!` does not collect.
+    components(schemas(ChannelName))
+)]
 struct ApiDoc;
 
 /// The API's routes, each registered with its OpenAPI operation (`routes!`), and the document
@@ -496,8 +500,10 @@ struct EventsQuery {
     #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
     /// Only events older than this `seq` (the previous page's `next_before`).
+    #[param(nullable = false)]
     before: Option<i64>,
     /// Only events of this route, e.g. `/webhooks/logger`.
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     route: Option<String>,
 }
 
@@ -535,8 +541,13 @@ struct NotificationsQuery {
     #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
     /// Only attempts older than this id (the previous page's `next_before`).
+    #[param(nullable = false)]
     before: Option<i64>,
+    /// Only attempts for this webhook id.
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     webhook_id: Option<String>,
+    /// Only attempts by this channel (`email`, `chat`).
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     channel: Option<String>,
 }
 
@@ -622,8 +633,17 @@ async fn list_breakers(State(state): State<AppState>) -> Result<Json<BreakerList
 #[into_params(parameter_in = Query)]
 struct ResetQuery {
     /// `email` or `chat`; absent: both.
-    #[param(nullable = false)]
+    #[param(value_type = Option<ChannelName>, nullable = false)]
     channel: Option<String>,
+}
+
+/// A channel's name (`channels::ALL`), for the document.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum ChannelName {
+    Email,
+    Chat,
 }
 
 /// `POST /circuit-breaker/reset[?channel=chat]`: closes the breaker(s) with zero counts.

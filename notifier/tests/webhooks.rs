@@ -638,6 +638,11 @@ async fn the_openapi_document_is_valid_and_lists_every_route_with_typed_answers(
     // The breaker JSON is the shared view: one name for the instant a probe may go.
     let breaker = &document["components"]["schemas"]["BreakerView"];
     assert!(breaker.to_string().contains("\"probe_at\""), "{breaker}");
+    // The reset route's channel names are the channels the notifier has.
+    assert_eq!(
+        document["components"]["schemas"]["ChannelName"]["enum"],
+        json!(["email", "chat"])
+    );
 }
 
 /// Every route the notifier serves, called so that it reaches its handler (the receiving
