@@ -297,7 +297,9 @@ PROPS
 node_pid() { # the running node's pid, or nothing
   local pid
   pid=$(cat "$(node_pidfile "$1")" 2>/dev/null || true)
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; return; fi
+  # A pid file may outlive its process and its pid be reused: only a Kafka of this node counts, so
+  # a private stack's stale file never makes it signal the shared broker.
+  if [ -n "$pid" ] && grep -qaF -- "$(node_dir "$1")/server.properties" "/proc/$pid/cmdline" 2>/dev/null; then echo "$pid"; return; fi
   pgrep -f "kafka\\.Kafka $(node_dir "$1")/server.properties" | head -n1 || true
 }
 
@@ -595,8 +597,10 @@ build_services() {
 }
 
 instance_pid() { # instance_pid <service> <n>: the running instance's pid, or nothing
-  local f; f=$STACK_DIR/$(instance "$1" "$2").pid
-  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && cat "$f"
+  local f pid; f=$STACK_DIR/$(instance "$1" "$2").pid
+  pid=$(cat "$f" 2>/dev/null || true)
+  # Only a process running this service's binary counts (a stale pid file's pid may be reused).
+  [ -n "$pid" ] && grep -qaF -- "/$1" "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
   return 0
 }
 
