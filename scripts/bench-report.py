@@ -34,10 +34,10 @@ def table(result, versions):
             lines.append(f"| {t['name']} | {t['value']} |")
         lines.append("")
     if result.get("latency"):
-        lines += [f"| {result.get('latency_title', 'latency')} | offered/s | achieved/s | events | p50 ms | p99 ms | max ms |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {result.get('latency_title', 'latency')} | offered/s | achieved/s | events | failed writes | p50 ms | p99 ms | max ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in result["latency"]:
-            lines.append(f"| {r['system']} | {fmt(r['offered'])} | {fmt(r.get('achieved'))} | {fmt(r.get('events'))} "
+            lines.append(f"| {r['system']} | {fmt(r['offered'])} | {fmt(r.get('achieved'))} | {fmt(r.get('events'))} | {fmt(r.get('failed_writes', 0))} "
                          f"| {fmt(r['p50'], 1)} | {fmt(r['p99'], 1)} | {fmt(r.get('max'), 1)} |")
         lines.append("")
     if result.get("counts"):
@@ -94,6 +94,12 @@ def plots(result, versions, folder):
             ax.plot(x, [r["p99"] for r in rows], "s-", color=color, label=f"{system} p99")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+        offered = sorted({r["offered"] for r in result["latency"]})
+        ax.xaxis.set_major_locator(FixedLocator(offered))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("offered rate, events/s")
         ax.set_ylabel("ms")
         ax.grid(True, which="both", alpha=0.3)
