@@ -20,7 +20,10 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "e2e-bench", about = "POST /messages → webhook at the notifier, latency at offered rates")]
+#[command(
+    name = "e2e-bench",
+    about = "POST /messages → webhook at the notifier, latency at offered rates"
+)]
 struct Args {
     /// Offered rates, requests per second, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "500,2000")]
@@ -51,7 +54,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// When each of `ids` was stored by the notifier.
-async fn received_at(stack: &support::Stack, ids: &[String]) -> HashMap<String, (i64, DateTime<Utc>)> {
+async fn received_at(
+    stack: &support::Stack,
+    ids: &[String],
+) -> HashMap<String, (i64, DateTime<Utc>)> {
     let client = stack.db.client().await;
     client
         .query(
@@ -67,8 +73,16 @@ async fn received_at(stack: &support::Stack, ids: &[String]) -> HashMap<String, 
 }
 
 /// Offers `rate` requests/s for `duration`; returns the result row and the delivery count.
-async fn measure(stack: &Arc<support::Stack>, args: &Args, rate: u64, content: &str) -> (Value, Value) {
-    progress(&format!("offering {rate} requests/s for {:?}", args.duration));
+async fn measure(
+    stack: &Arc<support::Stack>,
+    args: &Args,
+    rate: u64,
+    content: &str,
+) -> (Value, Value) {
+    progress(&format!(
+        "offering {rate} requests/s for {:?}",
+        args.duration
+    ));
     let total = (rate as f64 * args.duration.as_secs_f64()).max(1.0) as u64;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -79,7 +93,10 @@ async fn measure(stack: &Arc<support::Stack>, args: &Args, rate: u64, content: &
         let (stack, content) = (stack.clone(), format!("{content} {rate}-{i}"));
         requests.push(tokio::spawn(async move {
             let sent = Utc::now();
-            stack.post(content, &format!("req_bench_{rate}_{i}")).await.map(|id| (id, sent))
+            stack
+                .post(content, &format!("req_bench_{rate}_{i}"))
+                .await
+                .map(|id| (id, sent))
         }));
     }
     let mut sent_at = HashMap::with_capacity(requests.len());
@@ -99,7 +116,9 @@ async fn measure(stack: &Arc<support::Stack>, args: &Args, rate: u64, content: &
     }
     let mut lat: Vec<f64> = got
         .iter()
-        .filter_map(|(id, (_, at))| Some((*at - sent_at.get(id)?).num_microseconds()? as f64 / 1000.0))
+        .filter_map(|(id, (_, at))| {
+            Some((*at - sent_at.get(id)?).num_microseconds()? as f64 / 1000.0)
+        })
         .collect();
     lat.sort_by(f64::total_cmp);
     progress(&format!(
@@ -149,13 +168,18 @@ async fn main() -> anyhow::Result<()> {
         rows.push(row);
         counts.push(count);
     }
-    let p99_500 = rows.iter().find(|r| r["offered"] == 500).and_then(|r| r["p99"].as_f64());
+    let p99_500 = rows
+        .iter()
+        .find(|r| r["offered"] == 500)
+        .and_then(|r| r["p99"].as_f64());
     let mut goals = Vec::new();
     if let Some(p) = p99_500 {
         goals.push(json!({"goal": "p99 < 100 ms at 500 events/s", "met": p < 100.0, "measured": format!("{p:.1} ms")}));
     }
     goals.push(json!({"goal": "every accepted event received once", "met": counts.iter().all(|c| c["missing"] == 0 && c["duplicates"] == 0), "measured": ""}));
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let result = json!({
         "section": "e2e",
         "title": format!("end to end: POST /messages → signed webhook stored by the notifier, content {} B", args.content_bytes),

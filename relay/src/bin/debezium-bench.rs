@@ -104,8 +104,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Every topic this run created, deleted at its end (a 200,000-event run writes GBs).
+static TOPICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// Creates a topic whose records carry the broker's append time.
 async fn create_timed_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    TOPICS.lock().unwrap().push(topic.to_owned());
     let admin: AdminClient<DefaultClientContext> =
         kafka::base_config(brokers, "bench-admin").create()?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
@@ -917,6 +921,7 @@ async fn main() -> anyhow::Result<()> {
         counts.push(c);
     }
     runner.pause().await?;
+    clean_up(&brokers, db).await;
 
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -967,6 +972,28 @@ async fn main() -> anyhow::Result<()> {
         "goals": goals,
     });
     emit(&args.out, &result)
+}
+
+/// Deletes this run's topics and database.
+async fn clean_up(brokers: &str, db: TestDb) {
+    progress("deleting this run's topics and database");
+    let topics = std::mem::take(&mut *TOPICS.lock().unwrap());
+    if let Ok(admin) =
+        kafka::base_config(brokers, "bench-admin").create::<AdminClient<DefaultClientContext>>()
+    {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    }
+    let name = db.name.clone();
+    drop(db);
+    if let Ok((client, connection)) =
+        tokio_postgres::connect(&outbox_core::testing::server_url(), tokio_postgres::NoTls).await
+    {
+        tokio::spawn(connection);
+        let _ = client
+            .batch_execute(&format!("drop database if exists {name} with (force)"))
+            .await;
+    }
 }
 
 /// Writes results.json to `out` (or stdout without it).
