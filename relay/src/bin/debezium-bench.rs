@@ -1,0 +1,1010 @@
+//! debezium-bench: the relay next to Debezium's PostgreSQL connector with the Outbox Event Router,
+//! on the same PostgreSQL and the same broker, in one run: drain of a backlog of N events (after a
+//! warm-up drain of as many), commit-to-record latency at offered rates, and the raw produce
+//! ceiling. Every event is read back from Kafka and counted, so a fast wrong answer cannot win.
+//!
+//!   scripts/bench.sh debezium --events 200000      (starts Kafka Connect, then runs this)
+//!
+//! Needs a Kafka Connect worker with the Debezium PostgreSQL connector on its plugin path
+//! (`--connect-url`) and `wal_level = logical`. Creates its own database, topics, publication and
+//! replication slot, and drops the connector and the slot at the end.
+//!
+//! Both systems are timed by Kafka itself: the bench topics stamp each record with the broker's
+//! append time (`message.timestamp.type=LogAppendTime`), compared with the writer's clock after
+//! its commit returned (one machine, one clock).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::Parser;
+use outbox_core::kafka;
+use outbox_core::testing::{unique_topic, TestDb};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "debezium-bench",
+    about = "The relay next to Debezium's outbox connector, on the same PostgreSQL and Kafka"
+)]
+struct Args {
+    /// Backlog size of each drain (a warm-up drain of as many runs first, for each system).
+    #[arg(long, default_value_t = 200_000)]
+    events: i64,
+    /// Approximate size of each event's envelope, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    payload_bytes: usize,
+    /// Offered rates of the latency measurements, events per second, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "500,2000,10000")]
+    rates: Vec<u64>,
+    /// How long each latency measurement offers its rate.
+    #[arg(long, default_value = "10s", value_parser = outbox_core::config::parse_duration)]
+    duration: Duration,
+    /// Partitions of every benchmark topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Distinct aggregate keys.
+    #[arg(long, default_value_t = 1000)]
+    keys: i64,
+    /// Rows per relay batch (the relay's default, RELAY_BATCH_SIZE).
+    #[arg(long, default_value_t = 4000)]
+    batch_size: i64,
+    /// The Kafka Connect worker's REST API.
+    #[arg(long, default_value = "http://127.0.0.1:18089")]
+    connect_url: String,
+    /// How long to wait for every event of one measurement to arrive in Kafka.
+    #[arg(long, default_value = "300s", value_parser = outbox_core::config::parse_duration)]
+    timeout: Duration,
+    /// Where results.json goes (scripts/bench-report.py turns it into a table and plots).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn progress(text: &str) {
+    eprintln!("[debezium-bench] {text}");
+}
+
+/// The table Debezium's Outbox Event Router reads (its default column names).
+const DEBEZIUM_TABLE: &str = "create table public.debezium_outbox (
+        id uuid primary key,
+        aggregatetype text not null,
+        aggregateid text not null,
+        type text not null,
+        payload jsonb not null)";
+
+/// An envelope like the relay's (`outbox.publish` builds those), for Debezium's rows. `$1` is the
+/// event id, `$2` the content.
+const ENVELOPE_SQL: &str = "json_build_object('id', {id}, 'event', 'message.created', 'version', '1.0',
+        'idempotency_key', 'message.created-bench-' || {id}, 'timestamp', to_char(now() at time zone 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+        'data', json_build_object('content', {content}::text),
+        'metadata', json_build_object('source', 'bench', 'environment', 'bench', 'correlation_id', 'req_bench'))::jsonb";
+
+fn envelope_sql(id: &str, content: &str) -> String {
+    ENVELOPE_SQL
+        .replace("{id}", id)
+        .replace("{content}", content)
+}
+
+/// Rows per transaction when a backlog is written (both systems alike).
+const BACKLOG_CHUNK: i64 = 10_000;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Every topic this run created, deleted at its end (a 200,000-event run writes GBs).
+static TOPICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Creates a topic whose records carry the broker's append time.
+async fn create_timed_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    TOPICS.lock().unwrap().push(topic.to_owned());
+    let admin: AdminClient<DefaultClientContext> =
+        kafka::base_config(brokers, "bench-admin").create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("message.timestamp.type", "LogAppendTime");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&[new], &options).await? {
+        result.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// What came back from a topic: each event id with how often it came and its first append time.
+#[derive(Default)]
+struct Readback {
+    seen: HashMap<String, (u32, i64)>,
+    records: u64,
+    bytes: u64,
+}
+
+/// Reads a topic from the beginning, one partition list, as far as its high watermarks.
+struct Reader {
+    consumer: BaseConsumer,
+    topic: String,
+    partitions: i32,
+    next: Vec<i64>,
+    got: Readback,
+}
+
+impl Reader {
+    fn new(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<Reader> {
+        let consumer: BaseConsumer = kafka::base_config(brokers, "bench-reader")
+            .set("group.id", format!("bench-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", "52428800")
+            .create()?;
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&list)?;
+        Ok(Reader {
+            consumer,
+            topic: topic.to_owned(),
+            partitions,
+            next: vec![0; partitions as usize],
+            got: Readback::default(),
+        })
+    }
+
+    fn high_watermarks(&self) -> anyhow::Result<Vec<i64>> {
+        (0..self.partitions)
+            .map(|p| {
+                Ok(self
+                    .consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(10))?
+                    .1)
+            })
+            .collect()
+    }
+
+    /// Reads every record up to the high watermarks as they are now; returns the records there.
+    fn catch_up(&mut self) -> anyhow::Result<i64> {
+        let high = self.high_watermarks()?;
+        while self.next.iter().zip(&high).any(|(n, h)| n < h) {
+            let Some(m) = self.consumer.poll(Duration::from_secs(5)) else {
+                continue;
+            };
+            let m = m?;
+            self.next[m.partition() as usize] = m.offset() + 1;
+            let payload = m.payload().unwrap_or_default();
+            self.got.records += 1;
+            self.got.bytes += payload.len() as u64;
+            let id = serde_json::from_slice::<Value>(payload)
+                .ok()
+                .and_then(|v| v.get("id")?.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let at = m.timestamp().to_millis().unwrap_or(0);
+            self.got
+                .seen
+                .entry(id)
+                .and_modify(|e| e.0 += 1)
+                .or_insert((1, at));
+        }
+        Ok(high.iter().sum())
+    }
+}
+
+/// Reads `topic` until every id in `expected` came back or `timeout` passed; a short grace after
+/// that shows duplicates that are still on their way.
+async fn read_back(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    timeout: Duration,
+) -> anyhow::Result<Readback> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut reader = Reader::new(&brokers, &topic, partitions)?;
+        let deadline = Instant::now() + timeout;
+        while reader.got.seen.len() < expected && Instant::now() < deadline {
+            reader.catch_up()?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        reader.catch_up()?;
+        Ok(reader.got)
+    })
+    .await?
+}
+
+/// Waits until `topic` holds at least `count` records (cheap: watermarks only).
+async fn wait_for_records(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    count: i64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let reader = Reader::new(brokers, topic, partitions)?;
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        // A topic just created may not have its leaders yet: that is "none yet".
+        let have: i64 = tokio::task::block_in_place(|| reader.high_watermarks())
+            .map(|h| h.iter().sum())
+            .unwrap_or(0);
+        if have >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "{topic}: {have} of {count} records after {timeout:?}"
+        );
+        if last_report.elapsed() > Duration::from_secs(3) {
+            progress(&format!(
+                "{have} of {count} records in {topic}, {:.0}/s so far",
+                have as f64 / started.elapsed().as_secs_f64()
+            ));
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How one measurement's events came back.
+#[derive(Clone, serde::Serialize)]
+struct Count {
+    what: String,
+    expected: usize,
+    unique: usize,
+    duplicates: u64,
+    missing: usize,
+    unexpected: usize,
+    mean_bytes: u64,
+}
+
+impl Count {
+    fn of(what: &str, expected: &HashMap<String, i64>, got: &Readback) -> Count {
+        let unique = got
+            .seen
+            .keys()
+            .filter(|id| expected.contains_key(*id))
+            .count();
+        Count {
+            what: what.to_owned(),
+            expected: expected.len(),
+            unique,
+            duplicates: got
+                .seen
+                .values()
+                .map(|(n, _)| u64::from(*n).saturating_sub(1))
+                .sum(),
+            missing: expected.len() - unique,
+            unexpected: got.seen.len() - unique,
+            mean_bytes: got.bytes / got.records.max(1),
+        }
+    }
+
+    fn exactly_once(&self) -> bool {
+        self.missing == 0 && self.duplicates == 0 && self.unexpected == 0
+    }
+}
+
+/// From the first to the last append time of the expected events, in seconds: the drain itself,
+/// without the start of the reader (a Connect task's start takes seconds, the relay's less).
+fn drain_seconds(expected: &HashMap<String, i64>, got: &Readback) -> f64 {
+    let times = || {
+        expected
+            .keys()
+            .filter_map(|id| got.seen.get(id).map(|(_, at)| *at))
+    };
+    let (first, last) = (times().min().unwrap_or(0), times().max().unwrap_or(0));
+    // Append times have millisecond resolution.
+    ((last - first).max(1)) as f64 / 1000.0
+}
+
+/// Append time minus commit time, in ms, sorted.
+fn latencies(committed_us: &HashMap<String, i64>, got: &Readback) -> Vec<f64> {
+    let mut out: Vec<f64> = committed_us
+        .iter()
+        .filter_map(|(id, at_us)| {
+            let (_, append_ms) = got.seen.get(id)?;
+            Some((*append_ms as f64 * 1000.0 - *at_us as f64) / 1000.0)
+        })
+        .collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+// ------------------------------------------------------------------ the two systems
+
+/// What one system has to offer the measurements: a backlog writer, a one-event writer, and a
+/// way to stop and restart its reading of the outbox.
+#[derive(Clone, Copy, PartialEq)]
+enum System {
+    Relay,
+    Debezium,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Relay => "relay",
+            System::Debezium => "Debezium",
+        }
+    }
+}
+
+/// Writes `n` events for `topic` in transactions of [`BACKLOG_CHUNK`]; returns their ids.
+async fn write_backlog(
+    system: System,
+    db: &TestDb,
+    topic: &str,
+    n: i64,
+    keys: i64,
+    content: &str,
+) -> anyhow::Result<HashMap<String, i64>> {
+    progress(&format!(
+        "{}: writing a backlog of {n} events",
+        system.name()
+    ));
+    let mut client = db.pool.get().await?;
+    let mut ids = HashMap::with_capacity(n as usize);
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let mut from = 1i64;
+    while from <= n {
+        let to = (from + BACKLOG_CHUNK - 1).min(n);
+        let tx = client.transaction().await?;
+        let rows = match system {
+            // The relay's rows go through outbox.publish, as every publisher writes them.
+            System::Relay => {
+                tx.query(
+                    "select outbox.publish(event_type => 'message.created', key => 'key-' || (g % $2),
+                            data => jsonb_build_object('content', $3::text), topic => $1,
+                            correlation_id => 'req_bench', source => 'bench')
+                       from generate_series($4::bigint, $5::bigint) g",
+                    &[&topic, &keys, &content, &from, &to],
+                )
+                .await?
+            }
+            System::Debezium => {
+                let sql = format!(
+                    "insert into public.debezium_outbox (id, aggregatetype, aggregateid, type, payload)
+                     select gen_random_uuid(), $1, 'key-' || (g % $3), 'message.created', {}
+                       from generate_series($5::bigint, $6::bigint) g
+                     returning payload->>'id'",
+                    envelope_sql("('evt_' || $2 || '_' || g)", "$4")
+                );
+                tx.query(&sql, &[&topic, &tag, &keys, &content, &from, &to])
+                    .await?
+            }
+        };
+        tx.commit().await?;
+        for r in rows {
+            ids.insert(r.get::<_, String>(0), 0);
+        }
+        from = to + 1;
+    }
+    Ok(ids)
+}
+
+/// Commits one event in a transaction of its own; returns its id.
+async fn write_one(
+    system: System,
+    pool: &outbox_core::db::PgPool,
+    topic: &str,
+    key: &str,
+    content: &str,
+) -> anyhow::Result<String> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let id = match system {
+        System::Relay => {
+            outbox_core::outbox::publish(
+                &*tx,
+                &outbox_core::outbox::NewEvent {
+                    event_type: "message.created",
+                    key,
+                    data: &json!({ "content": content }),
+                    topic: Some(topic),
+                    headers: None,
+                    correlation_id: Some("req_bench"),
+                    source: Some("bench"),
+                },
+            )
+            .await?
+        }
+        System::Debezium => {
+            let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+            let sql = format!(
+                "insert into public.debezium_outbox (id, aggregatetype, aggregateid, type, payload)
+                 values (gen_random_uuid(), $1, $2, 'message.created', {})",
+                envelope_sql("$3::text", "$4")
+            );
+            tx.execute(&sql, &[&topic, &key, &id, &content]).await?;
+            id
+        }
+    };
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Kafka Connect's REST API, for the one connector of this run.
+struct Connect {
+    http: reqwest::Client,
+    url: String,
+    name: String,
+    slot: String,
+}
+
+impl Connect {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self.http.request(
+            method,
+            format!("{}/connectors/{}{path}", self.url, self.name),
+        );
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.context("Kafka Connect's REST API")?;
+        let status = response.status();
+        let text = response.text().await?;
+        anyhow::ensure!(
+            status.is_success(),
+            "Kafka Connect answered {status}: {text}"
+        );
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Waits until the connector and its task run (or, with `want` = STOPPED, until stopped).
+    async fn wait_state(&self, want: &str) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let status = self.call(reqwest::Method::GET, "/status", None).await?;
+            let connector = status["connector"]["state"].as_str().unwrap_or_default();
+            let tasks = status["tasks"].as_array().cloned().unwrap_or_default();
+            if let Some(failed) = tasks.iter().find(|t| t["state"] == "FAILED") {
+                anyhow::bail!("the Debezium task failed: {}", failed["trace"]);
+            }
+            let ready = match want {
+                "RUNNING" => {
+                    connector == "RUNNING" && tasks.iter().any(|t| t["state"] == "RUNNING")
+                }
+                _ => connector == want,
+            };
+            if ready {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "the connector is not {want} after 120s: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(&self) -> anyhow::Result<()> {
+        self.call(reqwest::Method::PUT, "/stop", None).await?;
+        self.wait_state("STOPPED").await
+    }
+
+    async fn resume(&self) -> anyhow::Result<()> {
+        self.call(reqwest::Method::PUT, "/resume", None).await?;
+        self.wait_state("RUNNING").await
+    }
+}
+
+/// Creates the publication and the connector on `db` (tuned as the issue says a fair user would).
+async fn start_debezium(args: &Args, db: &TestDb, brokers_note: &str) -> anyhow::Result<Connect> {
+    let client = db.client().await;
+    client.batch_execute(DEBEZIUM_TABLE).await?;
+    client
+        .batch_execute("create publication bench_dbz for table public.debezium_outbox")
+        .await?;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let connect = Connect {
+        http: reqwest::Client::new(),
+        url: args.connect_url.trim_end_matches('/').to_owned(),
+        name: format!("bench-outbox-{}", &suffix[..8]),
+        slot: format!("bench_dbz_{}", &suffix[..12]),
+    };
+    let pg: tokio_postgres::Config = db.url.parse()?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let config = json!({
+        "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+        "tasks.max": "1",
+        "database.hostname": host,
+        "database.port": port.to_string(),
+        "database.user": pg.get_user().unwrap_or("postgres"),
+        "database.password": password,
+        "database.dbname": db.name,
+        "topic.prefix": format!("bench{}", &suffix[..8]),
+        "plugin.name": "pgoutput",
+        "slot.name": connect.slot,
+        "publication.name": "bench_dbz",
+        "publication.autocreate.mode": "disabled",
+        "table.include.list": "public.debezium_outbox",
+        "snapshot.mode": "no_data",
+        "tombstones.on.delete": "false",
+        "max.batch.size": "4096",
+        "max.queue.size": "32768",
+        "poll.interval.ms": "10",
+        "key.converter": "org.apache.kafka.connect.storage.StringConverter",
+        "value.converter": "org.apache.kafka.connect.storage.StringConverter",
+        "transforms": "outbox",
+        "transforms.outbox.type": "io.debezium.transforms.outbox.EventRouter",
+        "transforms.outbox.route.topic.replacement": "${routedByValue}",
+        "producer.override.enable.idempotence": "true",
+        "producer.override.acks": "all",
+        "producer.override.linger.ms": "5",
+        "producer.override.compression.type": "lz4",
+    });
+    progress(&format!(
+        "creating connector {} (slot {}) on {} via {brokers_note}",
+        connect.name, connect.slot, db.name
+    ));
+    connect
+        .call(reqwest::Method::PUT, "/config", Some(config))
+        .await?;
+    connect.wait_state("RUNNING").await?;
+    Ok(connect)
+}
+
+/// Deletes the connector and drops its slot (a slot left behind would keep WAL forever).
+async fn remove_debezium(connect: &Connect, db: &TestDb) -> anyhow::Result<()> {
+    let _ = connect.call(reqwest::Method::DELETE, "", None).await;
+    let client = db.client().await;
+    for _ in 0..100 {
+        let dropped = client
+            .query(
+                "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+                  where slot_name = $1 and not active",
+                &[&connect.slot],
+            )
+            .await;
+        let left: i64 = client
+            .query_one(
+                "select count(*) from pg_replication_slots where slot_name = $1",
+                &[&connect.slot],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            return Ok(());
+        }
+        let _ = dropped;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("replication slot {} is still there", connect.slot)
+}
+
+/// A relay running in this process.
+struct Relay {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_relay(args: &Args, brokers: &str, db: &TestDb) -> anyhow::Result<Relay> {
+    let mut config: relay::Config = outbox_core::config::from_env()?;
+    config.database.database_url = db.url.clone();
+    config.kafka.kafka_brokers = brokers.to_owned();
+    config.batch_size = args.batch_size;
+    config.topic_partitions = args.partitions;
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let task = tokio::spawn(relay::run(config, listener, stop.clone()));
+    Ok(Relay { stop, task })
+}
+
+impl Relay {
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+/// The reader of the outbox for `system`: the relay, or the Debezium connector.
+enum Runner<'a> {
+    Relay(Option<Relay>, &'a Args, &'a str, &'a TestDb),
+    Debezium(&'a Connect),
+}
+
+impl Runner<'_> {
+    async fn pause(&mut self) -> anyhow::Result<()> {
+        match self {
+            Runner::Relay(relay, ..) => {
+                if let Some(r) = relay.take() {
+                    r.stop().await?;
+                }
+            }
+            Runner::Debezium(c) => c.stop().await?,
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self) -> anyhow::Result<()> {
+        match self {
+            Runner::Relay(relay, args, brokers, db) => {
+                *relay = Some(start_relay(args, brokers, db).await?);
+            }
+            Runner::Debezium(c) => c.resume().await?,
+        }
+        Ok(())
+    }
+}
+
+/// A drain: the reader stopped, `n` events written, the reader started; events/s until the last
+/// one's append time.
+async fn drain(
+    system: System,
+    runner: &mut Runner<'_>,
+    args: &Args,
+    brokers: &str,
+    db: &TestDb,
+    content: &str,
+    what: &str,
+) -> anyhow::Result<(f64, Count)> {
+    let topic = unique_topic(&format!("bench-{}-{what}", system.name().to_lowercase()));
+    create_timed_topic(brokers, &topic, args.partitions).await?;
+    runner.pause().await?;
+    let expected = write_backlog(system, db, &topic, args.events, args.keys, content).await?;
+    let _ = db.client().await.batch_execute("checkpoint").await;
+    progress(&format!(
+        "{}: {what} drain of {} events",
+        system.name(),
+        args.events
+    ));
+    let started_ms = Utc::now().timestamp_millis();
+    runner.start().await?;
+    wait_for_records(brokers, &topic, args.partitions, args.events, args.timeout).await?;
+    let got = read_back(
+        brokers,
+        &topic,
+        args.partitions,
+        expected.len(),
+        args.timeout,
+    )
+    .await?;
+    let count = Count::of(&format!("{} {what} drain", system.name()), &expected, &got);
+    let rate = count.unique as f64 / drain_seconds(&expected, &got);
+    let first_ms = got
+        .seen
+        .values()
+        .map(|(_, at)| *at)
+        .min()
+        .unwrap_or(started_ms);
+    progress(&format!(
+        "{}: {what} drain {rate:.0} events/s (first record {} ms after the start)",
+        system.name(),
+        first_ms - started_ms
+    ));
+    Ok((rate, count))
+}
+
+/// One latency measurement: `rate` events/s for `duration`, each in a transaction of its own.
+async fn latency(
+    system: System,
+    args: &Args,
+    brokers: &str,
+    db: &TestDb,
+    content: Arc<String>,
+    rate: u64,
+) -> anyhow::Result<(Value, Count)> {
+    let topic = unique_topic(&format!("bench-{}-lat{rate}", system.name().to_lowercase()));
+    create_timed_topic(brokers, &topic, args.partitions).await?;
+    // One event first, so the reader knows the topic and every connection is open.
+    write_one(system, &db.pool, &topic, "warm-up", &content).await?;
+    wait_for_records(brokers, &topic, args.partitions, 1, Duration::from_secs(60)).await?;
+    progress(&format!("{}: latency at {rate} events/s", system.name()));
+    let total = (rate as f64 * args.duration.as_secs_f64()).max(1.0) as u64;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut writers = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        ticker.tick().await;
+        let (pool, content, topic) = (db.pool.clone(), content.clone(), topic.clone());
+        let key = format!("lat-{}", i % args.keys as u64);
+        writers.push(tokio::spawn(async move {
+            let id = write_one(system, &pool, &topic, &key, &content).await?;
+            anyhow::Ok((id, Utc::now().timestamp_micros()))
+        }));
+    }
+    // A write that failed (say, no pooled connection in time on a loaded machine) committed
+    // nothing: it is counted, and not expected back.
+    let mut committed = HashMap::with_capacity(writers.len());
+    let mut failed = 0u64;
+    for w in writers {
+        match w.await? {
+            Ok((id, at)) => {
+                committed.insert(id, at);
+            }
+            Err(e) => {
+                if failed == 0 {
+                    progress(&format!("a write failed: {e:#}"));
+                }
+                failed += 1;
+            }
+        }
+    }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let got = read_back(
+        brokers,
+        &topic,
+        args.partitions,
+        committed.len() + 1,
+        args.timeout,
+    )
+    .await?;
+    let mut count = Count::of(&format!("{} at {rate}/s", system.name()), &committed, &got);
+    // The warm-up event is expected too, not an unexpected one.
+    count.unexpected = count.unexpected.saturating_sub(1);
+    let lat = latencies(&committed, &got);
+    let row = json!({
+        "system": system.name(), "offered": rate, "achieved": achieved.round(),
+        "events": committed.len(), "failed_writes": failed, "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
+        "max": percentile(&lat, 1.0),
+    });
+    progress(&format!(
+        "{}: at {rate}/s (achieved {achieved:.0}/s) p50 {:.1} ms, p99 {:.1} ms",
+        system.name(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    ));
+    Ok((row, count))
+}
+
+/// Sends `count` records as fast as librdkafka takes them; events per second until the last ack.
+async fn raw_produce(
+    producer: &FutureProducer,
+    topic: &str,
+    count: i64,
+    keys: i64,
+    payload: &str,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut futures = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let key = format!("key-{}", i % keys);
+        let mut record = FutureRecord::to(topic).key(&key).payload(payload);
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    futures.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for f in futures {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    outbox_core::telemetry::init_logging();
+    let brokers = outbox_core::testing::kafka_brokers();
+    // ~payload_bytes envelopes: the content fills what the rest of the envelope leaves.
+    let content = Arc::new("x".repeat(args.payload_bytes.saturating_sub(330)));
+    let db = TestDb::create().await;
+    progress(&format!("database {}, broker {brokers}", db.name));
+
+    // 1. Raw produce: the ceiling of the broker on this machine (the relay's producer settings).
+    let raw_topic = unique_topic("bench-raw");
+    create_timed_topic(&brokers, &raw_topic, args.partitions).await?;
+    let producer: FutureProducer =
+        kafka::idempotent_producer_config(&brokers, "bench-raw", Duration::from_secs(30))
+            .create()?;
+    let payload = format!(
+        "{{\"id\":\"evt_raw\",\"event\":\"message.created\",\"data\":{{\"content\":\"{content}\"}},\"pad\":\"{}\"}}",
+        "x".repeat(200)
+    );
+    progress("raw produce: warm-up, then measured");
+    raw_produce(&producer, &raw_topic, args.events, args.keys, &payload).await?;
+    let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, &payload).await?;
+    progress(&format!("raw produce {raw_rate:.0} events/s"));
+    drop(producer);
+
+    let mut counts = Vec::new();
+    let mut lat_rows = Vec::new();
+
+    // 2. Debezium first, then removed, so that its WAL reading never runs beside the relay.
+    let connect = start_debezium(&args, &db, &brokers).await?;
+    let debezium = async {
+        let probe = unique_topic("bench-debezium-probe");
+        create_timed_topic(&brokers, &probe, args.partitions).await?;
+        write_one(System::Debezium, &db.pool, &probe, "probe", &content).await?;
+        wait_for_records(
+            &brokers,
+            &probe,
+            args.partitions,
+            1,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let mut runner = Runner::Debezium(&connect);
+        let (dbz_first, c) = drain(
+            System::Debezium,
+            &mut runner,
+            &args,
+            &brokers,
+            &db,
+            &content,
+            "warm-up",
+        )
+        .await?;
+        counts.push(c);
+        let (dbz_warm, c) = drain(
+            System::Debezium,
+            &mut runner,
+            &args,
+            &brokers,
+            &db,
+            &content,
+            "measured",
+        )
+        .await?;
+        counts.push(c);
+        for &rate in &args.rates {
+            let (row, c) = latency(
+                System::Debezium,
+                &args,
+                &brokers,
+                &db,
+                content.clone(),
+                rate,
+            )
+            .await?;
+            lat_rows.push(row);
+            counts.push(c);
+        }
+        anyhow::Ok((dbz_first, dbz_warm))
+    }
+    .await;
+    remove_debezium(&connect, &db).await?;
+    let (dbz_first, dbz_warm) = debezium?;
+
+    // 3. The relay, on the same database and broker.
+    let mut runner = Runner::Relay(None, &args, &brokers, &db);
+    let (relay_first, c) = drain(
+        System::Relay,
+        &mut runner,
+        &args,
+        &brokers,
+        &db,
+        &content,
+        "warm-up",
+    )
+    .await?;
+    counts.push(c);
+    let (relay_warm, c) = drain(
+        System::Relay,
+        &mut runner,
+        &args,
+        &brokers,
+        &db,
+        &content,
+        "measured",
+    )
+    .await?;
+    counts.push(c);
+    for &rate in &args.rates {
+        let (row, c) = latency(System::Relay, &args, &brokers, &db, content.clone(), rate).await?;
+        lat_rows.push(row);
+        counts.push(c);
+    }
+    runner.pause().await?;
+    clean_up(&brokers, db).await;
+
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let p99 = |system: &str, rate: u64| {
+        lat_rows
+            .iter()
+            .find(|r| r["system"] == system && r["offered"] == rate)
+            .and_then(|r| r["p99"].as_f64())
+    };
+    let mut goals = vec![
+        json!({"goal": "relay drain ≥ 2× Debezium's warm drain", "met": relay_warm >= 2.0 * dbz_warm,
+               "measured": format!("{:.2}×", relay_warm / dbz_warm)}),
+        json!({"goal": "relay drain ≥ ½ raw produce", "met": relay_warm >= 0.5 * raw_rate,
+               "measured": format!("{:.0} %", 100.0 * relay_warm / raw_rate)}),
+    ];
+    for &rate in &args.rates {
+        if let (Some(r), Some(d)) = (p99("relay", rate), p99("Debezium", rate)) {
+            goals.push(
+                json!({"goal": format!("relay p99 < Debezium's at {rate}/s"), "met": r < d,
+                              "measured": format!("{r:.1} ms vs {d:.1} ms")}),
+            );
+        }
+    }
+    if let Some(r) = p99("relay", 1000) {
+        goals.push(json!({"goal": "relay p99 < 50 ms at 1,000/s", "met": r < 50.0, "measured": format!("{r:.1} ms")}));
+    }
+    goals.push(
+        json!({"goal": "every event counted back exactly once, both systems",
+                      "met": counts.iter().all(Count::exactly_once), "measured": ""}),
+    );
+    let result = json!({
+        "section": "debezium",
+        "title": format!("relay vs Debezium outbox: {} events of ~{} B, {} partitions, {} keys",
+                         args.events, counts.first().map(|c| c.mean_bytes).unwrap_or(0), args.partitions, args.keys),
+        "cores": cores,
+        "unit": "events/s",
+        "throughput": [
+            {"name": "raw Kafka produce (idempotent, acks=all)", "value": raw_rate.round()},
+            {"name": "Debezium: first drain after start", "value": dbz_first.round()},
+            {"name": "Debezium: warm drain", "value": dbz_warm.round()},
+            {"name": "relay: first drain", "value": relay_first.round()},
+            {"name": "relay: warm drain", "value": relay_warm.round()},
+        ],
+        "latency_title": "commit → record appended in Kafka (LogAppendTime)",
+        "latency": lat_rows,
+        "counts": counts,
+        "goals": goals,
+    });
+    emit(&args.out, &result)
+}
+
+/// Deletes this run's topics and database.
+async fn clean_up(brokers: &str, db: TestDb) {
+    progress("deleting this run's topics and database");
+    let topics = std::mem::take(&mut *TOPICS.lock().unwrap());
+    if let Ok(admin) =
+        kafka::base_config(brokers, "bench-admin").create::<AdminClient<DefaultClientContext>>()
+    {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    }
+    let name = db.name.clone();
+    drop(db);
+    if let Ok((client, connection)) =
+        tokio_postgres::connect(&outbox_core::testing::server_url(), tokio_postgres::NoTls).await
+    {
+        tokio::spawn(connection);
+        let _ = client
+            .batch_execute(&format!("drop database if exists {name} with (force)"))
+            .await;
+    }
+}
+
+/// Writes results.json to `out` (or stdout without it).
+fn emit(out: &Option<PathBuf>, result: &Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(result)?;
+    match out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("results.json"), text)?;
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Turns a benchmark's results.json into table.md and PNG plots in the same folder.
+
+    bench-report.py DIR [VERSIONS]
+
+results.json (written by debezium-bench, producer-bench, e2e-bench) holds:
+  section, title, cores, unit, throughput: [{name, value}], latency_title,
+  latency: [{system, offered, achieved, events, p50, p99, max}], counts: [...], goals: [{goal, met, measured}]
+VERSIONS (a line such as "PostgreSQL 15.18, Kafka 4.1.1") goes under the title and on the plots.
+The plots need matplotlib; without it only table.md is written.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return ""
+    if isinstance(v, float) and v != v:  # NaN
+        return "n/a"
+    return f"{v:,.{digits}f}"
+
+
+def table(result, versions):
+    lines = [f"### {result['title']}", ""]
+    lines.append(f"{result['cores']} cores; {versions}" if versions else f"{result['cores']} cores")
+    lines.append("")
+    unit = result.get("unit", "per second")
+    if result.get("throughput"):
+        lines += [f"| throughput | {unit} |", "| --- | ---: |"]
+        lines += [f"| {t['name']} | {fmt(t['value'])} |" for t in result["throughput"]]
+        for t in result.get("ratios", []):
+            lines.append(f"| {t['name']} | {t['value']} |")
+        lines.append("")
+    if result.get("latency"):
+        lines += [f"| {result.get('latency_title', 'latency')} | offered/s | achieved/s | events | failed writes | p50 ms | p99 ms | max ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in result["latency"]:
+            lines.append(f"| {r['system']} | {fmt(r['offered'])} | {fmt(r.get('achieved'))} | {fmt(r.get('events'))} | {fmt(r.get('failed_writes', 0))} "
+                         f"| {fmt(r['p50'], 1)} | {fmt(r['p99'], 1)} | {fmt(r.get('max'), 1)} |")
+        lines.append("")
+    if result.get("counts"):
+        lines += ["| counted back | expected | once | duplicates | missing | unexpected | mean bytes |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for c in result["counts"]:
+            lines.append(f"| {c['what']} | {fmt(c['expected'])} | {fmt(c['unique'])} | {fmt(c['duplicates'])} "
+                         f"| {fmt(c['missing'])} | {fmt(c['unexpected'])} | {fmt(c.get('mean_bytes'))} |")
+        lines.append("")
+    if result.get("goals"):
+        lines += ["| goal | measured | met |", "| --- | --- | :---: |"]
+        for g in result["goals"]:
+            lines.append(f"| {g['goal']} | {g.get('measured', '')} | {'yes' if g['met'] else '**no**'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(result, versions, folder):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench-report: matplotlib is missing, no plots", file=sys.stderr)
+        return []
+    footer = f"{result['cores']} cores" + (f"; {versions}" if versions else "")
+    written = []
+    if result.get("throughput"):
+        names = [t["name"] for t in result["throughput"]]
+        values = [t["value"] for t in result["throughput"]]
+        fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.8))
+        bars = ax.barh(names[::-1], values[::-1], color="#4c72b0")
+        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values[::-1]], padding=3)
+        ax.set_xlabel(result.get("unit", "per second"))
+        ax.set_xlim(0, max(values) * 1.18 if values else 1)
+        ax.set_title(result["title"], fontsize=10)
+        fig.text(0.01, 0.01, footer, fontsize=8, color="#555")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        path = folder / "throughput.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if result.get("latency"):
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        systems = []
+        for r in result["latency"]:
+            if r["system"] not in systems:
+                systems.append(r["system"])
+        for i, system in enumerate(systems):
+            rows = sorted((r for r in result["latency"] if r["system"] == system), key=lambda r: r["offered"])
+            x = [r["offered"] for r in rows]
+            color = f"C{i}"
+            ax.plot(x, [r["p50"] for r in rows], "o--", color=color, label=f"{system} p50")
+            ax.plot(x, [r["p99"] for r in rows], "s-", color=color, label=f"{system} p99")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+        offered = sorted({r["offered"] for r in result["latency"]})
+        ax.xaxis.set_major_locator(FixedLocator(offered))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("offered rate, events/s")
+        ax.set_ylabel("ms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(result.get("latency_title", "latency"), fontsize=10)
+        fig.text(0.01, 0.01, footer, fontsize=8, color="#555")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        path = folder / "latency.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main():
+    folder = Path(sys.argv[1])
+    versions = sys.argv[2] if len(sys.argv) > 2 else ""
+    result = json.loads((folder / "results.json").read_text())
+    result["versions"] = versions
+    (folder / "results.json").write_text(json.dumps(result, indent=2))
+    text = table(result, versions)
+    (folder / "table.md").write_text(text + "\n")
+    print(text)
+    for path in plots(result, versions, folder):
+        print(f"plot: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
