@@ -329,3 +329,11 @@ impl<T> Drop for AbortOnDrop<T> {
         self.0.abort();
     }
 }
+
+impl outbox_core::service::Service for Config {
+    const BINARY: outbox_core::service::Binary =
+        outbox_core::service::Binary::new("consumer", env!("CARGO_PKG_DESCRIPTION"), SCHEMAS);
+    fn database_url_and_listen_addr(&self) -> (&str, &str) {
+        (&self.database.database_url, &self.listen_addr)
+    }
+}

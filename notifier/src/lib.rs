@@ -29,6 +29,9 @@ pub use routes::OPEN_ROUTES;
 /// only migrations it applies.
 pub const SCHEMAS: &[outbox_core::db::Schema] = &[outbox_core::db::Schema::Notifier];
 
+/// What `notifier --help` says the service does.
+const ABOUT: &str = "The notifier: receives signed webhooks, refuses replays and duplicates, stores the events and notifies by email and chat behind a circuit breaker per channel";
+
 /// One or more webhook secrets, as `WEBHOOK_SECRET` holds them (`whsec_…`, comma-separated).
 #[derive(Debug, Clone)]
 pub struct Secrets(pub Vec<Secret>);
@@ -212,4 +215,12 @@ pub async fn run(
     outbox_core::http::serve(listener, app, config.http, shutdown).await;
     background.abort();
     Ok(())
+}
+
+impl outbox_core::service::Service for Config {
+    const BINARY: outbox_core::service::Binary =
+        outbox_core::service::Binary::new("notifier", ABOUT, SCHEMAS);
+    fn database_url_and_listen_addr(&self) -> (&str, &str) {
+        (&self.database.database_url, &self.listen_addr)
+    }
 }

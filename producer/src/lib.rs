@@ -28,6 +28,10 @@ pub const SCHEMAS: &[outbox_core::db::Schema] = &[
     outbox_core::db::Schema::Outbox,
 ];
 
+/// What `producer --help` says the service does.
+const ABOUT: &str =
+    "The producer: `POST /messages` writes the message and its outbox event in one transaction";
+
 /// The producer's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -135,4 +139,12 @@ pub async fn run(
     outbox_core::http::serve(listener, app, config.http, shutdown).await;
     background.abort();
     Ok(())
+}
+
+impl outbox_core::service::Service for Config {
+    const BINARY: outbox_core::service::Binary =
+        outbox_core::service::Binary::new("producer", ABOUT, SCHEMAS);
+    fn database_url_and_listen_addr(&self) -> (&str, &str) {
+        (&self.database.database_url, &self.listen_addr)
+    }
 }

@@ -34,6 +34,9 @@ pub use publish::Publisher;
 /// only migrations it applies.
 pub const SCHEMAS: &[outbox_core::db::Schema] = &[outbox_core::db::Schema::Outbox];
 
+/// What `relay --help` says the service does.
+const ABOUT: &str = "The relay: publishes outbox rows to Kafka; one leader, hot standbys";
+
 /// The relay's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -206,5 +209,13 @@ impl Publisher {
     /// Waits (bounded) for records still queued in librdkafka.
     pub fn flush(&self) {
         let _ = self.producer().flush(Duration::from_secs(5));
+    }
+}
+
+impl outbox_core::service::Service for Config {
+    const BINARY: outbox_core::service::Binary =
+        outbox_core::service::Binary::new("relay", ABOUT, SCHEMAS);
+    fn database_url_and_listen_addr(&self) -> (&str, &str) {
+        (&self.database.database_url, &self.listen_addr)
     }
 }
