@@ -448,15 +448,11 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
 
     // Consumer lag comes from librdkafka's statistics once the offsets are committed.
     eventually("the lag gauge shows the partition", WAIT, || async {
-        let text = consumer
-            .http
-            .get(format!("{}/metrics", consumer.base))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = outbox_core::testing::try_get_text(
+            &consumer.http,
+            &format!("{}/metrics", consumer.base),
+        )
+        .await?;
         text.lines()
             .any(|l| {
                 l.starts_with("consumer_lag_records") && l.contains(&topic) && l.ends_with(" 0")

@@ -16,6 +16,7 @@ use outbox_core::breaker::BreakerPolicy;
 use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
+use outbox_core::service::{Binary, Service};
 use outbox_core::signature::{Secret, Verifier};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -25,12 +26,16 @@ pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
 pub use routes::OPEN_ROUTES;
 
+impl Service for Config {
+    const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);
+    fn database_url_and_listen_addr(&self) -> (&str, &str) {
+        (&self.database.database_url, &self.listen_addr)
+    }
+}
+
 /// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
 /// only migrations it applies.
 pub const SCHEMAS: &[outbox_core::db::Schema] = &[outbox_core::db::Schema::Notifier];
-
-/// What `notifier --help` says the service does.
-const ABOUT: &str = "The notifier: receives signed webhooks, refuses replays and duplicates, stores the events and notifies by email and chat behind a circuit breaker per channel";
 
 /// One or more webhook secrets, as `WEBHOOK_SECRET` holds them (`whsec_…`, comma-separated).
 #[derive(Debug, Clone)]
@@ -215,12 +220,4 @@ pub async fn run(
     outbox_core::http::serve(listener, app, config.http, shutdown).await;
     background.abort();
     Ok(())
-}
-
-impl outbox_core::service::Service for Config {
-    const BINARY: outbox_core::service::Binary =
-        outbox_core::service::Binary::new("notifier", ABOUT, SCHEMAS);
-    fn database_url_and_listen_addr(&self) -> (&str, &str) {
-        (&self.database.database_url, &self.listen_addr)
-    }
 }

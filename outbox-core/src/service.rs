@@ -39,6 +39,19 @@ impl Binary {
     }
 }
 
+/// The [`Binary`] of the crate this is written in: named after the crate, its `--help` saying
+/// what the crate's description says, using `$schemas`.
+#[macro_export]
+macro_rules! this_binary {
+    ($schemas:expr) => {
+        $crate::service::Binary::new(
+            env!("CARGO_PKG_NAME"),
+            env!("CARGO_PKG_DESCRIPTION"),
+            $schemas,
+        )
+    };
+}
+
 /// A service's configuration, as the command line and environment give it to [`run`].
 pub trait Service: clap::Args {
     /// The binary this configuration starts.

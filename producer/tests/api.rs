@@ -368,47 +368,16 @@ async fn an_escaped_backslash_before_u0000_is_text_not_a_nul() {
 async fn refused_paths_queries_and_methods_answer_the_json_shape() {
     let app = spawn_app().await;
     let cases = [
-        (
-            reqwest::Method::GET,
-            "/messages?limit=many",
-            400,
-            "invalid_query",
-        ),
-        (
-            reqwest::Method::GET,
-            "/messages?before=%00",
-            400,
-            "nul_character",
-        ),
-        (
-            reqwest::Method::GET,
-            "/messages/a%00b",
-            400,
-            "nul_character",
-        ),
-        (reqwest::Method::GET, "/messages/%FF", 400, "bad_request"),
-        (
-            reqwest::Method::DELETE,
-            "/messages",
-            405,
-            "method_not_allowed",
-        ),
-        (reqwest::Method::GET, "/nowhere", 404, "not_found"),
+        ("GET", "/messages?limit=many", 400, "invalid_query"),
+        ("GET", "/messages?before=%00", 400, "nul_character"),
+        ("GET", "/messages/a%00b", 400, "nul_character"),
+        ("GET", "/messages/%FF", 400, "bad_request"),
+        ("DELETE", "/messages", 405, "method_not_allowed"),
+        ("GET", "/nowhere", 404, "not_found"),
     ];
     for (method, path, status, code) in cases {
-        let response = app
-            .http
-            .request(method, format!("{}{path}", app.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), status, "{path}");
-        if status == 405 {
-            assert!(response.headers().contains_key("allow"), "{path}");
-        }
-        let body: Value = response.json().await.expect("a JSON error body");
-        assert_eq!(body["code"], code, "{path}: {body}");
-        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+        let url = format!("{}{path}", app.base);
+        outbox_core::testing::assert_refused(&app.http, method, &url, status, code).await;
     }
     assert_eq!(app.rows().await, (0, 0));
 }
@@ -552,15 +521,7 @@ async fn pages_openapi_and_metrics() {
     assert!(doc["paths"]["/messages"]["post"].is_object());
     assert!(doc["paths"]["/messages/{id}"]["get"].is_object());
 
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = outbox_core::testing::get_text(&app.http, &format!("{}/metrics", app.base)).await;
     assert!(
         metrics.contains("producer_messages_created_total 5"),
         "{metrics}"

@@ -23,6 +23,7 @@ use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs, KafkaArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{operational_routes, Operational, Readiness};
 use outbox_core::routing::TopicRoutes;
+use outbox_core::service::{Binary, Service};
 use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,12 +31,16 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::Metrics;
 pub use publish::Publisher;
 
+impl Service for Config {
+    const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);
+    fn database_url_and_listen_addr(&self) -> (&str, &str) {
+        (&self.database.database_url, &self.listen_addr)
+    }
+}
+
 /// The PostgreSQL schemas this service uses (the outbox it reads): its pool's `search_path`, and the
 /// only migrations it applies.
 pub const SCHEMAS: &[outbox_core::db::Schema] = &[outbox_core::db::Schema::Outbox];
-
-/// What `relay --help` says the service does.
-const ABOUT: &str = "The relay: publishes outbox rows to Kafka; one leader, hot standbys";
 
 /// The relay's configuration, from the environment (see `.env.example`).
 #[derive(Debug, Clone, clap::Args)]
@@ -209,13 +214,5 @@ impl Publisher {
     /// Waits (bounded) for records still queued in librdkafka.
     pub fn flush(&self) {
         let _ = self.producer().flush(Duration::from_secs(5));
-    }
-}
-
-impl outbox_core::service::Service for Config {
-    const BINARY: outbox_core::service::Binary =
-        outbox_core::service::Binary::new("relay", ABOUT, SCHEMAS);
-    fn database_url_and_listen_addr(&self) -> (&str, &str) {
-        (&self.database.database_url, &self.listen_addr)
     }
 }
