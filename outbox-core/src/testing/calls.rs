@@ -43,3 +43,18 @@ pub async fn assert_refused(
         "{method} {url} → {body}"
     );
 }
+
+impl super::RouteCall {
+    /// `GET route` on the route itself (a route without parameters), answering `answers`.
+    pub fn get(route: &'static str, answers: u16) -> Self {
+        Self::new("GET", route, route, answers)
+    }
+
+    /// The operational routes every service serves
+    /// ([`crate::admin_auth::OPERATIONAL_ROUTES`]), each answering 200 on a ready service.
+    pub fn operational() -> impl Iterator<Item = Self> {
+        crate::admin_auth::OPERATIONAL_ROUTES
+            .iter()
+            .map(|&(method, route)| Self::new(method, route, route, 200))
+    }
+}
