@@ -448,15 +448,11 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
 
     // Consumer lag comes from librdkafka's statistics once the offsets are committed.
     eventually("the lag gauge shows the partition", WAIT, || async {
-        let text = consumer
-            .http
-            .get(format!("{}/metrics", consumer.base))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = outbox_core::testing::try_get_text(
+            &consumer.http,
+            &format!("{}/metrics", consumer.base),
+        )
+        .await?;
         text.lines()
             .any(|l| {
                 l.starts_with("consumer_lag_records") && l.contains(&topic) && l.ends_with(" 0")
@@ -614,11 +610,11 @@ async fn with_admin_token_every_admin_route_needs_it_and_operations_stay_open() 
     // One real endpoint, created through the guarded route itself, so the routes on it answer
     // as their handlers do; `nope` does not exist.
     let ep = "/endpoints/ep-auth";
-    let calls = [
+    let calls: Vec<RouteCall> = [
         RouteCall::new("POST", "/endpoints", "/endpoints", 201).json(json!({
             "id": "ep-auth", "url": "http://127.0.0.1:9/hook", "event_types": ["*"]
         })),
-        RouteCall::new("GET", "/endpoints", "/endpoints", 200),
+        RouteCall::get("/endpoints", 200),
         RouteCall::new("GET", "/endpoints/{id}", ep, 200),
         RouteCall::new("PATCH", "/endpoints/{id}", ep, 200).json(json!({"description": "x"})),
         RouteCall::new("PUT", "/endpoints/{id}", ep, 200)
@@ -653,7 +649,7 @@ async fn with_admin_token_every_admin_route_needs_it_and_operations_stay_open() 
             &format!("{ep}/replay"),
             200,
         ),
-        RouteCall::new("GET", "/deliveries", "/deliveries", 200),
+        RouteCall::get("/deliveries", 200),
         RouteCall::new("GET", "/deliveries/{id}", "/deliveries/999999", 404),
         RouteCall::new(
             "POST",
@@ -661,14 +657,14 @@ async fn with_admin_token_every_admin_route_needs_it_and_operations_stay_open() 
             "/deliveries/999999/retry",
             404,
         ),
-        RouteCall::new("GET", "/circuit-breakers", "/circuit-breakers", 200),
+        RouteCall::get("/circuit-breakers", 200),
         RouteCall::new(
             "POST",
             "/circuit-breakers/{endpoint_id}/reset",
             "/circuit-breakers/ep-auth/reset",
             200,
         ),
-        RouteCall::new("GET", "/events/poison", "/events/poison", 200),
+        RouteCall::get("/events/poison", 200),
         RouteCall::new(
             "POST",
             "/events/poison/{id}/replay",
@@ -677,10 +673,10 @@ async fn with_admin_token_every_admin_route_needs_it_and_operations_stay_open() 
         ),
         RouteCall::new("DELETE", "/endpoints/{id}", "/endpoints/nope", 404),
         RouteCall::new("DELETE", "/endpoints/{id}", ep, 204),
-        RouteCall::new("GET", "/health", "/health", 200),
-        RouteCall::new("GET", "/ready", "/ready", 200),
-        RouteCall::new("GET", "/metrics", "/metrics", 200),
-    ];
+    ]
+    .into_iter()
+    .chain(RouteCall::operational())
+    .collect();
     outbox_core::testing::assert_admin_token_guards(
         &consumer.base,
         "s3cret",

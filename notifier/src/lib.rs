@@ -16,6 +16,7 @@ use outbox_core::breaker::BreakerPolicy;
 use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
+use outbox_core::service::{Binary, Service};
 use outbox_core::signature::{Secret, Verifier};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -24,6 +25,13 @@ use tokio_util::sync::CancellationToken;
 pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
 pub use routes::OPEN_ROUTES;
+
+impl Service for Config {
+    const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);
+    fn database_url_and_listen_addr(&self) -> (&str, &str) {
+        (&self.database.database_url, &self.listen_addr)
+    }
+}
 
 /// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
 /// only migrations it applies.

@@ -662,23 +662,23 @@ fn every_route(app: &App) -> Vec<RouteCall> {
             ..RouteCall::new("POST", route, route, 200)
         }
     };
-    vec![
+    [
         signed(LOGGER),
         signed(NOTIFY),
-        RouteCall::new("GET", "/webhooks/events", "/webhooks/events", 200),
-        RouteCall::new("GET", "/notifications", "/notifications", 200),
-        RouteCall::new("GET", "/circuit-breaker", "/circuit-breaker", 200),
+        RouteCall::get("/webhooks/events", 200),
+        RouteCall::get("/notifications", 200),
+        RouteCall::get("/circuit-breaker", 200),
         RouteCall::new(
             "POST",
             "/circuit-breaker/reset",
             "/circuit-breaker/reset",
             200,
         ),
-        RouteCall::new("GET", "/health", "/health", 200),
-        RouteCall::new("GET", "/ready", "/ready", 200),
-        RouteCall::new("GET", "/metrics", "/metrics", 200),
-        RouteCall::new("GET", "/openapi.json", "/openapi.json", 200),
+        RouteCall::get("/openapi.json", 200),
     ]
+    .into_iter()
+    .chain(RouteCall::operational())
+    .collect()
 }
 
 #[tokio::test]

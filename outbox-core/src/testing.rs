@@ -13,7 +13,9 @@ use tokio_postgres::NoTls;
 
 use crate::db::{self, PgPool};
 
+mod calls;
 mod openapi;
+pub use calls::{assert_refused, get_json, get_text, try_get_text};
 pub use openapi::{assert_openapi_lists_every_route, openapi_problems, operations};
 
 /// The server tests create their databases on.

@@ -4,8 +4,8 @@ use outbox_core::db;
 use outbox_core::testing::{server_url, with_database};
 use tokio_postgres::NoTls;
 
-#[tokio::test]
-async fn concurrent_starts_apply_each_migration_once() {
+/// A new database of its own with nothing in it (no migrations yet); its URL.
+async fn empty_database() -> String {
     let server = server_url();
     let (admin, connection) = tokio_postgres::connect(&server, NoTls)
         .await
@@ -16,7 +16,21 @@ async fn concurrent_starts_apply_each_migration_once() {
         .batch_execute(&format!("create database {name}"))
         .await
         .unwrap();
-    let url = with_database(&server, &name);
+    with_database(&server, &name)
+}
+
+/// The first column of every row `sql` returns.
+async fn first_column<T: tokio_postgres::types::FromSqlOwned>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Vec<T> {
+    let rows = client.query(sql, &[]).await.unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test]
+async fn concurrent_starts_apply_each_migration_once() {
+    let url = empty_database().await;
 
     let starts = (0..6).map(|_| {
         let url = url.clone();
@@ -46,19 +60,14 @@ async fn concurrent_starts_apply_each_migration_once() {
     let pool = db::pool(&url, 1, &db::Schema::ALL).unwrap();
     let client = pool.get().await.unwrap();
     for schema in db::Schema::ALL {
-        let versions: Vec<i32> = client
-            .query(
-                &format!(
-                    "select version from {}.schema_migrations order by version",
-                    schema.name()
-                ),
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let versions: Vec<i32> = first_column(
+            &client,
+            &format!(
+                "select version from {}.schema_migrations order by version",
+                schema.name()
+            ),
+        )
+        .await;
         let expected: Vec<i32> = schema.migrations().iter().map(|m| m.0).collect();
         assert_eq!(versions, expected, "{schema:?}");
     }
@@ -84,15 +93,7 @@ async fn concurrent_starts_apply_each_migration_once() {
 
 #[tokio::test]
 async fn the_relay_adds_the_outbox_schema_and_nothing_else() {
-    let server = server_url();
-    let (admin, connection) = tokio_postgres::connect(&server, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-    admin
-        .batch_execute(&format!("create database {name}"))
-        .await
-        .unwrap();
-    let url = with_database(&server, &name);
+    let url = empty_database().await;
     // An application's own tables, including names the product once used in public.
     let (app, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(connection);
@@ -105,28 +106,18 @@ async fn the_relay_adds_the_outbox_schema_and_nothing_else() {
     .unwrap();
     let pool = db::pool(&url, 1, &[db::Schema::Outbox]).unwrap();
     db::migrate(&pool, &[db::Schema::Outbox]).await.unwrap();
-    let schemas: Vec<String> = app
-        .query(
-            "select nspname::text from pg_namespace
+    let schemas: Vec<String> = first_column(
+        &app,
+        "select nspname::text from pg_namespace
               where nspname not like 'pg\\_%' and nspname <> 'information_schema' order by 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    )
+    .await;
     assert_eq!(schemas, ["outbox", "public"]);
-    let public: Vec<String> = app
-        .query(
-            "select tablename::text from pg_tables where schemaname = 'public' order by 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let public: Vec<String> = first_column(
+        &app,
+        "select tablename::text from pg_tables where schemaname = 'public' order by 1",
+    )
+    .await;
     assert_eq!(
         public,
         ["orders", "outbox", "schema_migrations"],

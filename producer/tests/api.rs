@@ -368,47 +368,16 @@ async fn an_escaped_backslash_before_u0000_is_text_not_a_nul() {
 async fn refused_paths_queries_and_methods_answer_the_json_shape() {
     let app = spawn_app().await;
     let cases = [
-        (
-            reqwest::Method::GET,
-            "/messages?limit=many",
-            400,
-            "invalid_query",
-        ),
-        (
-            reqwest::Method::GET,
-            "/messages?before=%00",
-            400,
-            "nul_character",
-        ),
-        (
-            reqwest::Method::GET,
-            "/messages/a%00b",
-            400,
-            "nul_character",
-        ),
-        (reqwest::Method::GET, "/messages/%FF", 400, "bad_request"),
-        (
-            reqwest::Method::DELETE,
-            "/messages",
-            405,
-            "method_not_allowed",
-        ),
-        (reqwest::Method::GET, "/nowhere", 404, "not_found"),
+        ("GET", "/messages?limit=many", 400, "invalid_query"),
+        ("GET", "/messages?before=%00", 400, "nul_character"),
+        ("GET", "/messages/a%00b", 400, "nul_character"),
+        ("GET", "/messages/%FF", 400, "bad_request"),
+        ("DELETE", "/messages", 405, "method_not_allowed"),
+        ("GET", "/nowhere", 404, "not_found"),
     ];
     for (method, path, status, code) in cases {
-        let response = app
-            .http
-            .request(method, format!("{}{path}", app.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), status, "{path}");
-        if status == 405 {
-            assert!(response.headers().contains_key("allow"), "{path}");
-        }
-        let body: Value = response.json().await.expect("a JSON error body");
-        assert_eq!(body["code"], code, "{path}: {body}");
-        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+        let url = format!("{}{path}", app.base);
+        outbox_core::testing::assert_refused(&app.http, method, &url, status, code).await;
     }
     assert_eq!(app.rows().await, (0, 0));
 }
@@ -430,20 +399,17 @@ async fn a_failed_insert_on_either_side_leaves_no_row_on_the_other() {
         )
         .await
         .unwrap();
-    let (status, _) = app.post(json!({"content": "fail-outbox"})).await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(
-        app.rows().await,
-        (0, 0),
-        "outbox insert failed: the message row must not exist"
-    );
-    let (status, _) = app.post(json!({"content": "fail-message"})).await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(
-        app.rows().await,
-        (0, 0),
-        "message insert failed: no outbox row"
-    );
+    for (content, left) in [
+        (
+            "fail-outbox",
+            "outbox insert failed: the message row must not exist",
+        ),
+        ("fail-message", "message insert failed: no outbox row"),
+    ] {
+        let (status, _) = app.post(json!({ "content": content })).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(app.rows().await, (0, 0), "{left}");
+    }
     let (status, _) = app.post(json!({"content": "fine"})).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(app.rows().await, (1, 1));
@@ -491,26 +457,15 @@ async fn dead_rows_can_be_retried_and_admin_routes_need_the_token() {
     let retry = format!("{}/outbox/{id}/retry", app.base);
     let r = app.http.post(&retry).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = app
-        .http
-        .post(&retry)
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap();
+    let retry_with_token = || app.http.post(&retry).bearer_auth("s3cret").send();
+    let r = retry_with_token().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let row: Value = r.json().await.unwrap();
     assert_eq!(
         (row["state"].as_str(), row["attempts"].as_i64()),
         (Some("P"), Some(0))
     );
-    let r = app
-        .http
-        .post(&retry)
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap();
+    let r = retry_with_token().await.unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT);
     let r = app
         .http
@@ -552,15 +507,7 @@ async fn pages_openapi_and_metrics() {
     assert!(doc["paths"]["/messages"]["post"].is_object());
     assert!(doc["paths"]["/messages/{id}"]["get"].is_object());
 
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = outbox_core::testing::get_text(&app.http, &format!("{}/metrics", app.base)).await;
     assert!(
         metrics.contains("producer_messages_created_total 5"),
         "{metrics}"
@@ -648,23 +595,23 @@ async fn with_admin_token_every_route_but_publishing_and_operations_needs_it() {
 fn every_route() -> Vec<outbox_core::testing::RouteCall> {
     use outbox_core::testing::RouteCall;
     let unknown = "0193a4b2-0000-7000-8000-000000000000";
-    vec![
+    [
         RouteCall::new("POST", "/messages", "/messages", 201).json(json!({"content": "hi"})),
-        RouteCall::new("GET", "/messages", "/messages", 200),
+        RouteCall::get("/messages", 200),
         RouteCall::new(
             "GET",
             "/messages/{id}",
             &format!("/messages/{unknown}"),
             404,
         ),
-        RouteCall::new("GET", "/outbox", "/outbox", 200),
+        RouteCall::get("/outbox", 200),
         RouteCall::new("POST", "/outbox/{id}/retry", "/outbox/999999/retry", 404),
-        RouteCall::new("GET", "/stats", "/stats", 200),
-        RouteCall::new("GET", "/openapi.json", "/openapi.json", 200),
-        RouteCall::new("GET", "/health", "/health", 200),
-        RouteCall::new("GET", "/ready", "/ready", 200),
-        RouteCall::new("GET", "/metrics", "/metrics", 200),
+        RouteCall::get("/stats", 200),
+        RouteCall::get("/openapi.json", 200),
     ]
+    .into_iter()
+    .chain(RouteCall::operational())
+    .collect()
 }
 
 #[tokio::test]

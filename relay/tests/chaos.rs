@@ -144,14 +144,7 @@ fn spawn_relay_process(database_url: &str, topic: &str, lock_key: i64) -> RelayP
 }
 
 async fn is_leader(http: &reqwest::Client, relay: &RelayProcess) -> Option<bool> {
-    let text = http
-        .get(format!("{}/metrics", relay.url))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = outbox_core::testing::try_get_text(http, &format!("{}/metrics", relay.url)).await?;
     Some(text.lines().any(|l| l == "relay_is_leader 1"))
 }
 

@@ -179,14 +179,7 @@ async fn a_record_kafka_refuses_turns_dead_after_the_configured_attempts_and_oth
     assert_eq!(row.get::<_, i32>(0), 2);
     let error: String = row.get(1);
     assert!(error.to_lowercase().contains("too large"), "{error}");
-    let metrics = http
-        .get(format!("{relay_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = outbox_core::testing::get_text(&http, &format!("{relay_url}/metrics")).await;
     assert!(metrics.contains("relay_events_dead_total 1"), "{metrics}");
     stop.cancel();
 }
@@ -227,15 +220,8 @@ async fn retention_deletes_old_sent_rows_only() {
             .await
             .unwrap()
             .get(0);
-    let view: serde_json::Value = p
-        .http
-        .get(format!("{}/messages/{id}", p.producer_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: serde_json::Value =
+        outbox_core::testing::get_json(&p.http, &format!("{}/messages/{id}", p.producer_url)).await;
     assert_eq!(view["state"], "E");
 }
 
