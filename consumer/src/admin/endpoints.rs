@@ -28,6 +28,34 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(replay))
 }
 
+/// `event_types` in the document: 1 to 64 filters, none with a NUL character (which the API
+/// refuses before reading the body); which filters are valid the description says.
+fn event_types() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .description(Some(
+            "1 to 64 filters: `*`, an event type (`message.created`) or a prefix (`message.*`)",
+        ))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(outbox_core::http::openapi::NO_NUL)),
+        )
+        .min_items(Some(1))
+        .max_items(Some(64))
+        .build()
+}
+
+/// [`event_types`], where null means absent (`PATCH`).
+fn event_types_or_null() -> utoipa::openapi::schema::Array {
+    let mut array = event_types();
+    array.schema_type = utoipa::openapi::schema::SchemaType::from_iter([
+        utoipa::openapi::schema::Type::Array,
+        utoipa::openapi::schema::Type::Null,
+    ]);
+    array
+}
+
 fn invalid(error: InvalidEndpoint) -> ApiError {
     ApiError::unprocessable(error.code(), error.to_string())
 }
@@ -49,21 +77,22 @@ fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 struct CreateEndpoint {
     /// 1 to 64 of `[A-Za-z0-9_.-]`; generated when absent.
     #[serde(default)]
-    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$", nullable = false)]
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
     id: Option<String>,
     /// An http or https URL with a host; private, loopback and other special-purpose addresses
     /// only with `ALLOW_PRIVATE_ENDPOINTS=true` (else 422 `private_url`).
+    #[schema(pattern = r"^[^\u0000]*$")]
     url: String,
     /// 1 to 64 filters: `*`, an event type (`message.created`) or a prefix (`message.*`).
-    #[schema(min_items = 1, max_items = 64)]
+    #[schema(schema_with = event_types)]
     event_types: Vec<String>,
     /// At most 1024 characters.
     #[serde(default)]
-    #[schema(max_length = 1024)]
+    #[schema(max_length = 1024, pattern = r"^[^\u0000]*$")]
     description: Option<String>,
     /// A `whsec_` secret (base64 of 24 to 64 bytes); generated when absent.
     #[serde(default)]
-    #[schema(nullable = false)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     secret: Option<String>,
     /// Requests a second at most; absent or null: no limit.
     #[serde(default)]
@@ -71,7 +100,6 @@ struct CreateEndpoint {
     rate_limit_per_second: Option<i32>,
     /// Default true.
     #[serde(default)]
-    #[schema(nullable = false)]
     enabled: Option<bool>,
 }
 
@@ -193,22 +221,21 @@ async fn secret(
 struct UpdateEndpoint {
     /// As on creation.
     #[serde(default)]
-    #[schema(nullable = false)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     url: Option<String>,
     /// As on creation.
     #[serde(default)]
-    #[schema(min_items = 1, max_items = 64, nullable = false)]
+    #[schema(schema_with = event_types_or_null)]
     event_types: Option<Vec<String>>,
     /// Null clears it.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, max_length = 1024)]
+    #[schema(value_type = Option<String>, max_length = 1024, pattern = r"^[^\u0000]*$")]
     description: Option<Option<String>>,
     /// Null removes the limit.
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<i32>, minimum = 1, maximum = 100000)]
     rate_limit_per_second: Option<Option<i32>>,
     #[serde(default)]
-    #[schema(nullable = false)]
     enabled: Option<bool>,
 }
 
@@ -358,7 +385,7 @@ async fn delete(
 struct Rotate {
     /// The new `whsec_` secret; generated when absent.
     #[serde(default)]
-    #[schema(nullable = false)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     secret: Option<String>,
 }
 
