@@ -10,7 +10,8 @@
 #   scripts/api-fuzz.sh --max-examples 100  more cases per operation (default 30)
 #   scripts/api-fuzz.sh --max-time 60       time budget per document in seconds (default 45)
 #
-# Needs PostgreSQL (scripts/stack.sh deps). TEST_DATABASE_URL (default
+# Needs PostgreSQL and Kafka (scripts/stack.sh deps; the consumer joins a group of its own on a
+# topic of its own, TEST_KAFKA_BROKERS, default 127.0.0.1:9092). TEST_DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432/postgres) names the server and the database to connect to
 # when creating the fresh one. Reports of failures are kept in target/api-fuzz/.
 set -euo pipefail
@@ -40,7 +41,7 @@ if [ ! -x "$VENV/bin/schemathesis" ]; then
   "$VENV/bin/pip" install -q -r scripts/test-requirements.txt
 fi
 
-if [ $profile = release ]; then cargo build -q --release -p producer -p notifier; else cargo build -q -p producer -p notifier; fi
+if [ $profile = release ]; then cargo build -q --release -p producer -p notifier -p consumer; else cargo build -q -p producer -p notifier -p consumer; fi
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/$profile
 
 SERVER_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -49,26 +50,34 @@ DB=fuzz_$(date +%s)_$$
 OUT=$ROOT/target/api-fuzz
 mkdir -p "$OUT"
 PIDS=()
+DBS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  psql "$SERVER_URL" -qc "drop database if exists \"$DB\" with (force)" >/dev/null 2>&1 || true
+  for db in "${DBS[@]}"; do
+    psql "$SERVER_URL" -qc "drop database if exists \"$db\" with (force)" >/dev/null 2>&1 || true
+  done
 }
 trap cleanup EXIT
-psql "$SERVER_URL" -qc "create database \"$DB\"" >/dev/null
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 ADMIN_TOKEN=fuzz-admin-token
-# start SERVICE: runs it on a free port with the environment it needs and sets BASE to its URL.
+# start SERVICE: runs it on a free port against a fresh database with the environment it needs
+# and sets BASE to its URL.
 # (Not called in $(...): PIDS must be recorded in this shell for the cleanup.)
 start() {
-  local service=$1 port
+  local service=$1 port db=${DB}_$1
   port=$(free_port)
+  # A database of its own: each service migrates its own tables.
+  DBS+=("$db")
+  psql "$SERVER_URL" -qc "create database \"$db\"" >/dev/null
   # Every event type routed (the document cannot know TOPIC_ROUTES; an unrouted type is a 422).
   # The notifier needs a webhook secret (no request schemathesis makes can be signed with it, so
-  # its receiving routes answer 401) and notifies by no channel.
-  env DATABASE_URL="$SERVER/$DB" LISTEN_ADDR="127.0.0.1:$port" ADMIN_TOKEN=$ADMIN_TOKEN \
+  # its receiving routes answer 401) and notifies by no channel. The consumer reads a topic
+  # nobody writes, in a group of its own, and sends no webhook (nothing is ever delivered).
+  env DATABASE_URL="$SERVER/$db" LISTEN_ADDR="127.0.0.1:$port" ADMIN_TOKEN=$ADMIN_TOKEN \
+    KAFKA_BROKERS=${TEST_KAFKA_BROKERS:-127.0.0.1:9092} CONSUMER_GROUP="$db" CONSUMER_TOPICS="$db" \
     TOPIC_ROUTES='*=fuzz-events' DATABASE_POOL_SIZE=8 RUST_LOG=${RUST_LOG:-warn} \
     WEBHOOK_SECRET=whsec_ZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQ= \
     "$TARGET/$service" >"$OUT/$service.log" 2>&1 &
@@ -90,6 +99,7 @@ DOCUMENTS=(
   # connections on the webhook routes, with no panic message logged. Enable once that is
   # explained, so a loaded CI machine cannot fail the suite on it.
   # "notifier /openapi.json"
+  "consumer /openapi.json"
 )
 
 failed=0

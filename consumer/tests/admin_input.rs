@@ -114,3 +114,61 @@ async fn nul_characters_non_objects_bad_queries_and_wrong_methods_get_json_4xx()
     );
     consumer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_valid_and_lists_every_route_with_typed_answers() {
+    let (db, topic) = setup(1).await;
+    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    let document =
+        outbox_core::testing::assert_openapi_lists_every_route(&consumer.base, &every_route())
+            .await;
+    for (method, path) in outbox_core::testing::operations(&document) {
+        if path == "/openapi.json" {
+            continue;
+        }
+        let answers = &document["paths"][&path][method.to_lowercase()]["responses"];
+        let (status, answer) = answers
+            .as_object()
+            .and_then(|all| all.iter().find(|(status, _)| status.starts_with('2')))
+            .unwrap_or_else(|| panic!("{method} {path} has no 2xx answer: {answers}"));
+        if status == "204" {
+            continue;
+        }
+        assert!(
+            answer["content"]["application/json"]["schema"]["$ref"].is_string(),
+            "{method} {path} answers {status} with an untyped body: {answer}"
+        );
+        let security = &document["paths"][&path][method.to_lowercase()]["security"];
+        assert!(
+            security.to_string().contains("admin_token"),
+            "{method} {path} does not say it may need the admin token: {security}"
+        );
+    }
+    let schemas = &document["components"]["schemas"];
+    // The breaker JSON is the shared view: one name for the instant a probe may go.
+    assert!(
+        schemas["BreakerView"].to_string().contains("\"probe_at\""),
+        "{}",
+        schemas["BreakerView"]
+    );
+    // Delivery states and holds are the enums the store writes.
+    assert_eq!(
+        schemas["DeliveryState"]["enum"],
+        json!(["pending", "succeeded", "dead"])
+    );
+    assert_eq!(
+        schemas["Hold"]["enum"],
+        json!(["breaker", "endpoint_disabled"])
+    );
+    // Request bodies are documented, with what they accept.
+    let create = &document["paths"]["/endpoints"]["post"]["requestBody"];
+    assert!(
+        create["content"]["application/json"]["schema"]["$ref"].is_string(),
+        "{create}"
+    );
+    assert_eq!(
+        schemas["CreateEndpoint"]["required"],
+        json!(["url", "event_types"])
+    );
+    consumer.stop().await;
+}

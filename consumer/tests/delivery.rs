@@ -602,81 +602,11 @@ fn help_shows_no_secret_values() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_admin_token_every_admin_route_needs_it_and_operations_stay_open() {
-    use outbox_core::testing::RouteCall;
     let (db, topic) = setup(1).await;
     let mut c = config(&db, &topic);
     c.admin_token = Some("s3cret".into());
     let consumer = TestConsumer::start(c).await;
-    // One real endpoint, created through the guarded route itself, so the routes on it answer
-    // as their handlers do; `nope` does not exist.
-    let ep = "/endpoints/ep-auth";
-    let calls: Vec<RouteCall> = [
-        RouteCall::new("POST", "/endpoints", "/endpoints", 201).json(json!({
-            "id": "ep-auth", "url": "http://127.0.0.1:9/hook", "event_types": ["*"]
-        })),
-        RouteCall::get("/endpoints", 200),
-        RouteCall::new("GET", "/endpoints/{id}", ep, 200),
-        RouteCall::new("PATCH", "/endpoints/{id}", ep, 200).json(json!({"description": "x"})),
-        RouteCall::new("PUT", "/endpoints/{id}", ep, 200)
-            .json(json!({"url": "http://127.0.0.1:9/hook", "event_types": ["*"]})),
-        RouteCall::new(
-            "GET",
-            "/endpoints/{id}/secret",
-            &format!("{ep}/secret"),
-            200,
-        ),
-        RouteCall::new(
-            "POST",
-            "/endpoints/{id}/rotate-secret",
-            &format!("{ep}/rotate-secret"),
-            200,
-        ),
-        RouteCall::new(
-            "POST",
-            "/endpoints/{id}/disable",
-            &format!("{ep}/disable"),
-            200,
-        ),
-        RouteCall::new(
-            "POST",
-            "/endpoints/{id}/enable",
-            &format!("{ep}/enable"),
-            200,
-        ),
-        RouteCall::new(
-            "POST",
-            "/endpoints/{id}/replay",
-            &format!("{ep}/replay"),
-            200,
-        ),
-        RouteCall::get("/deliveries", 200),
-        RouteCall::new("GET", "/deliveries/{id}", "/deliveries/999999", 404),
-        RouteCall::new(
-            "POST",
-            "/deliveries/{id}/retry",
-            "/deliveries/999999/retry",
-            404,
-        ),
-        RouteCall::get("/circuit-breakers", 200),
-        RouteCall::new(
-            "POST",
-            "/circuit-breakers/{endpoint_id}/reset",
-            "/circuit-breakers/ep-auth/reset",
-            200,
-        ),
-        RouteCall::get("/events/poison", 200),
-        RouteCall::new(
-            "POST",
-            "/events/poison/{id}/replay",
-            "/events/poison/999999/replay",
-            404,
-        ),
-        RouteCall::new("DELETE", "/endpoints/{id}", "/endpoints/nope", 404),
-        RouteCall::new("DELETE", "/endpoints/{id}", ep, 204),
-    ]
-    .into_iter()
-    .chain(RouteCall::operational())
-    .collect();
+    let calls = every_route();
     outbox_core::testing::assert_admin_token_guards(
         &consumer.base,
         "s3cret",

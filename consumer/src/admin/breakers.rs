@@ -1,25 +1,26 @@
 //! `/circuit-breakers`: every endpoint's breaker, and a reset that lets held deliveries go.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use outbox_core::breaker::{self, BreakerState, BreakerView};
 use outbox_core::http::ApiError;
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::delivery::store;
 use crate::dispatch::BREAKER_SCOPE;
 use crate::endpoints;
 use crate::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/circuit-breakers", get(list))
-        .route("/circuit-breakers/{endpoint_id}/reset", post(reset))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(reset))
 }
 
 /// An endpoint's breaker: the shared breaker view beside the endpoint's id.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct EndpointBreaker {
     endpoint_id: String,
     #[serde(flatten)]
@@ -43,12 +44,15 @@ fn breaker_view(state: &AppState, row: &tokio_postgres::Row) -> EndpointBreaker 
     }
 }
 
-#[derive(Serialize)]
+/// Every endpoint's breaker, in endpoint id order.
+#[derive(Serialize, ToSchema)]
 struct BreakerList {
     circuit_breakers: Vec<EndpointBreaker>,
 }
 
 /// Every endpoint's breaker (never written: CLOSED with zero counts).
+#[utoipa::path(get, path = "/circuit-breakers", operation_id = "list_breakers",
+    responses((status = 200, body = BreakerList)), security((), ("admin_token" = [])))]
 async fn list(State(state): State<AppState>) -> Result<Json<BreakerList>, ApiError> {
     let client = state.pool.get().await?;
     let rows = client
@@ -58,6 +62,14 @@ async fn list(State(state): State<AppState>) -> Result<Json<BreakerList>, ApiErr
     Ok(Json(BreakerList { circuit_breakers }))
 }
 
+/// Closes the endpoint's breaker with zero counts and lets the deliveries it held go at once.
+#[utoipa::path(post, path = "/circuit-breakers/{endpoint_id}/reset", operation_id = "reset_breaker",
+    params(("endpoint_id" = String, Path, min_length = 1, description = "Endpoint id")),
+    responses(
+        (status = 200, description = "The endpoint's breaker after the reset", body = EndpointBreaker),
+        (status = 404, description = "No such endpoint"),
+    ),
+    security((), ("admin_token" = [])))]
 async fn reset(
     State(state): State<AppState>,
     Path(endpoint_id): Path<String>,

@@ -1,10 +1,11 @@
 //! `/deliveries`: list and read deliveries with their attempts, retry a dead one.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use outbox_core::http::{ApiError, QueryParams};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use outbox_core::http::next_cursor;
 
@@ -13,37 +14,52 @@ use crate::delivery::store::{self, DeliveryDetail, DeliveryView, Filter, Retry};
 use crate::delivery::DeliveryState;
 use crate::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/deliveries", get(list))
-        .route("/deliveries/{id}", get(get_one))
-        .route("/deliveries/{id}/retry", post(retry))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(get_one))
+        .routes(routes!(retry))
 }
 
-#[derive(Debug, Deserialize)]
+/// Query of `GET /deliveries`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeliveryQuery {
+    /// Only deliveries in this state.
     #[serde(default)]
+    #[param(value_type = Option<DeliveryState>, nullable = false)]
     state: Option<String>,
+    /// Only deliveries to this endpoint.
     #[serde(default)]
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     endpoint_id: Option<String>,
+    /// Only deliveries of this event.
     #[serde(default)]
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     event_id: Option<String>,
     /// Page after this delivery id (the previous page's `next_after`).
     #[serde(default)]
+    #[param(nullable = false)]
     after: Option<i64>,
+    /// At most this many (1–1000, default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000, nullable = false)]
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+/// A page of deliveries, in id order.
+#[derive(Serialize, ToSchema)]
 struct DeliveryPage {
     deliveries: Vec<DeliveryView>,
+    /// The `after` of the next page; null on the last page.
     next_after: Option<i64>,
 }
 
 /// Deliveries in id order, filtered by state (`pending`, `succeeded`, `dead`), endpoint and
 /// event; `next_after` names the next page.
+#[utoipa::path(get, path = "/deliveries", operation_id = "list_deliveries", params(DeliveryQuery),
+    responses((status = 200, body = DeliveryPage)), security((), ("admin_token" = [])))]
 async fn list(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<DeliveryQuery>,
@@ -75,6 +91,10 @@ fn parse_id(id: &str) -> Result<i64, ApiError> {
 }
 
 /// One delivery with its attempts, oldest first.
+#[utoipa::path(get, path = "/deliveries/{id}", operation_id = "get_delivery",
+    params(("id" = i64, Path, description = "Delivery id")),
+    responses((status = 200, body = DeliveryDetail), (status = 404, description = "No such delivery")),
+    security((), ("admin_token" = [])))]
 async fn get_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -87,13 +107,22 @@ async fn get_one(
         .ok_or_else(|| ApiError::not_found("delivery"))
 }
 
-#[derive(Serialize)]
+/// A delivery queued again: pending, due at once.
+#[derive(Serialize, ToSchema)]
 struct Queued {
     id: i64,
     state: DeliveryState,
 }
 
 /// Queues a dead delivery again with a fresh retry schedule.
+#[utoipa::path(post, path = "/deliveries/{id}/retry", operation_id = "retry_delivery",
+    params(("id" = i64, Path, description = "Delivery id")),
+    responses(
+        (status = 200, body = Queued),
+        (status = 404, description = "No such delivery"),
+        (status = 409, description = "The delivery is not dead (`not_dead`)"),
+    ),
+    security((), ("admin_token" = [])))]
 async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,

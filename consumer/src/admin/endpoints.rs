@@ -4,30 +4,56 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use outbox_core::http::{ApiError, JsonBody};
 use outbox_core::signature::Secret;
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::optional_body;
 use crate::delivery::store;
 use crate::endpoints::{self, Endpoint, EndpointChanges, InvalidEndpoint, NewEndpoint};
 use crate::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/endpoints", post(create).get(list))
-        .route(
-            "/endpoints/{id}",
-            get(get_one).patch(patch).put(put).delete(delete),
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(get_one, patch, put, delete))
+        .routes(routes!(secret))
+        .routes(routes!(rotate_secret))
+        .routes(routes!(disable))
+        .routes(routes!(enable))
+        .routes(routes!(replay))
+}
+
+/// `event_types` in the document: 1 to 64 filters, none with a NUL character (which the API
+/// refuses before reading the body); which filters are valid the description says.
+fn event_types() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .description(Some(
+            "1 to 64 filters: `*`, an event type (`message.created`) or a prefix (`message.*`)",
+        ))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(outbox_core::http::openapi::NO_NUL)),
         )
-        .route("/endpoints/{id}/secret", get(secret))
-        .route("/endpoints/{id}/rotate-secret", post(rotate_secret))
-        .route("/endpoints/{id}/disable", post(disable))
-        .route("/endpoints/{id}/enable", post(enable))
-        .route("/endpoints/{id}/replay", post(replay))
+        .min_items(Some(1))
+        .max_items(Some(64))
+        .build()
+}
+
+/// [`event_types`], where null means absent (`PATCH`).
+fn event_types_or_null() -> utoipa::openapi::schema::Array {
+    let mut array = event_types();
+    array.schema_type = utoipa::openapi::schema::SchemaType::from_iter([
+        utoipa::openapi::schema::Type::Array,
+        utoipa::openapi::schema::Type::Null,
+    ]);
+    array
 }
 
 fn invalid(error: InvalidEndpoint) -> ApiError {
@@ -45,19 +71,34 @@ fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /endpoints`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateEndpoint {
+    /// 1 to 64 of `[A-Za-z0-9_.-]`; generated when absent.
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
     id: Option<String>,
+    /// An http or https URL with a host; private, loopback and other special-purpose addresses
+    /// only with `ALLOW_PRIVATE_ENDPOINTS=true` (else 422 `private_url`).
+    #[schema(pattern = r"^[^\u0000]*$")]
     url: String,
+    /// 1 to 64 filters: `*`, an event type (`message.created`) or a prefix (`message.*`).
+    #[schema(schema_with = event_types)]
     event_types: Vec<String>,
+    /// At most 1024 characters.
     #[serde(default)]
+    #[schema(max_length = 1024, pattern = r"^[^\u0000]*$")]
     description: Option<String>,
+    /// A `whsec_` secret (base64 of 24 to 64 bytes); generated when absent.
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     secret: Option<String>,
+    /// Requests a second at most; absent or null: no limit.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100000)]
     rate_limit_per_second: Option<i32>,
+    /// Default true.
     #[serde(default)]
     enabled: Option<bool>,
 }
@@ -91,6 +132,15 @@ impl CreateEndpoint {
     }
 }
 
+/// Creates an endpoint; the answer holds its secret (the only answer besides `/secret` and
+/// `rotate-secret` that does).
+#[utoipa::path(post, path = "/endpoints", operation_id = "create_endpoint", request_body = CreateEndpoint,
+    responses(
+        (status = 201, description = "The endpoint, with its secret", body = Endpoint),
+        (status = 409, description = "An endpoint with this id exists (`endpoint_exists`)"),
+        (status = 422, description = "An invalid field (`invalid_url`, `private_url`, `invalid_event_type`, …)"),
+    ),
+    security((), ("admin_token" = [])))]
 async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateEndpoint>,
@@ -109,17 +159,25 @@ async fn create(
     Ok((StatusCode::CREATED, Json(endpoint)))
 }
 
-#[derive(Serialize)]
+/// Every endpoint, in id order, without secrets.
+#[derive(Serialize, ToSchema)]
 struct EndpointList {
     endpoints: Vec<Endpoint>,
 }
 
+/// Every endpoint, without secrets.
+#[utoipa::path(get, path = "/endpoints", operation_id = "list_endpoints",
+    responses((status = 200, body = EndpointList)), security((), ("admin_token" = [])))]
 async fn list(State(state): State<AppState>) -> Result<Json<EndpointList>, ApiError> {
     let client = state.pool.get().await?;
     let endpoints = endpoints::list(&client).await?;
     Ok(Json(EndpointList { endpoints }))
 }
 
+/// One endpoint, without its secret.
+#[utoipa::path(get, path = "/endpoints/{id}", operation_id = "get_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")),
+    security((), ("admin_token" = [])))]
 async fn get_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -131,12 +189,17 @@ async fn get_one(
         .ok_or_else(not_found)
 }
 
-#[derive(Serialize)]
+/// An endpoint's current signing secret.
+#[derive(Serialize, ToSchema)]
 struct EndpointSecret {
     id: String,
     secret: Option<String>,
 }
 
+/// The endpoint's current signing secret.
+#[utoipa::path(get, path = "/endpoints/{id}/secret", operation_id = "get_endpoint_secret", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    responses((status = 200, body = EndpointSecret), (status = 404, description = "No such endpoint")),
+    security((), ("admin_token" = [])))]
 async fn secret(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -151,16 +214,26 @@ async fn secret(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The body of `PATCH /endpoints/{id}` (the fields to change) and of `PUT` (the whole
+/// definition: `url` and `event_types` required, absent optional fields cleared).
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateEndpoint {
+    /// As on creation.
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     url: Option<String>,
+    /// As on creation.
     #[serde(default)]
+    #[schema(schema_with = event_types_or_null)]
     event_types: Option<Vec<String>>,
+    /// Null clears it.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 1024, pattern = r"^[^\u0000]*$")]
     description: Option<Option<String>>,
+    /// Null removes the limit.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i32>, minimum = 1, maximum = 100000)]
     rate_limit_per_second: Option<Option<i32>>,
     #[serde(default)]
     enabled: Option<bool>,
@@ -191,6 +264,15 @@ impl UpdateEndpoint {
     }
 }
 
+/// Changes the fields given.
+#[utoipa::path(patch, path = "/endpoints/{id}", operation_id = "patch_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    request_body = UpdateEndpoint,
+    responses(
+        (status = 200, body = Endpoint),
+        (status = 404, description = "No such endpoint"),
+        (status = 422, description = "An invalid field"),
+    ),
+    security((), ("admin_token" = [])))]
 async fn patch(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -204,6 +286,14 @@ async fn patch(
 
 /// PUT replaces the definition: `url` and `event_types` are required, absent optional fields
 /// are cleared. The secret stays (rotate it with `rotate-secret`).
+#[utoipa::path(put, path = "/endpoints/{id}", operation_id = "put_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    request_body(content = UpdateEndpoint, description = "The whole definition: `url` and `event_types` are required"),
+    responses(
+        (status = 200, body = Endpoint),
+        (status = 404, description = "No such endpoint"),
+        (status = 422, description = "An invalid field, or `url` or `event_types` missing (`invalid_body`)"),
+    ),
+    security((), ("admin_token" = [])))]
 async fn put(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -251,6 +341,10 @@ async fn set_enabled(
     update(state, id, changes).await
 }
 
+/// Stops deliveries to the endpoint: its pending deliveries are parked until it is enabled.
+#[utoipa::path(post, path = "/endpoints/{id}/disable", operation_id = "disable_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")),
+    security((), ("admin_token" = [])))]
 async fn disable(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -258,6 +352,10 @@ async fn disable(
     set_enabled(&state, &id, false).await
 }
 
+/// Resumes deliveries to the endpoint: the parked ones are due at once.
+#[utoipa::path(post, path = "/endpoints/{id}/enable", operation_id = "enable_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")),
+    security((), ("admin_token" = [])))]
 async fn enable(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -265,6 +363,10 @@ async fn enable(
     set_enabled(&state, &id, true).await
 }
 
+/// Deletes the endpoint with its deliveries.
+#[utoipa::path(delete, path = "/endpoints/{id}", operation_id = "delete_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such endpoint")),
+    security((), ("admin_token" = [])))]
 async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -277,14 +379,18 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The optional body of `POST /endpoints/{id}/rotate-secret`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Rotate {
+    /// The new `whsec_` secret; generated when absent.
     #[serde(default)]
+    #[schema(pattern = r"^[^\u0000]*$")]
     secret: Option<String>,
 }
 
-#[derive(Serialize)]
+/// The new secret, and until when the previous one still signs.
+#[derive(Serialize, ToSchema)]
 struct Rotated {
     id: String,
     secret: String,
@@ -292,6 +398,15 @@ struct Rotated {
 }
 
 /// A new secret (given or generated); the previous one keeps signing for `SECRET_ROTATION_GRACE`.
+#[utoipa::path(post, path = "/endpoints/{id}/rotate-secret", operation_id = "rotate_endpoint_secret",
+    params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    request_body(content = Option<Rotate>, description = "Optional: an empty body generates the secret"),
+    responses(
+        (status = 200, body = Rotated),
+        (status = 404, description = "No such endpoint"),
+        (status = 422, description = "Not a valid secret (`invalid_secret`), or a body that is not an object"),
+    ),
+    security((), ("admin_token" = [])))]
 async fn rotate_secret(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -315,28 +430,41 @@ async fn rotate_secret(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The optional body of `POST /endpoints/{id}/replay`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Replay {
+    /// Only deliveries that died at or after this instant.
     #[serde(default)]
     since: Option<DateTime<Utc>>,
+    /// Only deliveries that died before this instant.
     #[serde(default)]
     until: Option<DateTime<Utc>>,
 }
 
-#[derive(Serialize)]
-struct Replayed {
+/// How many dead deliveries were queued again.
+#[derive(Serialize, ToSchema)]
+struct ReplayedDeadLetters {
     endpoint_id: String,
     replayed: u64,
 }
 
 /// Queues every dead delivery of the endpoint again (those that died within `since`..`until`
 /// when given), each with a fresh retry schedule.
+#[utoipa::path(post, path = "/endpoints/{id}/replay", operation_id = "replay_dead_deliveries",
+    params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    request_body(content = Option<Replay>, description = "Optional: an empty body replays every dead delivery"),
+    responses(
+        (status = 200, body = ReplayedDeadLetters),
+        (status = 404, description = "No such endpoint"),
+        (status = 422, description = "A body that is not an object of `since` and `until`"),
+    ),
+    security((), ("admin_token" = [])))]
 async fn replay(
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<Replayed>, ApiError> {
+) -> Result<Json<ReplayedDeadLetters>, ApiError> {
     let replay: Replay = optional_body(&body)?;
     let client = state.pool.get().await?;
     if endpoints::get(&client, &id, false).await?.is_none() {
@@ -345,7 +473,7 @@ async fn replay(
     let replayed = store::replay_dead(&**client, &id, replay.since, replay.until).await?;
     state.wake.notify_waiters();
     tracing::info!(endpoint_id = %id, replayed, "dead deliveries replayed");
-    Ok(Json(Replayed {
+    Ok(Json(ReplayedDeadLetters {
         endpoint_id: id,
         replayed,
     }))

@@ -2,7 +2,9 @@
 //! [`breakers`] and [`poison`] records. Handlers are thin: they parse input into checked values
 //! once and call the owner of the state (the endpoint store, the delivery store, the breaker
 //! store, ingest). Every error answers `{"error", "code"}` with a 4xx for bad input; with
-//! `ADMIN_TOKEN` set, every route but `/health`, `/ready` and `/metrics` needs it as a bearer token.
+//! `ADMIN_TOKEN` set, every route but `/health`, `/ready`, `/metrics` and `/openapi.json` needs it
+//! as a bearer token. Each resource registers its operations next to their handlers (`routes!`),
+//! so the OpenAPI document served at `GET /openapi.json` lists exactly the routes served.
 
 mod breakers;
 mod deliveries;
@@ -13,24 +15,42 @@ use axum::body::Bytes;
 use axum::middleware;
 use axum::Router;
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
-use outbox_core::http::{operational_routes, ApiError, PageLimit};
+use outbox_core::http::{openapi, operational_routes, ApiError, PageLimit};
 use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::AppState;
 
-/// The routes that need no `ADMIN_TOKEN`: only the operational ones (`/health`, `/ready`,
-/// `/metrics`); every admin route needs it when it is set.
-pub const OPEN_ROUTES: &[RouteSpec] = &[];
+/// The routes that need no `ADMIN_TOKEN` (besides `/health`, `/ready` and `/metrics`): only the
+/// API description; every admin route needs it when it is set.
+pub const OPEN_ROUTES: &[RouteSpec] = &[("GET", openapi::DOCUMENT_PATH)];
+
+#[derive(OpenApi)]
+#[openapi(info(
+    title = "Consumer admin API",
+    description = "Webhook endpoints, their deliveries and dead letters, circuit breakers and \
+        poison records of the consumer that delivers events as signed webhooks."
+))]
+struct ApiDoc;
+
+/// The admin routes, each registered with its OpenAPI operation, and the document they make,
+/// served at `GET /openapi.json`.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    openapi::serve_document(
+        OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .merge(endpoints::routes())
+            .merge(deliveries::routes())
+            .merge(breakers::routes())
+            .merge(poison::routes()),
+    )
+}
 
 /// The admin routes plus the operational ones.
 pub fn router(state: AppState) -> Router {
     let auth = AdminAuth::new(state.config.admin_token.as_deref(), OPEN_ROUTES);
-    Router::new()
-        .merge(endpoints::routes())
-        .merge(deliveries::routes())
-        .merge(breakers::routes())
-        .merge(poison::routes())
-        .merge(operational_routes::<AppState>())
+    let (api, _) = api();
+    api.merge(operational_routes::<AppState>())
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .with_state(state)
 }

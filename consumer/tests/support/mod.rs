@@ -288,6 +288,84 @@ impl TestConsumer {
     }
 }
 
+/// Every route the consumer serves, called in an order in which each reaches its handler, with
+/// the status the handler answers: the first creates the endpoint `ep-auth` the later ones use,
+/// the last deletes it.
+pub fn every_route() -> Vec<outbox_core::testing::RouteCall> {
+    use outbox_core::testing::RouteCall;
+    // One real endpoint, created through the guarded route itself, so the routes on it answer
+    // as their handlers do; `nope` does not exist.
+    let ep = "/endpoints/ep-auth";
+    vec![
+        RouteCall::new("POST", "/endpoints", "/endpoints", 201).json(json!({
+            "id": "ep-auth", "url": "http://127.0.0.1:9/hook", "event_types": ["*"]
+        })),
+        RouteCall::new("GET", "/endpoints", "/endpoints", 200),
+        RouteCall::new("GET", "/endpoints/{id}", ep, 200),
+        RouteCall::new("PATCH", "/endpoints/{id}", ep, 200).json(json!({"description": "x"})),
+        RouteCall::new("PUT", "/endpoints/{id}", ep, 200)
+            .json(json!({"url": "http://127.0.0.1:9/hook", "event_types": ["*"]})),
+        RouteCall::new(
+            "GET",
+            "/endpoints/{id}/secret",
+            &format!("{ep}/secret"),
+            200,
+        ),
+        RouteCall::new(
+            "POST",
+            "/endpoints/{id}/rotate-secret",
+            &format!("{ep}/rotate-secret"),
+            200,
+        ),
+        RouteCall::new(
+            "POST",
+            "/endpoints/{id}/disable",
+            &format!("{ep}/disable"),
+            200,
+        ),
+        RouteCall::new(
+            "POST",
+            "/endpoints/{id}/enable",
+            &format!("{ep}/enable"),
+            200,
+        ),
+        RouteCall::new(
+            "POST",
+            "/endpoints/{id}/replay",
+            &format!("{ep}/replay"),
+            200,
+        ),
+        RouteCall::new("GET", "/deliveries", "/deliveries", 200),
+        RouteCall::new("GET", "/deliveries/{id}", "/deliveries/999999", 404),
+        RouteCall::new(
+            "POST",
+            "/deliveries/{id}/retry",
+            "/deliveries/999999/retry",
+            404,
+        ),
+        RouteCall::new("GET", "/circuit-breakers", "/circuit-breakers", 200),
+        RouteCall::new(
+            "POST",
+            "/circuit-breakers/{endpoint_id}/reset",
+            "/circuit-breakers/ep-auth/reset",
+            200,
+        ),
+        RouteCall::new("GET", "/events/poison", "/events/poison", 200),
+        RouteCall::new(
+            "POST",
+            "/events/poison/{id}/replay",
+            "/events/poison/999999/replay",
+            404,
+        ),
+        RouteCall::new("DELETE", "/endpoints/{id}", "/endpoints/nope", 404),
+        RouteCall::new("DELETE", "/endpoints/{id}", ep, 204),
+        RouteCall::new("GET", "/health", "/health", 200),
+        RouteCall::new("GET", "/ready", "/ready", 200),
+        RouteCall::new("GET", "/metrics", "/metrics", 200),
+        RouteCall::new("GET", "/openapi.json", "/openapi.json", 200),
+    ]
+}
+
 /// A fresh database and a fresh single-partition topic.
 pub async fn setup(partitions: i32) -> (TestDb, String) {
     let db = TestDb::create().await;

@@ -48,7 +48,7 @@ pub struct ErrorBody {
 const JSON_WITHOUT_NUL: &str = "JsonWithoutNul";
 
 /// A string of any characters but NUL.
-const NO_NUL: &str = "^[^\\u0000]*$";
+pub const NO_NUL: &str = "^[^\\u0000]*$";
 
 /// The reference to the `JsonWithoutNul` schema, for a field holding any JSON
 /// (`#[schema(schema_with = outbox_core::http::openapi::json_without_nul)]`).

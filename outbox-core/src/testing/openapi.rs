@@ -108,8 +108,9 @@ fn fill_path_parameters(template: &str) -> String {
 /// specification requires goes: `openapi` is a 3.x version, `info` has a title and a version,
 /// every path starts with `/` and holds only known keys, every operation has at least one
 /// response, each with a description and a valid status key, every path template parameter is
-/// declared `in: path` and `required`, operation ids are unique, and every `$ref` resolves inside
-/// the document. Empty when it is valid.
+/// declared `in: path` and `required`, no parameter is declared twice (same name and `in`),
+/// operation ids are unique, and every `$ref` resolves inside the document. Empty when it is
+/// valid.
 pub fn openapi_problems(document: &Value) -> Vec<String> {
     let mut problems = Vec::new();
     let version = document["openapi"].as_str().unwrap_or_default();
@@ -178,6 +179,17 @@ pub fn openapi_problems(document: &Value) -> Vec<String> {
                 .chain(item.get("parameters").and_then(Value::as_array))
                 .flatten()
                 .collect();
+            let mut seen = HashSet::new();
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                if parameter.get("$ref").is_none()
+                    && !seen.insert((parameter["name"].to_string(), parameter["in"].to_string()))
+                {
+                    problems.push(format!(
+                        "{what}: parameter {} in {} is declared twice",
+                        parameter["name"], parameter["in"]
+                    ));
+                }
+            }
             for parameter in &declared {
                 let in_ = parameter["in"].as_str().unwrap_or_default();
                 if parameter.get("$ref").is_none()
@@ -267,7 +279,7 @@ mod tests {
     #[test]
     fn each_broken_rule_is_found() {
         type Breaks = fn(&mut Value);
-        let cases: [(&str, Breaks); 6] = [
+        let cases: [(&str, Breaks); 7] = [
             ("not a 3.x version", |d| d["openapi"] = json!("2.0")),
             ("info.title", |d| d["info"].as_object_mut().unwrap().clear()),
             ("has no responses", |d| {
@@ -277,6 +289,11 @@ mod tests {
                 d["paths"]["/items/{id}"]["get"]["parameters"] = json!([])
             }),
             ("does not resolve", |d| d["components"] = json!({})),
+            ("declared twice", |d| {
+                let parameters = &mut d["paths"]["/items/{id}"]["get"]["parameters"];
+                let first = parameters[0].clone();
+                parameters.as_array_mut().unwrap().push(first);
+            }),
             ("not a status", |d| {
                 d["paths"]["/items/{id}"]["get"]["responses"]["20x"] = json!({"description": "?"})
             }),
