@@ -130,42 +130,44 @@ impl Default for Metrics {
     }
 }
 
-// Unsent: the rows in `unsent`, and the events beyond the committed cursor (not handled yet).
-// Counting sent rows exactly would scan every partition; the planner's estimate is enough for E.
+// Unsent (`outbox.unsent_ids`): the rows in `unsent`, and the events beyond the committed cursor
+// not sent yet. Counting sent rows exactly would scan every partition; the planner's estimate is
+// enough for E.
 const BACKLOG: &str = "
-    with c as (select xmin_done, id_done from relay_cursor),
-    beyond as (
-        select e.id, e.created_at from events e, c
-         where (e.id > c.id_done or e.xid >= c.xmin_done)
-           and not exists (select 1 from unsent u where u.id = e.id))
-    select (select count(*) from unsent where state = 'P')::float8 + (select count(*) from beyond)::float8,
-           (select count(*) from unsent where state = 'X')::float8,
-           (select count(*) from unsent where state = 'D')::float8,
+    with pending as (
+        select e.id, e.created_at, coalesce(u.state, 'P') as state
+          from outbox.unsent_ids(true) i(id) join events e on e.id = i.id
+          left join unsent u on u.id = i.id)
+    select count(*) filter (where state = 'P')::float8,
+           count(*) filter (where state = 'X')::float8,
+           count(*) filter (where state = 'D')::float8,
            (select coalesce(sum(greatest(reltuples, 0)), 0)::float8 from pg_class
              where oid in (select inhrelid from pg_inherits where inhparent = 'events'::regclass)),
-           extract(epoch from now() - least(
-               (select min(created_at) from unsent where state in ('P', 'X')),
-               (select min(created_at) from beyond)))::float8,
-           outbox.snapshot_xmin_age()";
+           extract(epoch from now() - min(created_at) filter (where state in ('P', 'X')))::float8,
+           outbox.snapshot_xmin_age()
+      from pending";
 
 /// Refreshes the backlog gauges every few seconds, on every instance (standbys too).
 pub async fn refresh_backlog(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         if let Ok(client) = pool.get().await {
-            if let Ok(row) = client.query_one(BACKLOG, &[]).await {
-                let (p, x, d, total): (f64, f64, f64, f64) =
-                    (row.get(0), row.get(1), row.get(2), row.get(3));
-                metrics.rows.with_label_values(&["P"]).set(p);
-                metrics.rows.with_label_values(&["X"]).set(x);
-                metrics.rows.with_label_values(&["D"]).set(d);
-                metrics
-                    .rows
-                    .with_label_values(&["E"])
-                    .set((total - p - x - d).max(0.0));
-                metrics
-                    .oldest_unsent_age
-                    .set(row.get::<_, Option<f64>>(4).unwrap_or(0.0));
-                metrics.snapshot_xmin_age.set(row.get(5));
+            match client.query_one(BACKLOG, &[]).await {
+                Err(error) => tracing::debug!(%error, "backlog gauges not refreshed"),
+                Ok(row) => {
+                    let (p, x, d, total): (f64, f64, f64, f64) =
+                        (row.get(0), row.get(1), row.get(2), row.get(3));
+                    metrics.rows.with_label_values(&["P"]).set(p);
+                    metrics.rows.with_label_values(&["X"]).set(x);
+                    metrics.rows.with_label_values(&["D"]).set(d);
+                    metrics
+                        .rows
+                        .with_label_values(&["E"])
+                        .set((total - p - x - d).max(0.0));
+                    metrics
+                        .oldest_unsent_age
+                        .set(row.get::<_, Option<f64>>(4).unwrap_or(0.0));
+                    metrics.snapshot_xmin_age.set(row.get(5));
+                }
             }
         }
         crate::leader::sleep_or_cancel(Duration::from_secs(5), &shutdown).await;

@@ -318,6 +318,20 @@ as $$
          limit 1), 0)
 $$;
 
+-- The ids of the events not sent yet (P or X; D too with `with_dead`): those in unsent, and
+-- those beyond the committed cursor without a sent fact. Cheap however many events were sent.
+create or replace function outbox.unsent_ids(with_dead boolean default false) returns setof bigint
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select id from outbox.unsent where state in ('P', 'X') or (with_dead and state = 'D')
+    union all
+    select e.id from outbox.events e, outbox.relay_cursor c
+     where (e.id > c.id_done or e.xid >= c.xmin_done)
+       and not exists (select 1 from outbox.unsent u where u.id = e.id)
+       and not exists (select 1 from outbox.sent s where s.id = e.id and s.created_at = e.created_at)
+$$;
+
 -- outbox.publish as in V2, writing the append-only events table.
 create or replace function outbox.publish(
     event_type     text,
@@ -429,3 +443,4 @@ revoke all on function outbox.add_partition(timestamptz, timestamptz) from publi
 revoke all on function outbox.ensure_partitions(interval, interval) from public;
 revoke all on function outbox.drop_old_partitions(timestamptz) from public;
 revoke all on function outbox.snapshot_xmin_age() from public;
+revoke all on function outbox.unsent_ids(boolean) from public;
