@@ -8,13 +8,16 @@ Checks (each failure is printed; the exit status is 1 if any):
       every target uses `${datasource}`
     - panel ids unique within the dashboard; every panel has a gridPos, a title and a unit
     - every metric name in every expr (and in label_values() of query variables) is one from
-      docs/metrics.md (histograms also as _bucket/_sum/_count), `up`, or a kafka-exporter metric
+      docs/metrics.md (histograms also as _bucket/_sum/_count) or `up`
     - every range selector is [$__rate_interval]; every histogram_quantile groups by le
   alert rules (prometheus/alerts.yml)
     - the same metric-name check; every alert has `for`, a severity (critical|warning|info),
       and summary and description annotations
 With --emit-rules FILE it also writes every dashboard expr as a recording rule (variables
 replaced by plausible values), so `promtool check rules FILE` can check the PromQL syntax.
+With --prometheus URL it also runs every panel query against that Prometheus (a running stack
+after some traffic: scripts/test.sh does it) and fails on each one that returns no series, so no
+panel shows "No data" on a healthy system.
 """
 import argparse
 import glob
@@ -22,14 +25,13 @@ import json
 import os
 import re
 import sys
+import urllib.parse
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Metrics from outside our services that dashboards and alerts may use.
 EXTERNAL = {
     "up",  # Prometheus' own scrape health
-    "kafka_consumergroup_lag",  # kafka-exporter (danielqsj), docker-compose only
-    "kafka_consumergroup_lag_sum",
-    "kafka_consumergroup_members",
 }
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
             "and", "or", "unless", "inf", "nan", "le"}
@@ -155,9 +157,34 @@ def check_dashboard(path, known, uids, rules):
                     error(tw, "histogram_quantile without `by (..., le)`")
             rules.append({
                 "record": f"dashboard:{uid}:{p.get('id')}:{t.get('refId')}".replace("-", "_"),
-                "expr": expr.replace("$__rate_interval", "5m").replace("$endpoint", ".*"),
+                "expr": concrete(expr, "5m"),
+                "panel": f"{where} panel {p.get('id')} {p.get('title')!r} target {t.get('refId')}",
             })
     print(f"  checked {where}: uid={uid} panels={len(ids)} targets={n_targets}")
+
+
+def concrete(expr, rate_interval):
+    """The expression with the dashboards' variables replaced: every endpoint, a fixed range."""
+    return expr.replace("$__rate_interval", rate_interval).replace("$endpoint", ".*")
+
+
+def check_live(prometheus, rules, rate_interval):
+    """Runs every panel query at Prometheus; an empty answer is an error."""
+    empty = 0
+    for r in rules:
+        expr = r["expr"].replace("[5m]", f"[{rate_interval}]")
+        url = f"{prometheus.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                doc = json.load(answer)
+        except Exception as e:  # noqa: BLE001 - any failure to ask is a failure of the check
+            error(r["panel"], f"cannot query {prometheus}: {e}")
+            continue
+        result = doc.get("data", {}).get("result", [])
+        if doc.get("status") != "success" or not result:
+            empty += 1
+            error(r["panel"], f"no data from Prometheus for `{expr}`")
+    print(f"  queried {len(rules)} panel queries at {prometheus}: {len(rules) - empty} with data, {empty} empty")
 
 
 def check_alerts(path, known):
@@ -187,6 +214,8 @@ def check_alerts(path, known):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--emit-rules", help="write dashboard exprs as recording rules to this file")
+    ap.add_argument("--prometheus", help="also run every panel query at this Prometheus URL; empty answers fail")
+    ap.add_argument("--rate-interval", default="1m", help="what $__rate_interval stands for with --prometheus")
     args = ap.parse_args()
 
     known = contract_metrics() | EXTERNAL
@@ -200,7 +229,10 @@ def main():
     check_alerts(os.path.join(ROOT, "prometheus", "alerts.yml"), known)
     if args.emit_rules:
         with open(args.emit_rules, "w") as f:
-            json.dump({"groups": [{"name": "dashboard-exprs", "rules": rules}]}, f, indent=1)
+            recording = [{"record": r["record"], "expr": r["expr"]} for r in rules]
+            json.dump({"groups": [{"name": "dashboard-exprs", "rules": recording}]}, f, indent=1)
+    if args.prometheus:
+        check_live(args.prometheus, rules, args.rate_interval)
     for e in errors:
         print("  FAIL " + e)
     return 1 if errors else 0

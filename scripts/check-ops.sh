@@ -63,7 +63,7 @@ print(f"    grafana provisioning: datasource uids {uids}, providers {[p['name'] 
 
 compose = yaml.safe_load(open("docker-compose.yml"))
 svcs = compose["services"]
-want = {"postgres", "kafka", "kafka-exporter", "prometheus", "grafana", "producer", "relay", "consumer", "notifier"}
+want = {"postgres", "kafka", "jaeger", "prometheus", "grafana", "producer", "relay", "consumer", "notifier"}
 if want - set(svcs): fail(f"docker-compose.yml: missing services {sorted(want - set(svcs))}")
 for name in ("producer", "relay", "consumer", "notifier"):
     s = svcs[name]

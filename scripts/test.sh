@@ -2,7 +2,10 @@
 # Sets up everything the tests need and runs them: PostgreSQL and Kafka (scripts/stack.sh deps,
 # installing them when missing), the Python tools some tests use as independent peers (an SMTP
 # server, a Standard Webhooks verifier, schemathesis), then the whole Rust test suite, then
-# scripts/api-fuzz.sh (schemathesis against every OpenAPI document the services serve).
+# scripts/api-fuzz.sh (schemathesis against every OpenAPI document the services serve), then
+# scripts/check-dashboards-live.sh (every Grafana panel has data on a local stack after demo traffic)
+# and scripts/check-trace.sh (one trace across the four services in Jaeger; skipped unless
+# scripts/jaeger.sh has built Jaeger on this machine).
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh -p relay        extra arguments go to `cargo test`
@@ -47,4 +50,8 @@ cargo test --workspace "$@"
 if [ $# -eq 0 ]; then
   log "fuzzing the OpenAPI documents against the services"
   scripts/api-fuzz.sh
+  log "checking that every dashboard panel has data on a running stack"
+  scripts/check-dashboards-live.sh
+  log "checking that one message makes one trace across the four services (skipped unless Jaeger is built)"
+  scripts/check-trace.sh
 fi

@@ -255,26 +255,18 @@ pub async fn upsert_declared_until_done(
     if declared.is_empty() {
         return true;
     }
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match upsert_declared(pool, declared, grace).await {
-            Ok(()) => {
-                tracing::info!(
-                    count = declared.len(),
-                    "endpoints from ENDPOINTS_FILE upserted"
-                );
-                return true;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot upsert ENDPOINTS_FILE yet");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return false,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
+    let done = outbox_core::db::until_done("upserting ENDPOINTS_FILE", shutdown, || {
+        upsert_declared(pool, declared, grace)
+    })
+    .await
+    .is_some();
+    if done {
+        tracing::info!(
+            count = declared.len(),
+            "endpoints from ENDPOINTS_FILE upserted"
+        );
     }
+    done
 }
 
 async fn upsert_declared(
@@ -316,6 +308,159 @@ pub async fn get(
         .query_opt(&sql, &[&id])
         .await?
         .map(|row| Endpoint::from_row(&row, with_secret)))
+}
+
+/// A new endpoint, checked: what `POST /endpoints` stores.
+#[derive(Debug)]
+pub struct NewEndpoint {
+    pub id: String,
+    pub url: String,
+    pub description: Option<String>,
+    pub event_types: Vec<String>,
+    pub secret: Secret,
+    pub rate_limit_per_second: Option<i32>,
+    pub enabled: bool,
+}
+
+/// Checked changes to an endpoint: `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Debug, Default)]
+pub struct EndpointChanges {
+    pub url: Option<String>,
+    pub event_types: Option<Vec<String>>,
+    pub description: Option<Option<String>>,
+    pub rate_limit_per_second: Option<Option<i32>>,
+    pub enabled: Option<bool>,
+}
+
+/// Stores a new endpoint; `None` when its id is taken. The answer shows the secret.
+pub async fn insert(
+    db: &impl GenericClient,
+    new: &NewEndpoint,
+) -> Result<Option<Endpoint>, tokio_postgres::Error> {
+    let sql = format!(
+        "insert into endpoints (id, url, description, event_types, secret, rate_limit_per_second, enabled)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         on conflict (id) do nothing
+         returning {COLUMNS}"
+    );
+    let row = db
+        .query_opt(
+            &sql,
+            &[
+                &new.id,
+                &new.url,
+                &new.description,
+                &new.event_types,
+                &new.secret.as_str(),
+                &new.rate_limit_per_second,
+                &new.enabled,
+            ],
+        )
+        .await?;
+    Ok(row.map(|row| Endpoint::from_row(&row, true)))
+}
+
+/// Every endpoint, oldest first, without secrets.
+pub async fn list(db: &impl GenericClient) -> Result<Vec<Endpoint>, tokio_postgres::Error> {
+    let sql = format!("select {COLUMNS} from endpoints order by created_at, id");
+    Ok(db
+        .query(&sql, &[])
+        .await?
+        .iter()
+        .map(|row| Endpoint::from_row(row, false))
+        .collect())
+}
+
+/// Applies `changes` in one transaction; disabling parks the endpoint's pending deliveries and
+/// enabling releases them. `None` when there is no such endpoint.
+pub async fn update(
+    client: &mut deadpool_postgres::Client,
+    id: &str,
+    changes: &EndpointChanges,
+) -> Result<Option<Endpoint>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let sql = format!(
+        "update endpoints set
+            url = coalesce($2, url),
+            event_types = coalesce($3, event_types),
+            description = case when $4 then $5 else description end,
+            rate_limit_per_second = case when $6 then $7 else rate_limit_per_second end,
+            enabled = coalesce($8, enabled),
+            updated_at = now()
+          where id = $1
+         returning {COLUMNS}"
+    );
+    let Some(row) = tx
+        .query_opt(
+            &sql,
+            &[
+                &id,
+                &changes.url,
+                &changes.event_types,
+                &changes.description.is_some(),
+                &changes.description.clone().flatten(),
+                &changes.rate_limit_per_second.is_some(),
+                &changes.rate_limit_per_second.flatten(),
+                &changes.enabled,
+            ],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    match changes.enabled {
+        Some(true) => crate::delivery::store::release_parked(&*tx, id).await?,
+        Some(false) => crate::delivery::store::park_for_disabled_endpoint(&*tx, id).await?,
+        None => 0,
+    };
+    tx.commit().await?;
+    Ok(Some(Endpoint::from_row(&row, false)))
+}
+
+/// A new secret; the previous one keeps signing for `grace`. Returns when it stops, or `None`
+/// when there is no such endpoint.
+pub async fn rotate_secret(
+    db: &impl GenericClient,
+    id: &str,
+    secret: &Secret,
+    grace: Duration,
+) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
+    let row = db
+        .query_opt(
+            "update endpoints set previous_secret = secret,
+                    previous_secret_expires_at = now() + make_interval(secs => $3),
+                    secret = $2, updated_at = now()
+              where id = $1
+             returning previous_secret_expires_at",
+            &[&id, &secret.as_str(), &grace.as_secs_f64()],
+        )
+        .await?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+/// Deletes an endpoint with its deliveries, their attempts and its breaker, in one transaction.
+/// False when there is no such endpoint.
+pub async fn delete(
+    client: &mut deadpool_postgres::Client,
+    id: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    crate::delivery::store::delete_attempts_of_endpoint(&*tx, id).await?;
+    // Deliveries go with the endpoint (on delete cascade).
+    if tx
+        .execute("delete from endpoints where id = $1", &[&id])
+        .await?
+        == 0
+    {
+        return Ok(false);
+    }
+    tx.execute(
+        "delete from circuit_breakers where scope = $1 and name = $2",
+        &[&crate::dispatch::BREAKER_SCOPE, &id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 #[cfg(test)]

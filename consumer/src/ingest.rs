@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use outbox_core::db::PgPool;
@@ -21,7 +20,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Claimed;
+pub use crate::delivery::store::Leased;
+use crate::delivery::store::{self, NewEvents};
 use crate::{Config, Metrics};
 
 /// The rdkafka context of the consumer: turns statistics into the lag gauge, logs rebalances.
@@ -108,18 +108,6 @@ pub fn create_consumer(config: &Config, metrics: Metrics) -> anyhow::Result<Kafk
     Ok(consumer)
 }
 
-/// True when a broker answers a metadata request within two seconds.
-pub async fn kafka_reachable(consumer: Arc<KafkaConsumer>) -> bool {
-    tokio::task::spawn_blocking(move || {
-        consumer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(2))
-            .is_ok()
-    })
-    .await
-    .unwrap_or(false)
-}
-
 /// One Kafka record, copied out of librdkafka's buffer.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -173,50 +161,6 @@ pub struct Recorded {
     pub poison: u64,
 }
 
-/// Deliveries recorded already leased to this instance, to be sent from memory.
-#[derive(Debug)]
-pub struct Leased {
-    pub deliveries: Vec<Claimed>,
-    pub until: DateTime<Utc>,
-}
-
-// Inbox rows for new event ids only; deliveries for those, one per endpoint whose filter matches
-// ('*', the exact type, or a 'prefix.*'). Re-read records insert nothing. With a lease ($8
-// seconds) the deliveries of enabled endpoints are born leased to this instance, which sends them
-// straight from memory; without one they wait for the dispatchers' claim. A disabled endpoint's
-// deliveries are recorded parked (next attempt 'infinity', as disabling parks the pending ones) and
-// are released when it is enabled: the endpoint rows are read `for share`, so an enable or disable
-// committing meanwhile is either seen here or waits for this transaction and then sees its rows.
-// One row per planned delivery with what sending it needs (a null lease for a parked one), or a
-// single row of nulls when none was planned; the first column counts the new events.
-const RECORD_EVENTS: &str = "
-    with new as (
-        insert into inbox (event_id, event_type, topic, kafka_partition, kafka_offset, correlation_id, payload)
-        select id, t, topic, p, o, c, j::json
-          from unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[])
-               as r(id, t, topic, p, o, c, j)
-        on conflict (event_id) do nothing
-        returning event_id, event_type
-    ), planned as (
-        insert into deliveries (event_id, endpoint_id, leased_until, next_attempt_at)
-        select new.event_id, e.id,
-               case when e.enabled then now() + make_interval(secs => $8) end,
-               case when e.enabled then coalesce(now() + make_interval(secs => $8), now())
-                    else 'infinity' end
-          from new join endpoints e on exists (
-               select 1 from unnest(e.event_types) f
-                where f = '*' or f = new.event_type
-                   or (right(f, 2) = '.*' and starts_with(new.event_type, left(f, -1))))
-           for share of e
-        on conflict do nothing
-        returning id, event_id, endpoint_id, leased_until
-    )
-    select (select count(*) from new), p.id, p.event_id, p.endpoint_id, p.leased_until, e.url,
-           e.secret, case when e.previous_secret_expires_at > now() then e.previous_secret end,
-           e.rate_limit_per_second
-      from (select 1) as one
-      left join (planned p join endpoints e on e.id = p.endpoint_id) on true";
-
 const RECORD_POISON: &str = "
     insert into poison_records (topic, kafka_partition, kafka_offset, error, payload)
     select * from unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::bytea[])
@@ -231,7 +175,7 @@ const RECORD_POISON: &str = "
 pub async fn record_batch(
     pool: &PgPool,
     records: &[Incoming],
-    lease: Option<f64>,
+    lease: Option<Duration>,
 ) -> Result<(Recorded, Option<Leased>), RecordError> {
     let parsed: Vec<Parsed> = records.iter().map(parse).collect();
     match record_parsed(pool, records, &parsed, lease).await {
@@ -264,7 +208,7 @@ async fn record_parsed(
     pool: &PgPool,
     records: &[Incoming],
     parsed: &[Parsed],
-    lease: Option<f64>,
+    lease: Option<Duration>,
 ) -> Result<(Recorded, Option<Leased>), RecordError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -278,63 +222,20 @@ async fn record_in(
     tx: &tokio_postgres::Transaction<'_>,
     records: &[Incoming],
     parsed: &[Parsed],
-    lease: Option<f64>,
+    lease: Option<Duration>,
 ) -> Result<(Recorded, Option<Leased>), RecordError> {
-    let mut events = EventColumns::default();
+    let mut events = NewEvents::default();
     let mut poison = PoisonColumns::default();
     for (record, p) in records.iter().zip(parsed) {
         columns(record, p, &mut events, &mut poison);
     }
-    let mut recorded = Recorded::default();
-    let mut leased = Vec::new();
-    let mut until = None;
-    if !events.ids.is_empty() {
-        let rows = tx
-            .query(
-                RECORD_EVENTS,
-                &[
-                    &events.ids,
-                    &events.types,
-                    &events.topics,
-                    &events.partitions,
-                    &events.offsets,
-                    &events.correlation,
-                    &events.json,
-                    &lease,
-                ],
-            )
-            .await?;
-        recorded.events = rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64;
-        recorded.duplicates = events.ids.len() as u64 - recorded.events;
-        let planned = rows.iter().filter(|r| r.get::<_, Option<i64>>(1).is_some());
-        let bodies: HashMap<&str, (&str, Option<&str>)> = events
-            .ids
-            .iter()
-            .zip(events.json.iter().zip(&events.correlation))
-            .map(|(id, (json, correlation))| (*id, (*json, *correlation)))
-            .collect();
-        for row in planned {
-            recorded.deliveries += 1;
-            let Some(leased_until) = row.get::<_, Option<DateTime<Utc>>>(4) else {
-                continue;
-            };
-            until = Some(leased_until);
-            let event_id: String = row.get(2);
-            let (json, correlation) = bodies.get(event_id.as_str()).copied().unwrap_or_default();
-            leased.push(Claimed {
-                id: row.get(1),
-                body: Bytes::copy_from_slice(json.as_bytes()),
-                correlation_id: correlation.map(str::to_owned),
-                event_id,
-                endpoint_id: row.get(3),
-                attempts: 0,
-                url: row.get(5),
-                secret: row.get(6),
-                previous_secret: row.get(7),
-                rate_limit: row.get(8),
-            });
-        }
-    }
+    let planned = store::record_events(tx, &events, lease).await?;
+    let mut recorded = Recorded {
+        events: planned.new_events,
+        duplicates: events.ids.len() as u64 - planned.new_events,
+        deliveries: planned.planned,
+        poison: 0,
+    };
     if !poison.topics.is_empty() {
         tx.execute(
             RECORD_POISON,
@@ -349,18 +250,14 @@ async fn record_in(
         .await?;
         recorded.poison = poison.topics.len() as u64;
     }
-    let leased = until.map(|until| Leased {
-        deliveries: leased,
-        until,
-    });
-    Ok((recorded, leased))
+    Ok((recorded, planned.leased))
 }
 
 /// Adds one record to the columns of the batch statements.
 fn columns<'a>(
     record: &'a Incoming,
     parsed: &'a Parsed,
-    events: &mut EventColumns<'a>,
+    events: &mut NewEvents<'a>,
     poison: &mut PoisonColumns<'a>,
 ) {
     match parsed {
@@ -467,6 +364,48 @@ pub async fn replay_poison(pool: &PgPool, id: i64) -> Result<PoisonReplay, Recor
     Ok(outcome)
 }
 
+/// A poison record as the admin API shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct PoisonRecord {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub error: String,
+    /// The record's bytes, as text (invalid UTF-8 replaced).
+    pub payload: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Poison records after id `after`, in id order, at most `limit`.
+pub async fn list_poison(
+    db: &impl tokio_postgres::GenericClient,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<PoisonRecord>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "select id, topic, kafka_partition, kafka_offset, error, payload, received_at
+               from poison_records where id > $1 order by id limit $2",
+            &[&after, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PoisonRecord {
+            id: r.get("id"),
+            topic: r.get("topic"),
+            partition: r.get("kafka_partition"),
+            offset: r.get("kafka_offset"),
+            error: r.get("error"),
+            payload: r
+                .get::<_, Option<Vec<u8>>>("payload")
+                .map(|p| String::from_utf8_lossy(&p).into_owned()),
+            received_at: r.get("received_at"),
+        })
+        .collect())
+}
+
 /// Why a batch could not be recorded; the caller retries it as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -486,17 +425,6 @@ impl RecordError {
             RecordError::Pool(_) => false,
         }
     }
-}
-
-#[derive(Default)]
-struct EventColumns<'a> {
-    ids: Vec<&'a str>,
-    types: Vec<&'a str>,
-    topics: Vec<&'a str>,
-    partitions: Vec<i32>,
-    offsets: Vec<i64>,
-    correlation: Vec<Option<&'a str>>,
-    json: Vec<&'a str>,
 }
 
 #[derive(Default)]
@@ -569,9 +497,13 @@ pub async fn consume(
             },
         };
         let mut records = Vec::with_capacity(chunk.len());
+        let mut recording = crate::trace_context::Recording::default();
         for item in chunk {
             match item {
-                Ok(message) => records.push(to_incoming(&message)),
+                Ok(message) => {
+                    recording.add(&message);
+                    records.push(to_incoming(&message))
+                }
                 Err(error) => tracing::warn!(%error, "Kafka consumer error"),
             }
         }
@@ -579,12 +511,13 @@ pub async fn consume(
             continue;
         }
         let lane = lanes.try_reserve().ok();
-        let lease = lane.as_ref().map(|_| config.delivery_lease.as_secs_f64());
+        let lease = lane.as_ref().map(|_| config.delivery_lease);
         let Some((recorded, leased)) = record_until_done(&pool, &records, lease, &shutdown).await
         else {
             // Shutdown while PostgreSQL was down: nothing committed, the records are read again.
             break;
         };
+        recording.finish();
         for r in &records {
             metrics.consumed.with_label_values(&[&r.topic]).inc();
         }
@@ -631,21 +564,11 @@ pub async fn consume(
 async fn record_until_done(
     pool: &PgPool,
     records: &[Incoming],
-    lease: Option<f64>,
+    lease: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Option<(Recorded, Option<Leased>)> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match record_batch(pool, records, lease).await {
-            Ok(recorded) => return Some(recorded),
-            Err(error) => {
-                tracing::warn!(%error, records = records.len(), retry_in_ms = delay.as_millis() as u64, "cannot record batch yet")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return None,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    outbox_core::db::until_done("recording a consumed batch", shutdown, || {
+        record_batch(pool, records, lease)
+    })
+    .await
 }

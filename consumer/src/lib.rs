@@ -5,12 +5,14 @@
 //! endpoints, deliveries and breakers.
 
 mod admin;
+pub mod delivery;
 pub mod dispatch;
 pub mod endpoints;
 pub mod ingest;
 mod metrics;
 pub mod retention;
 pub mod special_address;
+mod trace_context;
 pub mod webhook_client;
 
 use std::path::PathBuf;
@@ -167,7 +169,9 @@ impl Operational for AppState {
     async fn readiness(&self) -> Readiness {
         let (postgres, kafka) = tokio::join!(
             db::is_reachable(&self.pool),
-            ingest::kafka_reachable(self.kafka.clone())
+            outbox_core::kafka::is_reachable(self.kafka.clone(), |c| {
+                rdkafka::consumer::Consumer::client(&**c)
+            })
         );
         Readiness::of(&[
             ("postgres", postgres),
@@ -205,6 +209,10 @@ pub async fn run(
         SCHEMAS,
     )?;
     let metrics = Metrics::new();
+    metrics.init_series(
+        &config.consumer_topics,
+        declared.iter().map(|e| e.id.as_str()),
+    );
     let kafka = Arc::new(ingest::create_consumer(&config, metrics.clone())?);
     let state = AppState {
         pool: pool.clone(),

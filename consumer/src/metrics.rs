@@ -14,19 +14,7 @@ use tokio_util::sync::CancellationToken;
 /// How often the gauges read from PostgreSQL are refreshed: other instances change them too.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
-/// Outcome labels of `consumer_deliveries_total`: each attempt counts once.
-pub mod outcome {
-    /// 2xx within the timeout.
-    pub const SUCCESS: &str = "success";
-    /// Failed; another attempt is scheduled.
-    pub const FAILURE: &str = "failure";
-    /// Failed and no attempt is left: the delivery is dead.
-    pub const DEAD: &str = "dead";
-    /// The receiver answered `webhook-delivery: abort-message`: dead at once.
-    pub const ABORTED: &str = "aborted";
-    /// The request could not be built (the delivery's fault, not the endpoint's): dead at once.
-    pub const UNSENDABLE: &str = "unsendable";
-}
+pub use crate::delivery::decision::outcome;
 
 /// Counters and gauges of one consumer instance.
 #[derive(Clone)]
@@ -168,6 +156,27 @@ impl Metrics {
         metrics
     }
 
+    /// Creates at 0 the series a healthy run may never increment (poison records, failed, dead and
+    /// aborted deliveries) for the consumed topics and the endpoints known at start-up, so rate()
+    /// sees the first one and a dashboard shows 0 rather than "No data".
+    pub fn init_series<'a>(&self, topics: &[String], endpoint_ids: impl Iterator<Item = &'a str>) {
+        for topic in topics {
+            self.consumed.with_label_values(&[topic]);
+            self.poison.with_label_values(&[topic]);
+        }
+        for id in endpoint_ids {
+            for o in [
+                outcome::SUCCESS,
+                outcome::FAILURE,
+                outcome::DEAD,
+                outcome::ABORTED,
+                outcome::UNSENDABLE,
+            ] {
+                self.deliveries.with_label_values(&[id, o]);
+            }
+        }
+    }
+
     /// Sets the 0/1 state gauges of one endpoint's breaker.
     pub fn set_breaker(&self, endpoint_id: &str, state: BreakerState) {
         for s in BreakerState::ALL {
@@ -184,10 +193,6 @@ impl Default for Metrics {
     }
 }
 
-const PENDING: &str = "select count(*) from deliveries where state = 'pending'";
-const DEAD_BY_ENDPOINT: &str = "
-    select e.id, (select count(*) from deliveries d where d.endpoint_id = e.id and d.state = 'dead')
-      from endpoints e";
 const BREAKERS: &str = "
     select e.id, coalesce(b.state, 'CLOSED')
       from endpoints e
@@ -198,17 +203,11 @@ const BREAKERS: &str = "
 pub async fn refresh_gauges(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         if let Ok(client) = pool.get().await {
-            if let Ok(row) = client.query_one(PENDING, &[]).await {
-                metrics.pending.set(row.get(0));
-            }
-            if let Ok(rows) = client.query(DEAD_BY_ENDPOINT, &[]).await {
+            if let Ok((pending, dead)) = crate::delivery::store::counts(&**client).await {
+                metrics.pending.set(pending);
                 metrics.dead_letters.reset();
-                for row in rows {
-                    let id: String = row.get(0);
-                    metrics
-                        .dead_letters
-                        .with_label_values(&[&id])
-                        .set(row.get(1));
+                for (id, count) in dead {
+                    metrics.dead_letters.with_label_values(&[&id]).set(count);
                 }
             }
             if let Ok(rows) = client.query(BREAKERS, &[]).await {
@@ -223,9 +222,6 @@ pub async fn refresh_gauges(pool: PgPool, metrics: Metrics, shutdown: Cancellati
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(GAUGE_REFRESH) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        outbox_core::shutdown::sleep_or_cancel(GAUGE_REFRESH, &shutdown).await;
     }
 }

@@ -17,36 +17,12 @@ use chrono::{DateTime, Utc};
 use outbox_core::db::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::Metrics;
+use crate::{delivery, Metrics};
 
 const BATCH: i64 = 1000;
 
 /// Pause between batches, so a large backlog is deleted without hogging the database.
 const BREATHER: Duration = Duration::from_millis(20);
-
-// There is no index on the age columns, so deliveries are walked in id order from a cursor: ids
-// grow with creation time, so the walk stops at the first delivery created after the cutoff
-// instead of reading the whole table, and never re-reads what an earlier batch passed over (old
-// pending rows, space left by deleted ones). The state and age are tested again on the locked
-// rows, so a dead delivery retried meanwhile is kept. Attempts have no foreign key (V7) and go in
-// the same statement.
-const DELETE_DELIVERIES: &str = "
-    with scanned as (
-        select id, created_at from deliveries where id > $1 order by id limit $3
-    ), doomed as (
-        select id from deliveries
-         where id in (select id from scanned)
-           and state in ('succeeded', 'dead') and updated_at < $2
-           for update skip locked
-    ), attempts as (
-        delete from delivery_attempts where delivery_id = any(array(select id from doomed))
-        returning 1
-    ), gone as (
-        delete from deliveries where id = any(array(select id from doomed)) returning 1
-    )
-    select (select count(*) from gone), (select count(*) from attempts),
-           (select count(*) from scanned), (select max(id) from scanned),
-           coalesce((select bool_or(created_at >= $2) from scanned), false)";
 
 // Inbox rows have no ordered key, so the walk goes in physical order from the last old row the
 // previous batch looked at; the BRIN index on `received_at` (V9) lets PostgreSQL read only the
@@ -105,10 +81,7 @@ pub async fn run(
                 )
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        outbox_core::shutdown::sleep_or_cancel(interval, &shutdown).await;
     }
 }
 
@@ -136,20 +109,14 @@ pub async fn delete_expired(
 
     let mut after = 0i64;
     loop {
-        let row = pool
-            .get()
-            .await?
-            .query_one(DELETE_DELIVERIES, &[&after, &cutoff, &BATCH])
-            .await?;
-        let (deliveries, attempts) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
-        counter("deliveries").inc_by(deliveries);
-        counter("delivery_attempts").inc_by(attempts);
-        deleted.deliveries += deliveries;
-        deleted.attempts += attempts;
-        let scanned: i64 = row.get(2);
-        let reached_recent: bool = row.get(4);
-        match row.get::<_, Option<i64>>(3) {
-            Some(last) if scanned == BATCH && !reached_recent => after = last,
+        let step =
+            delivery::store::delete_finished(&**pool.get().await?, after, cutoff, BATCH).await?;
+        counter("deliveries").inc_by(step.deliveries);
+        counter("delivery_attempts").inc_by(step.attempts);
+        deleted.deliveries += step.deliveries;
+        deleted.attempts += step.attempts;
+        match step.last_id {
+            Some(last) if step.scanned == BATCH as u64 && !step.reached_cutoff => after = last,
             _ => break,
         }
         tokio::time::sleep(BREATHER).await;

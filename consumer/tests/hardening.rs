@@ -395,3 +395,109 @@ async fn a_hung_endpoint_does_not_slow_a_healthy_one() {
     );
     consumer.stop().await;
 }
+
+/// Held and parked are facts in the data: a breaker reset lets go exactly what the breaker held,
+/// including deliveries that had already failed before it opened (which the old guess, "never
+/// attempted", kept waiting for the whole cool-down), and leaves a disabled endpoint's parked
+/// deliveries parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_reset_releases_every_delivery_the_breaker_held_and_only_those() {
+    let (db, topic) = setup(1).await;
+    let receiver = Receiver::start().await;
+    receiver.fail_with(500);
+    let parked_receiver = Receiver::start().await;
+    let mut c = config(&db, &topic);
+    c.retry_schedule = std::iter::once("0ms")
+        .chain(std::iter::repeat_n("20ms", 30))
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .unwrap();
+    c.endpoint_concurrency = 1;
+    // Far longer than the test: only the reset can release what the breaker holds.
+    c.breaker.breaker_open_for = Duration::from_secs(600);
+    let consumer = TestConsumer::start(c).await;
+    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["*"]).await;
+    let (parked, _) = consumer.create_endpoint(&parked_receiver.url, &["*"]).await;
+    let (status, body) = consumer
+        .call("POST", &format!("/endpoints/{parked}/disable"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let kafka = producer();
+    for n in 0..8 {
+        produce(&kafka, &topic, &envelope(n)).await;
+    }
+    let held = testing::eventually(
+        "every delivery of the failing endpoint is held by its open breaker",
+        Duration::from_secs(20),
+        || async {
+            let page = consumer
+                .get(&format!("/deliveries?endpoint_id={endpoint}&state=pending"))
+                .await;
+            let deliveries = page["deliveries"].as_array().cloned().unwrap_or_default();
+            (deliveries.len() == 8 && deliveries.iter().all(|d| d["held_by"] == "breaker"))
+                .then_some(deliveries)
+        },
+    )
+    .await;
+    // Five failures opened it (a delivery may have failed more than once on its 20 ms schedule).
+    let attempts: i64 = held.iter().map(|d| d["attempts"].as_i64().unwrap()).sum();
+    assert_eq!(attempts, 5, "five failures opened it: {held:?}");
+    assert!(
+        held.iter().any(|d| d["attempts"] != 0),
+        "some held deliveries had failed before: {held:?}"
+    );
+    assert_eq!(consumer.breaker(&endpoint).await["state"], "OPEN");
+
+    let parked_page = consumer
+        .get(&format!("/deliveries?endpoint_id={parked}"))
+        .await;
+    let parked_rows = parked_page["deliveries"].as_array().unwrap();
+    assert_eq!(parked_rows.len(), 8);
+    for d in parked_rows {
+        assert_eq!(d["held_by"], "endpoint_disabled", "{d}");
+        assert_eq!(
+            d["next_attempt_at"],
+            Value::Null,
+            "parked: no next attempt {d}"
+        );
+    }
+
+    receiver.succeed();
+    let (status, body) = consumer
+        .call("POST", &format!("/circuit-breakers/{endpoint}/reset"), None)
+        .await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("CLOSED")),
+        "{body}"
+    );
+    testing::eventually(
+        "every held delivery arrives after the reset",
+        Duration::from_secs(20),
+        || async {
+            let ok: std::collections::HashSet<String> = receiver
+                .requests()
+                .iter()
+                .filter(|r| r.status == 200)
+                .map(|r| r.event_id())
+                .collect();
+            (ok.len() == 8).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        parked_receiver.count(),
+        0,
+        "the reset released nothing parked"
+    );
+    let still_parked = db
+        .count(&format!(
+            "select count(*) from deliveries where endpoint_id = '{parked}'
+              and held_by = 'endpoint_disabled' and next_attempt_at = 'infinity'"
+        ))
+        .await;
+    assert_eq!(still_parked, 8);
+    consumer.stop().await;
+}

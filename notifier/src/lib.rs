@@ -117,8 +117,8 @@ pub struct Config {
     #[arg(long, env = "NOTIFY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub notify_timeout: Duration,
     /// Bearer token (`Authorization: Bearer <token>`) the read and admin routes need (stored
-    /// events, notifications, breakers and their reset); the webhook routes, `/health`, `/ready`
-    /// and `/metrics` stay open. Unset or empty: every route is open.
+    /// events, notifications, breakers and their reset); the webhook routes, `/openapi.json`,
+    /// `/health`, `/ready` and `/metrics` stay open. Unset or empty: every route is open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Largest accepted webhook body in bytes.

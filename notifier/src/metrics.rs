@@ -19,6 +19,8 @@ pub mod received {
     pub const STALE: &str = "stale";
     pub const DUPLICATE: &str = "duplicate";
     pub const INVALID: &str = "invalid";
+    /// Every outcome, for the series that exist at 0 from the start.
+    pub const ALL: [&str; 5] = [ACCEPTED, BAD_SIGNATURE, STALE, DUPLICATE, INVALID];
 }
 
 /// Outcome labels of `notifier_notifications_total` (also `notifications.outcome`).
@@ -26,6 +28,8 @@ pub mod notified {
     pub const SENT: &str = "sent";
     pub const FAILED: &str = "failed";
     pub const REJECTED_OPEN: &str = "rejected_open";
+    /// Every outcome, for the series that exist at 0 from the start.
+    pub const ALL: [&str; 3] = [SENT, FAILED, REJECTED_OPEN];
 }
 
 /// Counters and gauges of one notifier instance.
@@ -81,6 +85,18 @@ impl Metrics {
         };
         for channel in crate::channels::ALL {
             metrics.set_breaker(channel, BreakerState::Closed);
+            // Every series at 0 from the start, so rate() sees the first one and a dashboard
+            // shows 0 rather than "No data" while nothing has failed.
+            for outcome in notified::ALL {
+                metrics.notifications.with_label_values(&[channel, outcome]);
+            }
+        }
+        for route in [crate::routes::LOGGER, crate::routes::NOTIFY] {
+            for outcome in received::ALL {
+                metrics
+                    .webhooks_received
+                    .with_label_values(&[route, outcome]);
+            }
         }
         metrics
     }
@@ -129,9 +145,8 @@ pub async fn refresh_breaker_gauges(state: &AppState, shutdown: &CancellationTok
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(GAUGE_REFRESH) => {}
-            _ = shutdown.cancelled() => return,
+        if !outbox_core::shutdown::sleep_or_cancel(GAUGE_REFRESH, shutdown).await {
+            return;
         }
     }
 }

@@ -4,22 +4,28 @@
 //! Every webhook is checked in the same order: the body's size, the signature over the raw body
 //! bytes (401, nothing stored), the body's JSON (400), then the dedupe record (200 duplicate).
 
+use std::collections::BTreeMap;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
-use outbox_core::breaker::{self, Admission, Breaker, BreakerState};
-use outbox_core::http::{operational_routes, ApiError, QueryParams};
+use outbox_core::breaker::{self, Admission, BreakerView};
+use outbox_core::config::time_until;
+use outbox_core::http::{
+    next_cursor, openapi, operational_routes, ApiError, PageLimit, QueryParams,
+};
 use outbox_core::signature::VerifyError;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tracing::{field, Instrument, Span};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::channels::{self, Notice};
 use crate::metrics::{notified, received};
@@ -34,24 +40,47 @@ pub const NOTIFY: &str = "/webhooks/notify";
 /// Longest accepted webhook id: it is a primary key, and btree entries have a size limit.
 const MAX_WEBHOOK_ID_BYTES: usize = 256;
 const MAX_EVENT_TYPE_CHARS: usize = 200;
-const DEFAULT_PAGE: i64 = 50;
-const MAX_PAGE: i64 = 500;
+/// Pages of the list routes: 50 by default, at most 500.
+const PAGE: PageLimit = PageLimit::new(50, 500);
 
 /// The routes that need no `ADMIN_TOKEN` (besides `/health`, `/ready` and `/metrics`): the two
 /// receiving routes, which check webhook signatures instead. The stored events, notifications and
 /// breakers need it when it is set.
-pub const OPEN_ROUTES: &[RouteSpec] = &[("POST", LOGGER), ("POST", NOTIFY)];
+pub const OPEN_ROUTES: &[RouteSpec] = &[
+    ("POST", LOGGER),
+    ("POST", NOTIFY),
+    ("GET", openapi::DOCUMENT_PATH),
+];
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Notifier API",
+        description = "Receives signed webhooks, stores them and notifies by email and chat."
+    ),
+    // Named by a query parameter only, which `routes!` does not collect.
+    components(schemas(ChannelName))
+)]
+struct ApiDoc;
+
+/// The API's routes, each registered with its OpenAPI operation (`routes!`), and the document
+/// they make, served at `GET /openapi.json`.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    openapi::serve_document(
+        OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .routes(routes!(log_webhook))
+            .routes(routes!(notify_webhook))
+            .routes(routes!(list_events))
+            .routes(routes!(list_notifications))
+            .routes(routes!(list_breakers))
+            .routes(routes!(reset_breakers)),
+    )
+}
 
 pub fn router(state: AppState, max_body_bytes: usize, admin_token: Option<&str>) -> Router {
     let auth = AdminAuth::new(admin_token, OPEN_ROUTES);
-    Router::new()
-        .route(LOGGER, post(log_webhook))
-        .route(NOTIFY, post(notify_webhook))
-        .route("/webhooks/events", get(list_events))
-        .route("/notifications", get(list_notifications))
-        .route("/circuit-breaker", get(list_breakers))
-        .route("/circuit-breaker/reset", post(reset_breakers))
-        .merge(operational_routes::<AppState>())
+    let (api, _) = api();
+    api.merge(operational_routes::<AppState>())
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
@@ -172,10 +201,36 @@ fn receive(
 fn duplicate(state: &AppState, route: &str) -> Response {
     state.metrics.received(route, received::DUPLICATE);
     tracing::info!("duplicate webhook, already handled");
-    Json(json!({"duplicate": true})).into_response()
+    Json(WebhookAnswer::Duplicate { duplicate: true }).into_response()
+}
+
+/// The answer to an accepted webhook.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+enum WebhookAnswer {
+    /// Stored (and notified, on `/webhooks/notify`) now.
+    Received {
+        received: bool,
+        webhook_id: String,
+        /// `/webhooks/notify` only: each configured channel's outcome (`sent`, `already_sent`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        notifications: Option<BTreeMap<&'static str, &'static str>>,
+    },
+    /// Handled before (same webhook id): nothing done again.
+    Duplicate { duplicate: bool },
 }
 
 /// `POST /webhooks/logger`: verifies, deduplicates and stores the event.
+#[utoipa::path(post, path = LOGGER, request_body(content = inline(Object), description = "Any JSON; the body is signed"),
+    params(
+        ("webhook-id" = Option<String>, Header, description = "Standard Webhooks headers (or x-webhook-id, x-webhook-timestamp, x-webhook-signature)"),
+        ("webhook-timestamp" = Option<String>, Header),
+        ("webhook-signature" = Option<String>, Header),
+    ),
+    responses(
+        (status = 200, description = "Stored, or a duplicate", body = WebhookAnswer),
+        (status = 401, description = "Missing, invalid or stale signature"),
+    ))]
 async fn log_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -193,7 +248,12 @@ async fn log_webhook(
         }
         state.metrics.received(LOGGER, received::ACCEPTED);
         tracing::info!(event_type = event.event_type.as_deref(), "webhook logged");
-        Ok(Json(json!({"received": true, "webhook_id": event.webhook_id})).into_response())
+        Ok(Json(WebhookAnswer::Received {
+            received: true,
+            webhook_id: event.webhook_id,
+            notifications: None,
+        })
+        .into_response())
     }
     .instrument(span)
     .await
@@ -236,7 +296,7 @@ impl IntoResponse for NotifyError {
         let message = self.to_string();
         match self {
             NotifyError::BreakerOpen { retry_at, .. } => {
-                let millis = (retry_at - Utc::now()).num_milliseconds().max(0) as u64;
+                let millis = time_until(retry_at, Utc::now()).as_millis() as u64;
                 let mut response = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "channel_unavailable",
@@ -263,6 +323,18 @@ impl IntoResponse for NotifyError {
 /// configured channel. The event is recorded as received only once every channel has sent it;
 /// a channel that already sent it on an earlier attempt is skipped, so a retried webhook never
 /// sends a second email or chat message.
+#[utoipa::path(post, path = NOTIFY, request_body(content = inline(Object), description = "Any JSON; the body is signed"),
+    params(
+        ("webhook-id" = Option<String>, Header, description = "Standard Webhooks headers (or x-webhook-id, x-webhook-timestamp, x-webhook-signature)"),
+        ("webhook-timestamp" = Option<String>, Header),
+        ("webhook-signature" = Option<String>, Header),
+    ),
+    responses(
+        (status = 200, description = "Stored and notified by every configured channel, or a duplicate", body = WebhookAnswer),
+        (status = 401, description = "Missing, invalid or stale signature"),
+        (status = 502, description = "A channel failed; the sender retries"),
+        (status = 503, description = "A channel's circuit breaker is open (Retry-After), or PostgreSQL is unavailable"),
+    ))]
 async fn notify_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -326,14 +398,14 @@ async fn notify_locked(
         payload: &event.payload,
     };
     let policy = state.policy;
-    let mut outcomes = Map::new();
+    let mut outcomes = BTreeMap::new();
     let mut open: Vec<&str> = Vec::new();
     let mut retry_at: Option<DateTime<Utc>> = None;
     let mut failed: Vec<(&str, String)> = Vec::new();
     for channel in state.channels.iter() {
         let name = channel.name();
         if store::already_sent(&*client, &event.webhook_id, name).await? {
-            outcomes.insert(name.into(), "already_sent".into());
+            outcomes.insert(name, "already_sent");
             continue;
         }
         let (admission, breaker) = breaker::store::update(client, BREAKER_SCOPE, name, |b| {
@@ -352,7 +424,7 @@ async fn notify_locked(
             .await?;
             state.metrics.notified(name, notified::REJECTED_OPEN);
             tracing::warn!(channel = name, retry_at = %at, "channel breaker open; not sent");
-            outcomes.insert(name.into(), notified::REJECTED_OPEN.into());
+            outcomes.insert(name, notified::REJECTED_OPEN);
             open.push(name);
             retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
             continue;
@@ -380,7 +452,7 @@ async fn notify_locked(
                 failed.push((name, error));
             }
         }
-        outcomes.insert(name.into(), outcome.into());
+        outcomes.insert(name, outcome);
     }
     if let Some(retry_at) = retry_at {
         return Err(NotifyError::BreakerOpen {
@@ -411,66 +483,90 @@ async fn notify_locked(
         event_type = event.event_type.as_deref(),
         "webhook accepted and notified"
     );
-    Ok(Json(json!({
-        "received": true,
-        "webhook_id": event.webhook_id,
-        "notifications": outcomes,
-    }))
+    Ok(Json(WebhookAnswer::Received {
+        received: true,
+        webhook_id: event.webhook_id.clone(),
+        notifications: Some(outcomes),
+    })
     .into_response())
 }
 
-fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(DEFAULT_PAGE) {
-        n @ 1..=MAX_PAGE => Ok(n),
-        _ => Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_PAGE}"),
-        )),
-    }
-}
-
 /// Query of `GET /webhooks/events`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// At most this many (1–500, default 50).
+    #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
     /// Only events older than this `seq` (the previous page's `next_before`).
+    #[param(nullable = false)]
     before: Option<i64>,
     /// Only events of this route, e.g. `/webhooks/logger`.
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     route: Option<String>,
 }
 
+/// A page of received events, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+struct EventList {
+    events: Vec<store::ReceivedEvent>,
+    /// The `before` of the next page; null on the last page.
+    next_before: Option<i64>,
+}
+
 /// `GET /webhooks/events`: received events, newest first; `next_before` fetches the next page.
+#[utoipa::path(get, path = "/webhooks/events", params(EventsQuery),
+    responses((status = 200, body = EventList)), security((), ("admin_token" = [])))]
 async fn list_events(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<EventsQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = page_size(q.limit)?;
+) -> Result<Json<EventList>, ApiError> {
+    let limit = PAGE.of(q.limit)?;
     let client = state.pool.get().await?;
     let events = store::list_events(&client, q.route.as_deref(), q.before, limit).await?;
-    let next = (events.len() as i64 == limit)
-        .then(|| events.last().map(|e| e.seq))
-        .flatten();
-    Ok(Json(json!({"events": events, "next_before": next})))
+    let next_before = next_cursor(&events, limit, |e| e.seq);
+    Ok(Json(EventList {
+        events,
+        next_before,
+    }))
 }
 
 /// Query of `GET /notifications`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct NotificationsQuery {
+    /// At most this many (1–500, default 50).
+    #[param(minimum = 1, maximum = 500, nullable = false)]
     limit: Option<i64>,
     /// Only attempts older than this id (the previous page's `next_before`).
+    #[param(nullable = false)]
     before: Option<i64>,
+    /// Only attempts for this webhook id.
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     webhook_id: Option<String>,
+    /// Only attempts by this channel (`email`, `chat`).
+    #[param(pattern = r"^[^\u0000]*$", nullable = false)]
     channel: Option<String>,
 }
 
+/// A page of notification attempts, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+struct NotificationList {
+    notifications: Vec<store::Notification>,
+    /// The `before` of the next page; null on the last page.
+    next_before: Option<i64>,
+}
+
 /// `GET /notifications`: every notification attempt and its outcome, newest first.
+#[utoipa::path(get, path = "/notifications", params(NotificationsQuery),
+    responses((status = 200, body = NotificationList)), security((), ("admin_token" = [])))]
 async fn list_notifications(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<NotificationsQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = page_size(q.limit)?;
+) -> Result<Json<NotificationList>, ApiError> {
+    let limit = PAGE.of(q.limit)?;
     let client = state.pool.get().await?;
     let notifications = store::list_notifications(
         &client,
@@ -480,65 +576,84 @@ async fn list_notifications(
         limit,
     )
     .await?;
-    let next = (notifications.len() as i64 == limit)
-        .then(|| notifications.last().map(|n| n.id))
-        .flatten();
-    Ok(Json(
-        json!({"notifications": notifications, "next_before": next}),
-    ))
+    let next_before = next_cursor(&notifications, limit, |n| n.id);
+    Ok(Json(NotificationList {
+        notifications,
+        next_before,
+    }))
+}
+
+/// One channel's breaker: its name, whether it is configured, and the shared breaker view.
+#[derive(Debug, Serialize, ToSchema)]
+struct ChannelBreaker {
+    channel: &'static str,
+    enabled: bool,
+    #[serde(flatten)]
+    breaker: BreakerView,
+}
+
+/// Both channels' breakers.
+#[derive(Debug, Serialize, ToSchema)]
+struct BreakerList {
+    breakers: Vec<ChannelBreaker>,
 }
 
 /// Both channels' breakers (configured or not), as stored, with when an open one lets a probe in.
-async fn breakers(state: &AppState) -> Result<Json<Value>, ApiError> {
+async fn breakers(state: &AppState) -> Result<Json<BreakerList>, ApiError> {
     let client = state.pool.get().await?;
     let stored = breaker::store::list(&client, BREAKER_SCOPE).await?;
-    let open_for =
-        chrono::Duration::from_std(state.policy.open_for).unwrap_or(chrono::Duration::MAX);
-    let list: Vec<Value> = channels::ALL
+    let list: Vec<ChannelBreaker> = channels::ALL
         .iter()
         .map(|&name| {
-            let row = stored.iter().find(|b| b.name == name);
-            let breaker = row
-                .map(|b| b.breaker.clone())
-                .unwrap_or_else(Breaker::default);
-            state.metrics.set_breaker(name, breaker.state);
-            let probe_at = (breaker.state == BreakerState::Open)
-                .then(|| breaker.opened_at.map(|at| at + open_for))
-                .flatten();
-            json!({
-                "channel": name,
-                "enabled": state.channels.iter().any(|c| c.name() == name),
-                "state": breaker.state,
-                "failure_count": breaker.failure_count,
-                "success_count": breaker.success_count,
-                "opened_at": breaker.opened_at,
-                "probe_at": probe_at,
-                "probe_until": breaker.probe_until,
-                "updated_at": row.map(|b| b.updated_at),
-            })
+            let view = BreakerView::of_stored(
+                stored.iter().find(|b| b.name == name),
+                state.policy.open_for,
+            );
+            state.metrics.set_breaker(name, view.breaker.state);
+            ChannelBreaker {
+                channel: name,
+                enabled: state.channels.iter().any(|c| c.name() == name),
+                breaker: view,
+            }
         })
         .collect();
-    Ok(Json(json!({ "breakers": list })))
+    Ok(Json(BreakerList { breakers: list }))
 }
 
 /// `GET /circuit-breaker`.
-async fn list_breakers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/circuit-breaker",
+    responses((status = 200, body = BreakerList)), security((), ("admin_token" = [])))]
+async fn list_breakers(State(state): State<AppState>) -> Result<Json<BreakerList>, ApiError> {
     breakers(&state).await
 }
 
 /// Query of `POST /circuit-breaker/reset`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ResetQuery {
     /// `email` or `chat`; absent: both.
+    #[param(value_type = Option<ChannelName>, nullable = false)]
     channel: Option<String>,
 }
 
+/// A channel's name (`channels::ALL`), for the document.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum ChannelName {
+    Email,
+    Chat,
+}
+
 /// `POST /circuit-breaker/reset[?channel=chat]`: closes the breaker(s) with zero counts.
+#[utoipa::path(post, path = "/circuit-breaker/reset", params(ResetQuery),
+    responses((status = 200, description = "Both channels' breakers after the reset", body = BreakerList)),
+    security((), ("admin_token" = [])))]
 async fn reset_breakers(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<ResetQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BreakerList>, ApiError> {
     let names: Vec<&str> = match q.channel.as_deref() {
         None => channels::ALL.to_vec(),
         Some(name) => match channels::ALL.iter().find(|&&c| c == name) {

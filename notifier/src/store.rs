@@ -154,13 +154,14 @@ pub async fn record_notification(
 }
 
 /// A received event as listed by `GET /webhooks/events`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReceivedEvent {
     pub seq: i64,
     pub webhook_id: String,
     pub route: String,
     pub event_type: Option<String>,
     pub correlation_id: Option<String>,
+    #[schema(schema_with = outbox_core::http::openapi::json_without_nul)]
     pub payload: Value,
     pub received_at: DateTime<Utc>,
 }
@@ -197,7 +198,7 @@ pub async fn list_events(
 }
 
 /// A notification attempt as listed by `GET /notifications`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Notification {
     pub id: i64,
     pub webhook_id: String,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use outbox_core::signature::Secret;
-use outbox_core::testing::{eventually, TestDb};
+use outbox_core::testing::{eventually, RouteCall, TestDb};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::*;
@@ -584,7 +584,6 @@ fn help_shows_no_secret_values() {
 
 #[tokio::test]
 async fn with_admin_token_stored_events_and_breakers_need_it_and_webhooks_stay_open() {
-    use outbox_core::testing::RouteCall;
     let app = spawn_app(&["--admin-token", "s3cret"]).await;
     eventually("the notifier is ready", Duration::from_secs(10), || async {
         let r = app
@@ -596,41 +595,11 @@ async fn with_admin_token_stored_events_and_breakers_need_it_and_webhooks_stay_o
         r.status().is_success().then_some(())
     })
     .await;
-    // The receiving routes are guarded by the webhook signature instead of the token.
-    let signed = |route: &'static str| {
-        let id = new_event_id();
-        let body = envelope(&id);
-        let headers = outbox_core::signature::sign_headers(&[&app.secret], &id, now(), &body)
-            .into_iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect();
-        RouteCall {
-            body: Some(body),
-            headers,
-            ..RouteCall::new("POST", route, route, 200)
-        }
-    };
-    let calls = [
-        signed(LOGGER),
-        signed(NOTIFY),
-        RouteCall::new("GET", "/webhooks/events", "/webhooks/events", 200),
-        RouteCall::new("GET", "/notifications", "/notifications", 200),
-        RouteCall::new("GET", "/circuit-breaker", "/circuit-breaker", 200),
-        RouteCall::new(
-            "POST",
-            "/circuit-breaker/reset",
-            "/circuit-breaker/reset",
-            200,
-        ),
-        RouteCall::new("GET", "/health", "/health", 200),
-        RouteCall::new("GET", "/ready", "/ready", 200),
-        RouteCall::new("GET", "/metrics", "/metrics", 200),
-    ];
     outbox_core::testing::assert_admin_token_guards(
         &app.base,
         "s3cret",
         notifier::OPEN_ROUTES,
-        &calls,
+        &every_route(&app),
     )
     .await;
     // The events sent above were stored, and the token reads them.
@@ -649,6 +618,67 @@ async fn with_admin_token_stored_events_and_breakers_need_it_and_webhooks_stay_o
         Some(2),
         "{events}"
     );
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_valid_and_lists_every_route_with_typed_answers() {
+    let app = spawn_app(&[]).await;
+    let document =
+        outbox_core::testing::assert_openapi_lists_every_route(&app.base, &every_route(&app)).await;
+    for (method, path) in outbox_core::testing::operations(&document) {
+        if path == "/openapi.json" {
+            continue;
+        }
+        let answer = &document["paths"][&path][method.to_lowercase()]["responses"]["200"];
+        assert!(
+            answer["content"]["application/json"]["schema"]["$ref"].is_string(),
+            "{method} {path} answers 200 with an untyped body: {answer}"
+        );
+    }
+    // The breaker JSON is the shared view: one name for the instant a probe may go.
+    let breaker = &document["components"]["schemas"]["BreakerView"];
+    assert!(breaker.to_string().contains("\"probe_at\""), "{breaker}");
+    // The reset route's channel names are the channels the notifier has.
+    assert_eq!(
+        document["components"]["schemas"]["ChannelName"]["enum"],
+        json!(["email", "chat"])
+    );
+}
+
+/// Every route the notifier serves, called so that it reaches its handler (the receiving
+/// routes with a good signature), with the status the handler answers.
+fn every_route(app: &App) -> Vec<RouteCall> {
+    // The receiving routes are guarded by the webhook signature instead of the token.
+    let signed = |route: &'static str| {
+        let id = new_event_id();
+        let body = envelope(&id);
+        let headers = outbox_core::signature::sign_headers(&[&app.secret], &id, now(), &body)
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        RouteCall {
+            body: Some(body),
+            headers,
+            ..RouteCall::new("POST", route, route, 200)
+        }
+    };
+    vec![
+        signed(LOGGER),
+        signed(NOTIFY),
+        RouteCall::new("GET", "/webhooks/events", "/webhooks/events", 200),
+        RouteCall::new("GET", "/notifications", "/notifications", 200),
+        RouteCall::new("GET", "/circuit-breaker", "/circuit-breaker", 200),
+        RouteCall::new(
+            "POST",
+            "/circuit-breaker/reset",
+            "/circuit-breaker/reset",
+            200,
+        ),
+        RouteCall::new("GET", "/health", "/health", 200),
+        RouteCall::new("GET", "/ready", "/ready", 200),
+        RouteCall::new("GET", "/metrics", "/metrics", 200),
+        RouteCall::new("GET", "/openapi.json", "/openapi.json", 200),
+    ]
 }
 
 #[tokio::test]

@@ -3,15 +3,18 @@
 //! successes → CLOSED, any failure → OPEN again.
 //!
 //! [`Breaker`] is the pure state machine. [`store`] keeps it in PostgreSQL so that every instance
-//! of a service shares one breaker per endpoint (or per channel).
+//! of a service shares one breaker per endpoint (or per channel). [`BreakerView`] is how every
+//! admin API shows one, so the consumer's and the notifier's breaker JSON agree.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::config::chrono_duration;
+
 /// The breaker's state, spelled as the admin API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum BreakerState {
     Closed,
@@ -77,13 +80,14 @@ impl Default for BreakerPolicy {
 }
 
 /// One breaker's state and counters.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Breaker {
     pub state: BreakerState,
     /// Consecutive failures (CLOSED), reset by a success.
     pub failure_count: u32,
     /// Successful probes so far (HALF_OPEN).
     pub success_count: u32,
+    /// When it last opened.
     pub opened_at: Option<DateTime<Utc>>,
     /// While a HALF_OPEN probe is in flight: when its slot frees up again.
     pub probe_until: Option<DateTime<Utc>>,
@@ -112,15 +116,22 @@ pub enum Admission {
     Rejected { retry_at: DateTime<Utc> },
 }
 
-fn chrono(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
 impl Breaker {
+    /// While OPEN: the instant a probe may go through, `opened_at + open_for` (the one place
+    /// that sum is made). None in any other state.
+    pub fn probe_at(&self, open_for: Duration) -> Option<DateTime<Utc>> {
+        match self.state {
+            BreakerState::Open => self.opened_at.map(|at| at + chrono_duration(open_for)),
+            _ => None,
+        }
+    }
+
     /// Asks to make a call at `now`, moving OPEN → HALF_OPEN when the cool-down has passed.
     pub fn admit(&mut self, policy: &BreakerPolicy, now: DateTime<Utc>) -> Admission {
         if self.state == BreakerState::Open {
-            let reopen = self.opened_at.unwrap_or(now) + chrono(policy.open_for);
+            let reopen = self
+                .probe_at(policy.open_for)
+                .unwrap_or_else(|| now + chrono_duration(policy.open_for));
             if now < reopen {
                 return Admission::Rejected { retry_at: reopen };
             }
@@ -133,7 +144,7 @@ impl Breaker {
             _ => match self.probe_until {
                 Some(until) if now < until => Admission::Rejected { retry_at: until },
                 _ => {
-                    self.probe_until = Some(now + chrono(policy.probe_timeout));
+                    self.probe_until = Some(now + chrono_duration(policy.probe_timeout));
                     Admission::Probe
                 }
             },
@@ -187,6 +198,44 @@ impl Breaker {
     }
 }
 
+/// One breaker as every admin API shows it (the consumer's per endpoint, the notifier's per
+/// channel, each beside its own name field, with `#[serde(flatten)]`):
+///
+/// ```json
+/// {"state": "OPEN", "failure_count": 5, "success_count": 0,
+///  "opened_at": "2026-01-01T00:00:00Z", "probe_at": "2026-01-01T00:01:00Z",
+///  "probe_until": null, "updated_at": "2026-01-01T00:00:00Z"}
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct BreakerView {
+    /// State and counters, as stored.
+    #[serde(flatten)]
+    pub breaker: Breaker,
+    /// While OPEN: when a probe may go through (`opened_at` + `BREAKER_OPEN_FOR`); null otherwise.
+    pub probe_at: Option<DateTime<Utc>>,
+    /// When it was last written; null for a breaker never written (CLOSED with zero counts).
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl BreakerView {
+    /// The view of `breaker` under a policy that keeps it open for `open_for`.
+    pub fn new(breaker: &Breaker, open_for: Duration, updated_at: Option<DateTime<Utc>>) -> Self {
+        BreakerView {
+            breaker: breaker.clone(),
+            probe_at: breaker.probe_at(open_for),
+            updated_at,
+        }
+    }
+
+    /// The view of a stored breaker, or of one never written (`None`: CLOSED, zero counts).
+    pub fn of_stored(stored: Option<&store::StoredBreaker>, open_for: Duration) -> Self {
+        match stored {
+            Some(stored) => Self::new(&stored.breaker, open_for, Some(stored.updated_at)),
+            None => Self::new(&Breaker::default(), open_for, None),
+        }
+    }
+}
+
 pub mod store {
     //! Breakers in the `circuit_breakers` table, keyed by (scope, name). Every change happens in a
     //! transaction holding the row lock, so instances never overwrite each other's counts.
@@ -205,7 +254,9 @@ pub mod store {
         pub updated_at: DateTime<Utc>,
     }
 
-    fn from_row(row: &Row) -> StoredBreaker {
+    /// A row naming `name, state, failure_count, success_count, opened_at, probe_until,
+    /// updated_at` (the columns of `circuit_breakers`).
+    pub fn from_row(row: &Row) -> StoredBreaker {
         let state: String = row.get("state");
         StoredBreaker {
             name: row.get("name"),
@@ -418,6 +469,51 @@ mod tests {
             Admission::Probe,
             "the next call probes at once"
         );
+    }
+
+    #[test]
+    fn the_view_names_the_probe_instant_only_while_open() {
+        let p = policy();
+        let mut b = Breaker::default();
+        let closed = BreakerView::new(&b, p.open_for, None);
+        assert_eq!(closed.breaker, Breaker::default());
+        assert_eq!(closed.probe_at, None);
+        for _ in 0..5 {
+            b.on_failure(&p, at(0));
+        }
+        let open = BreakerView::new(&b, p.open_for, Some(at(0)));
+        assert_eq!(open.probe_at, Some(at(60)));
+        assert_eq!(
+            b.admit(&p, at(59)),
+            Admission::Rejected { retry_at: at(60) },
+            "admission waits for the instant the view names"
+        );
+        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        let half_open = BreakerView::new(&b, p.open_for, Some(at(60)));
+        assert_eq!(half_open.probe_at, None);
+        assert_eq!(half_open.breaker.probe_until, Some(at(70)));
+
+        let json = serde_json::to_value(&open).unwrap();
+        let mut fields: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                "failure_count",
+                "opened_at",
+                "probe_at",
+                "probe_until",
+                "state",
+                "success_count",
+                "updated_at"
+            ]
+        );
+        assert_eq!(json["state"], "OPEN");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
@@ -92,11 +92,18 @@ impl Schema {
                     include_str!("../../sql/producer/V3__messages_data_json.sql"),
                 ),
             ],
-            Schema::Webhooks => &[(
-                1,
-                "webhooks",
-                include_str!("../../sql/webhooks/V1__webhooks.sql"),
-            )],
+            Schema::Webhooks => &[
+                (
+                    1,
+                    "webhooks",
+                    include_str!("../../sql/webhooks/V1__webhooks.sql"),
+                ),
+                (
+                    2,
+                    "delivery_holds",
+                    include_str!("../../sql/webhooks/V2__delivery_holds.sql"),
+                ),
+            ],
             Schema::Notifier => &[(
                 1,
                 "notifier",
@@ -436,30 +443,31 @@ pub async fn migrate_until_done(
     schemas: &[Schema],
     shutdown: &CancellationToken,
 ) -> bool {
-    until_done("migrations", shutdown, || migrate(pool, schemas)).await
+    until_done("migrations", shutdown, || migrate(pool, schemas))
+        .await
+        .is_some()
 }
 
-/// Runs `attempt` until it succeeds, with backoff (200 ms doubling to 5 s) and a warning naming
-/// `what` after each failure. Returns false only when shutdown was requested first.
-pub async fn until_done<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> bool
+/// Runs `attempt` until it succeeds, with the [`crate::reconnect`] backoff and a warning naming
+/// `what` after each failure. Returns its value, or `None` only when shutdown was requested first.
+pub async fn until_done<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
     let retried = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .without_max_times(),
-        )
+        .retry(crate::reconnect::policy())
         .notify(|error, after| {
             tracing::warn!(%error, what, retry_in_ms = after.as_millis() as u64, "not done yet; retrying");
         });
     tokio::select! {
-        result = retried => result.is_ok(),
-        _ = shutdown.cancelled() => false,
+        result = retried => result.ok(),
+        _ = shutdown.cancelled() => None,
     }
 }
 

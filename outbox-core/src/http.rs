@@ -4,10 +4,13 @@
 
 mod body_timeout;
 mod extract;
+pub mod openapi;
+mod page;
 mod server;
 mod uniform;
 
 pub use extract::{contains_nul, parse_object, JsonBody, QueryParams};
+pub use page::{next_cursor, PageLimit};
 pub use server::serve;
 pub use uniform::uniform_errors;
 

@@ -22,6 +22,26 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
     config
 }
 
+/// True when a broker answers a metadata request within two seconds. `client` picks the
+/// librdkafka client out of `handle` (a producer or a consumer: `|p| p.client()`); the request
+/// blocks, so it runs on the blocking pool.
+pub async fn is_reachable<H, C>(
+    handle: H,
+    client: impl Fn(&H) -> &rdkafka::client::Client<C> + Send + 'static,
+) -> bool
+where
+    H: Send + 'static,
+    C: rdkafka::client::ClientContext,
+{
+    tokio::task::spawn_blocking(move || {
+        client(&handle)
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
 /// The idempotent producer (acks=all, ordered per partition, no duplicates from its own retries).
 /// `message_timeout` bounds how long a record may wait for the broker before its delivery report
 /// fails: short, so rows turn X promptly during an outage (librdkafka's default is 5 minutes).
@@ -48,8 +68,10 @@ pub fn idempotent_producer_config(
     config
 }
 
-/// Creates the topics that are missing, with `partitions` partitions and replication factor 1
-/// (a single-node cluster; raise it on a real one). Existing topics are left as they are.
+/// Creates the topics that are missing, with `partitions` partitions and the cluster's own
+/// replication factor (`default.replication.factor`: 1 on a single node, 3 on the local stack's
+/// three-node cluster), so the services need no setting of their own for it. Existing topics are
+/// left as they are.
 pub async fn ensure_topics(
     brokers: &str,
     topics: &[String],
@@ -60,7 +82,8 @@ pub async fn ensure_topics(
         .map_err(|e| format!("cannot create Kafka admin client: {e}"))?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        // -1: the broker's default (KIP-464, Kafka 2.4+).
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin

@@ -5,7 +5,8 @@
 //! [`schedule`] (retry delays), [`config`] (environment parsing), [`db`] (pool and migrations),
 //! [`kafka`] (client settings), [`telemetry`] (logs and metrics), [`http`] (the routes and error
 //! shape every service has), [`admin_auth`] (the `ADMIN_TOKEN` check), [`retention`] (periodic
-//! batched deletes) and [`shutdown`].
+//! batched deletes), [`reconnect`] (the one reconnect backoff) and [`shutdown`] (the signal and
+//! the cancellable sleep).
 
 // glibc's malloc was a fifth of the consumer's CPU under load (perf: _int_malloc, _int_free,
 // malloc_consolidate); mimalloc serves the many short-lived HTTP and SQL buffers far cheaper.
@@ -20,6 +21,7 @@ pub mod envelope;
 pub mod http;
 pub mod kafka;
 pub mod outbox;
+pub mod reconnect;
 pub mod retention;
 pub mod routing;
 pub mod schedule;
@@ -29,3 +31,4 @@ pub mod signature;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace_context;

@@ -3,8 +3,8 @@
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
-/// An outbox row's state (contract).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// An outbox row's state (contract): P pending, E sent, X retry later, D dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub enum OutboxState {
     /// `P`: written, not yet sent.
     #[serde(rename = "P")]

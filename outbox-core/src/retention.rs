@@ -47,10 +47,7 @@ impl BatchDelete {
                     "retention pass failed; retried next interval"
                 ),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
-                _ = shutdown.cancelled() => {}
-            }
+            crate::shutdown::sleep_or_cancel(self.interval, &shutdown).await;
         }
     }
 

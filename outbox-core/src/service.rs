@@ -28,7 +28,7 @@ where
     F: FnOnce(TcpListener, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init_logging();
+    crate::telemetry::init_service(name);
     // The password never reaches the logs.
     let database = crate::config::mask_password(database_url);
     if command == Some(Command::Migrate) {
@@ -46,6 +46,7 @@ where
         "starting"
     );
     let result = run(listener, crate::shutdown::on_signal()).await;
+    crate::telemetry::shutdown();
     match &result {
         Ok(()) => tracing::info!(service = name, "stopped"),
         Err(error) => {

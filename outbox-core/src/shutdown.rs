@@ -36,3 +36,42 @@ pub fn on_signal() -> CancellationToken {
     });
     token
 }
+
+/// Sleeps for `delay`, or less when `token` is cancelled first. Answers true when the whole delay
+/// passed, false when the token was (or already is) cancelled, so a loop can write
+/// `if !sleep_or_cancel(delay, &token).await { return; }`.
+pub async fn sleep_or_cancel(delay: std::time::Duration, token: &CancellationToken) -> bool {
+    tokio::select! {
+        // Checked first, so a token cancelled before the call never waits out a zero delay.
+        biased;
+        _ = token.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn sleeps_the_whole_delay_unless_cancelled() {
+        let token = CancellationToken::new();
+        let started = Instant::now();
+        assert!(sleep_or_cancel(Duration::from_millis(50), &token).await);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        let cancel = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            cancel.cancel();
+        });
+        let started = Instant::now();
+        assert!(!sleep_or_cancel(Duration::from_secs(60), &token).await);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(
+            !sleep_or_cancel(Duration::ZERO, &token).await,
+            "a cancelled token ends even a zero delay as cancelled"
+        );
+    }
+}

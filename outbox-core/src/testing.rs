@@ -13,6 +13,9 @@ use tokio_postgres::NoTls;
 
 use crate::db::{self, PgPool};
 
+mod openapi;
+pub use openapi::{assert_openapi_lists_every_route, openapi_problems, operations};
+
 /// The server tests create their databases on.
 pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -32,6 +35,49 @@ pub struct TestDb {
     pub pool: PgPool,
 }
 
+/// Test databases older than this are dropped by the next test that creates one: nothing drops a
+/// test's database when it ends (a failed test's is worth a look), and a machine that runs the
+/// suite all day would otherwise fill its disk.
+const STALE_TEST_DATABASE: std::time::Duration = std::time::Duration::from_secs(3 * 3600);
+
+/// Creates `test_<UUIDv7>` (so its age is in its name) after dropping stale ones.
+async fn create_database(client: &tokio_postgres::Client) -> String {
+    let names = client
+        .query(
+            "select datname from pg_database where datname like 'test\\_%'",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let now = std::time::SystemTime::now();
+    for stale in names.iter().filter(|name| {
+        let created = uuid::Uuid::try_parse(name.trim_start_matches("test_"))
+            .ok()
+            .and_then(|id| id.get_timestamp())
+            .map(|t| {
+                let (secs, nanos) = t.to_unix();
+                std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos)
+            });
+        created.is_some_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TEST_DATABASE)
+    }) {
+        // Best effort: a database still in use is left for a later run.
+        let _ = client
+            .batch_execute(&format!("drop database if exists {stale}"))
+            .await;
+    }
+    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+    client
+        .batch_execute(&format!("create database {name}"))
+        .await
+        .expect("create test database");
+    name
+}
+
 impl TestDb {
     /// Creates `test_<random>` on the test server and applies every migration.
     pub async fn create() -> TestDb {
@@ -41,15 +87,11 @@ impl TestDb {
     /// [`TestDb::create`] on another PostgreSQL server (`server` names its maintenance database).
     pub async fn create_on(server: &str) -> TestDb {
         let server = server.to_owned();
-        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let (client, connection) = tokio_postgres::connect(&server, NoTls)
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL at {server} is not reachable ({e}); run scripts/test.sh, or scripts/stack.sh deps first"));
         tokio::spawn(connection);
-        client
-            .batch_execute(&format!("create database {name}"))
-            .await
-            .expect("create test database");
+        let name = create_database(&client).await;
         let url = with_database(&server, &name);
         let pool = db::pool(&url, 16, &db::Schema::ALL).expect("pool");
         db::migrate(&pool, &db::Schema::ALL)
@@ -69,15 +111,11 @@ impl TestDb {
     /// [`db::migrate_as_legacy_release`]), for upgrade tests.
     pub async fn create_legacy() -> TestDb {
         let server = server_url();
-        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let (client, connection) = tokio_postgres::connect(&server, NoTls)
             .await
             .expect("PostgreSQL is reachable");
         tokio::spawn(connection);
-        client
-            .batch_execute(&format!("create database {name}"))
-            .await
-            .expect("create test database");
+        let name = create_database(&client).await;
         client
             .batch_execute(&format!(
                 "alter database {name} set search_path = outbox, producer, webhooks, notifier, public"
@@ -271,6 +309,71 @@ pub fn chaos_stack(subcommand: &str) {
         .status()
         .expect("run scripts/stack.sh");
     assert!(status.success(), "scripts/stack.sh {subcommand} failed");
+}
+
+/// A stack of `scripts/stack.sh` of a test binary's own: its own state directory and ports, so the
+/// test may stop and kill its brokers while other tests keep the shared ones.
+pub struct PrivateStack {
+    env: Vec<(&'static str, String)>,
+}
+
+impl PrivateStack {
+    /// A stack in `dir` with `brokers` Kafka nodes, node n on `kafka_port + 3(n-1)` and its
+    /// controller on the port after it, PostgreSQL on `pg_port` and the services from
+    /// `service_port_base` (used only by the subcommands that start them).
+    pub fn new(
+        dir: &str,
+        brokers: u8,
+        kafka_port: u16,
+        pg_port: u16,
+        service_port_base: u16,
+    ) -> Self {
+        PrivateStack {
+            env: vec![
+                ("OUTBOX_STACK_DIR", dir.to_owned()),
+                ("STACK_BROKERS", brokers.to_string()),
+                ("KAFKA_PORT", kafka_port.to_string()),
+                ("KAFKA_CONTROLLER_PORT", (kafka_port + 1).to_string()),
+                ("PG_PORT", pg_port.to_string()),
+                ("SERVICE_PORT_BASE", service_port_base.to_string()),
+                ("KAFKA_HEAP", "384m".to_owned()),
+                ("OUTBOX_ENV_FILE", "none".to_owned()),
+            ],
+        }
+    }
+
+    /// The variables that point `scripts/stack.sh` (and `scripts/chaos.sh`) at this stack.
+    pub fn env(&self) -> &[(&'static str, String)] {
+        &self.env
+    }
+
+    /// Runs `scripts/stack.sh <args>`; panics unless it succeeds. Returns what it printed.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("bash")
+            .arg(stack_script())
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run scripts/stack.sh");
+        assert!(
+            output.status.success(),
+            "scripts/stack.sh {} failed",
+            args.join(" ")
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// The bootstrap list of every node (what the services get as `KAFKA_BROKERS`).
+    pub fn bootstrap(&self) -> String {
+        self.run(&["bootstrap"])
+    }
+}
+
+/// `scripts/stack.sh` of this checkout (`TEST_STACK_SCRIPT` names another).
+pub fn stack_script() -> String {
+    std::env::var("TEST_STACK_SCRIPT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh").to_owned())
 }
 
 /// The sum of the samples of metric `name` in Prometheus text, over the series whose labels

@@ -122,7 +122,9 @@ pub async fn run(
         );
         tokio::spawn(async move {
             if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await
-                && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool)).await
+                && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool))
+                    .await
+                    .is_some()
             {
                 let deleted = |n| metrics.idempotency_keys_deleted.inc_by(n);
                 retention.run_every_interval(pool, deleted, shutdown).await;

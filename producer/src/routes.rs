@@ -4,20 +4,23 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
 use outbox_core::envelope::new_correlation_id;
-use outbox_core::http::{operational_routes, ApiError, JsonBody, QueryParams};
+use outbox_core::http::{
+    next_cursor, openapi, operational_routes, ApiError, JsonBody, PageLimit, QueryParams,
+};
 use outbox_core::outbox::OutboxState;
 use outbox_core::routing::valid_event_type;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use crate::store::{self, Created, Idempotency, NewMessage};
+use crate::store::{self, Created, CreatedMessage, Idempotency, NewMessage};
 use crate::AppState;
 
 /// Longest accepted `content`, in bytes.
@@ -28,19 +31,23 @@ const MAX_KEY_BYTES: usize = 256;
 /// a message and the API description. Every other route needs it when it is set.
 pub const OPEN_ROUTES: &[RouteSpec] = &[("POST", "/messages"), ("GET", "/openapi.json")];
 
+/// The API's routes, each registered with its OpenAPI operation (`routes!`), and the document
+/// they make, served at `GET /openapi.json`.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    openapi::serve_document(
+        OpenApiRouter::with_openapi(crate::openapi::info())
+            .routes(routes!(create_message, list_messages))
+            .routes(routes!(get_message))
+            .routes(routes!(list_outbox))
+            .routes(routes!(retry_outbox))
+            .routes(routes!(stats)),
+    )
+}
+
 pub fn router(state: AppState) -> Router {
     let auth = AdminAuth::new(state.config.admin_token.as_deref(), OPEN_ROUTES);
-    Router::new()
-        .route("/messages", post(create_message).get(list_messages))
-        .route("/messages/{id}", get(get_message))
-        .route(
-            "/openapi.json",
-            get(|| async { Json(crate::openapi::document()) }),
-        )
-        .route("/outbox", get(list_outbox))
-        .route("/outbox/{id}/retry", post(retry_outbox))
-        .route("/stats", get(stats))
-        .merge(operational_routes::<AppState>())
+    let (api, _) = api();
+    api.merge(operational_routes::<AppState>())
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .route_layer(middleware::from_fn_with_state(
             state.metrics.clone(),
@@ -50,7 +57,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The body of `POST /messages`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMessage {
     /// The message text; required, not only white space, no NUL, at most 64 KiB of UTF-8.
@@ -74,7 +81,7 @@ pub struct CreateMessage {
     #[schema(max_length = 128, pattern = r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")]
     pub event_type: Option<String>,
     /// Extra JSON carried in the event's `data.data`.
-    #[schema(schema_with = crate::openapi::json_without_nul)]
+    #[schema(schema_with = openapi::json_without_nul)]
     pub data: Option<Value>,
 }
 
@@ -148,7 +155,7 @@ fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
         ("X-Correlation-Id" = Option<String>, Header, pattern = r"^[!-~]{1,128}$", description = "Carried into the event (1 to 128 visible ASCII characters, else 400); generated when absent"),
     ),
     responses(
-        (status = 201, description = "Message and outbox event committed (state P)", body = Object),
+        (status = 201, description = "Message and outbox event committed (state P)", body = CreatedMessage),
         (status = 400, description = "Malformed JSON, a body that is not an object, or an invalid Idempotency-Key"),
         (status = 413, description = "Body larger than MAX_BODY_BYTES"),
         (status = 415, description = "Not Content-Type: application/json"),
@@ -162,7 +169,7 @@ pub async fn create_message(
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let correlation_id = correlation_id(&headers)?;
-    let span = tracing::info_span!("create_message", correlation_id = %correlation_id);
+    let span = tracing::info_span!("create_message", otel.name = "producer transaction", correlation_id = %correlation_id);
     let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
     let request: CreateMessage = serde_json::from_value(body)
         .map_err(|e| ApiError::unprocessable("invalid_body", format!("invalid message: {e}")))?;
@@ -208,19 +215,15 @@ pub async fn create_message(
     .instrument(span.clone())
     .await?;
     let _entered = span.enter();
-    let (status, body, replayed) = match outcome {
+    let (mut response, replayed) = match outcome {
         Created::New(body) => {
             state.metrics.messages_created.inc();
-            tracing::info!(
-                event_id = body["event_id"].as_str().unwrap_or_default(),
-                message_id = body["id"].as_str().unwrap_or_default(),
-                "message created"
-            );
-            (StatusCode::CREATED, body, false)
+            tracing::info!(event_id = %body.event_id, message_id = %body.id, "message created");
+            ((StatusCode::CREATED, Json(body)).into_response(), false)
         }
         Created::Replayed(body) => {
             state.metrics.idempotent_replays.inc();
-            (StatusCode::CREATED, body, true)
+            ((StatusCode::CREATED, Json(body)).into_response(), true)
         }
         Created::KeyReused => {
             return Err(ApiError::unprocessable(
@@ -229,7 +232,6 @@ pub async fn create_message(
             ))
         }
     };
-    let mut response = (status, Json(body)).into_response();
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&correlation_id) {
         headers.insert("x-correlation-id", value);
@@ -254,29 +256,28 @@ pub struct MessagePage {
     before: Option<Uuid>,
 }
 
-fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(50) {
-        l @ 1..=500 => Ok(l),
-        _ => Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit must be between 1 and 500",
-        )),
-    }
+/// Pages of the list routes: 50 by default, at most 500.
+const PAGE: PageLimit = PageLimit::new(50, 500);
+
+/// A page of messages, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageList {
+    pub items: Vec<store::MessageView>,
+    /// The `before` of the next page; null on the last page.
+    pub next_before: Option<Uuid>,
 }
 
 /// Lists messages, newest first.
-#[utoipa::path(get, path = "/messages", params(MessagePage), responses((status = 200, body = Object)))]
+#[utoipa::path(get, path = "/messages", params(MessagePage), responses((status = 200, body = MessageList)))]
 pub async fn list_messages(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<MessagePage>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = page_limit(page.limit)?;
+) -> Result<Json<MessageList>, ApiError> {
+    let limit = PAGE.of(page.limit)?;
     let client = state.pool.get().await?;
     let items = store::list_messages(&client, limit, page.before).await?;
-    let next = (items.len() as i64 == limit)
-        .then(|| items.last().map(|m| m.id))
-        .flatten();
-    Ok(Json(json!({"items": items, "next_before": next})))
+    let next_before = next_cursor(&items, limit, |m| m.id);
+    Ok(Json(MessageList { items, next_before }))
 }
 
 /// One message with its event's state, attempts, last error and Kafka position.
@@ -299,7 +300,7 @@ pub async fn get_message(
 #[into_params(parameter_in = Query)]
 pub struct OutboxPage {
     /// P, E, X or D.
-    #[param(value_type = crate::openapi::OutboxStateCode, required = false)]
+    #[param(value_type = OutboxState, required = false)]
     state: Option<String>,
     /// Only rows with a larger id (the `next_after` of the previous page).
     #[param(nullable = false)]
@@ -309,14 +310,22 @@ pub struct OutboxPage {
     limit: Option<i64>,
 }
 
+/// A page of outbox rows in id order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OutboxList {
+    pub items: Vec<store::OutboxRow>,
+    /// The `after` of the next page; null on the last page.
+    pub next_after: Option<i64>,
+}
+
 /// Outbox rows in id order, optionally of one state.
-#[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = Object)),
+#[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = OutboxList)),
     security((), ("admin_token" = [])))]
 pub async fn list_outbox(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<OutboxPage>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = page_limit(page.limit)?;
+) -> Result<Json<OutboxList>, ApiError> {
+    let limit = PAGE.of(page.limit)?;
     let filter = match page.state.as_deref() {
         None => None,
         Some(code) => Some(OutboxState::parse(code).ok_or_else(|| {
@@ -328,16 +337,14 @@ pub async fn list_outbox(
     };
     let client = state.pool.get().await?;
     let items = store::list_outbox(&client, filter, page.after.unwrap_or(0), limit).await?;
-    let next = (items.len() as i64 == limit)
-        .then(|| items.last().map(|r| r.id))
-        .flatten();
-    Ok(Json(json!({"items": items, "next_after": next})))
+    let next_after = next_cursor(&items, limit, |r| r.id);
+    Ok(Json(OutboxList { items, next_after }))
 }
 
 /// Counts by state and the age of the oldest unsent row.
-#[utoipa::path(get, path = "/stats", responses((status = 200, body = Object)),
+#[utoipa::path(get, path = "/stats", responses((status = 200, body = store::Stats)),
     security((), ("admin_token" = [])))]
-pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn stats(State(state): State<AppState>) -> Result<Json<store::Stats>, ApiError> {
     let client = state.pool.get().await?;
     Ok(Json(store::stats(&client).await?))
 }

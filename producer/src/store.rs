@@ -8,6 +8,7 @@ use outbox_core::outbox::{self, OutboxState};
 use outbox_core::retention::BatchDelete;
 use serde::Serialize;
 use serde_json::{json, Value};
+use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -51,11 +52,27 @@ pub fn idempotency_key_retention(retention: Duration, interval: Duration) -> Bat
     }
 }
 
+/// The answer to `POST /messages`: the message and its outbox event, as committed.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedMessage {
+    pub id: Uuid,
+    pub event_id: String,
+    pub outbox_id: i64,
+    /// Always `P`: the relay has not sent it yet.
+    pub state: OutboxState,
+    pub event_type: String,
+    pub key: String,
+    pub topic: String,
+    pub correlation_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// What `create_message` did.
 pub enum Created {
     /// Written now; the response body.
-    New(Value),
-    /// The same key and body were seen before: the first response, nothing written.
+    New(CreatedMessage),
+    /// The same key and body were seen before: the first response as it was stored, nothing
+    /// written.
     Replayed(Value),
     /// The same key came with another body: refused, nothing written.
     KeyReused,
@@ -111,6 +128,9 @@ pub async fn create_message(
         "key": aggregate_id,
         "data": new.data,
     });
+    // The trace of this request travels with the event (as a Kafka header) when spans are exported.
+    let headers = outbox_core::trace_context::traceparent(&tracing::Span::current())
+        .map(|tp| json!({ outbox_core::trace_context::TRACEPARENT: tp }));
     let published = outbox::publish_returning_row(
         &*tx,
         &outbox::NewEvent {
@@ -118,7 +138,7 @@ pub async fn create_message(
             key: &aggregate_id,
             data: &data,
             topic: Some(&new.topic),
-            headers: None,
+            headers: headers.as_ref(),
             correlation_id: Some(&new.correlation_id),
             source: Some("producer"),
         },
@@ -142,21 +162,21 @@ pub async fn create_message(
         )
         .await?;
     let created_at: DateTime<Utc> = row.get(0);
-    let body = json!({
-        "id": id,
-        "event_id": published.event_id,
-        "outbox_id": outbox_id,
-        "state": OutboxState::Pending,
-        "event_type": new.event_type,
-        "key": aggregate_id,
-        "topic": new.topic,
-        "correlation_id": new.correlation_id,
-        "created_at": created_at,
-    });
+    let body = CreatedMessage {
+        id,
+        event_id: published.event_id,
+        outbox_id,
+        state: OutboxState::Pending,
+        event_type: new.event_type,
+        key: aggregate_id,
+        topic: new.topic,
+        correlation_id: new.correlation_id,
+        created_at,
+    };
     if let Some(idem) = &idempotency {
         tx.execute(
             "update idempotency_keys set response_code = 201, response_body = $2 where key = $1",
-            &[&idem.key, &body],
+            &[&idem.key, &Json(&body)],
         )
         .await?;
     }
@@ -172,11 +192,12 @@ pub struct MessageView {
     pub key: String,
     pub event_type: String,
     pub event_id: String,
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = outbox_core::http::openapi::json_without_nul)]
     pub data: Option<Value>,
     pub correlation_id: String,
     pub created_at: DateTime<Utc>,
     /// The event's outbox state: P, E, X or D.
+    #[schema(value_type = OutboxState)]
     pub state: String,
     pub attempts: i32,
     pub last_error: Option<String>,
@@ -253,6 +274,7 @@ pub struct OutboxRow {
     pub event_type: String,
     pub key: String,
     pub topic: String,
+    #[schema(value_type = OutboxState)]
     pub state: String,
     pub attempts: i32,
     pub last_error: Option<String>,
@@ -311,12 +333,44 @@ pub async fn list_outbox(
         .collect())
 }
 
-/// Counts by state and the age of the oldest unsent row.
-pub async fn stats(client: &outbox_core::db::Client) -> Result<Value, ApiError> {
-    let mut counts = serde_json::Map::new();
-    for state in OutboxState::ALL {
-        counts.insert(state.code().into(), 0.into());
+/// The answer to `GET /stats`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    /// Outbox rows by state (every state present, zero when none).
+    pub outbox: OutboxCounts,
+    /// Age of the oldest P or X row; null when none is waiting.
+    pub oldest_unsent_age_seconds: Option<f64>,
+    pub messages: i64,
+}
+
+/// Outbox rows by state.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+#[allow(non_snake_case)]
+pub struct OutboxCounts {
+    /// Pending.
+    pub P: i64,
+    /// Sent (enviado).
+    pub E: i64,
+    /// Failed, retried later.
+    pub X: i64,
+    /// Dead.
+    pub D: i64,
+}
+
+impl OutboxCounts {
+    fn count_mut(&mut self, state: OutboxState) -> &mut i64 {
+        match state {
+            OutboxState::Pending => &mut self.P,
+            OutboxState::Sent => &mut self.E,
+            OutboxState::Retry => &mut self.X,
+            OutboxState::Dead => &mut self.D,
+        }
     }
+}
+
+/// Counts by state and the age of the oldest unsent row.
+pub async fn stats(client: &outbox_core::db::Client) -> Result<Stats, ApiError> {
+    let mut counts = OutboxCounts::default();
     for row in client
         .query(
             "select state::text, count(*) from outbox group by state",
@@ -324,8 +378,10 @@ pub async fn stats(client: &outbox_core::db::Client) -> Result<Value, ApiError> 
         )
         .await?
     {
-        let state: String = row.get(0);
-        counts.insert(state, row.get::<_, i64>(1).into());
+        // The column's check constraint admits only the four states.
+        if let Some(state) = OutboxState::parse(row.get(0)) {
+            *counts.count_mut(state) = row.get(1);
+        }
     }
     let oldest: Option<f64> = client
         .query_one(
@@ -339,11 +395,11 @@ pub async fn stats(client: &outbox_core::db::Client) -> Result<Value, ApiError> 
         .query_one("select count(*) from messages", &[])
         .await?
         .get(0);
-    Ok(json!({
-        "outbox": counts,
-        "oldest_unsent_age_seconds": oldest,
-        "messages": messages,
-    }))
+    Ok(Stats {
+        outbox: counts,
+        oldest_unsent_age_seconds: oldest,
+        messages,
+    })
 }
 
 /// Puts a dead row back to pending (attempts reset) and wakes the relay.

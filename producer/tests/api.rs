@@ -627,7 +627,6 @@ fn help_shows_no_secret_values() {
 
 #[tokio::test]
 async fn with_admin_token_every_route_but_publishing_and_operations_needs_it() {
-    use outbox_core::testing::RouteCall;
     let db = TestDb::create().await;
     let url = db.url.clone();
     let app = spawn_app_with(db, &url, |c| c.admin_token = Some("s3cret".into())).await;
@@ -635,8 +634,21 @@ async fn with_admin_token_every_route_but_publishing_and_operations_needs_it() {
         (app.get("/ready").await.0 == StatusCode::OK).then_some(())
     })
     .await;
+    outbox_core::testing::assert_admin_token_guards(
+        &app.base,
+        "s3cret",
+        producer::OPEN_ROUTES,
+        &every_route(),
+    )
+    .await;
+}
+
+/// Every route the producer serves, called so that it reaches its handler, with the status the
+/// handler answers.
+fn every_route() -> Vec<outbox_core::testing::RouteCall> {
+    use outbox_core::testing::RouteCall;
     let unknown = "0193a4b2-0000-7000-8000-000000000000";
-    let calls = [
+    vec![
         RouteCall::new("POST", "/messages", "/messages", 201).json(json!({"content": "hi"})),
         RouteCall::new("GET", "/messages", "/messages", 200),
         RouteCall::new(
@@ -652,14 +664,32 @@ async fn with_admin_token_every_route_but_publishing_and_operations_needs_it() {
         RouteCall::new("GET", "/health", "/health", 200),
         RouteCall::new("GET", "/ready", "/ready", 200),
         RouteCall::new("GET", "/metrics", "/metrics", 200),
-    ];
-    outbox_core::testing::assert_admin_token_guards(
-        &app.base,
-        "s3cret",
-        producer::OPEN_ROUTES,
-        &calls,
-    )
-    .await;
+    ]
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_valid_and_lists_every_route_with_typed_answers() {
+    let app = spawn_app().await;
+    let document =
+        outbox_core::testing::assert_openapi_lists_every_route(&app.base, &every_route()).await;
+    // Every success answer names its schema: none is a bare object.
+    for (method, path) in outbox_core::testing::operations(&document) {
+        if path == "/openapi.json" {
+            continue;
+        }
+        let operation = &document["paths"][&path][method.to_lowercase()];
+        let (status, answer) = operation["responses"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(status, _)| status.starts_with('2'))
+            .unwrap_or_else(|| panic!("{method} {path} has no 2xx answer"));
+        let schema = &answer["content"]["application/json"]["schema"];
+        assert!(
+            schema["$ref"].is_string(),
+            "{method} {path} answers {status} with an untyped body: {schema}"
+        );
+    }
 }
 
 /// A query in flight when its backend is terminated (as PostgreSQL does to every session when it

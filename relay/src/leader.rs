@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use outbox_core::outbox::NOTIFY_CHANNEL;
+use outbox_core::reconnect::Backoff;
+use outbox_core::shutdown::sleep_or_cancel;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -86,18 +88,18 @@ pub async fn elect_and_publish(
 ) {
     let wake = Arc::new(Notify::new());
     let metrics = publisher.metrics().clone();
-    let mut reconnect_delay = Duration::from_millis(200);
+    let mut reconnect = Backoff::new();
     while !shutdown.is_cancelled() {
         let session = match LockSession::connect(&config.database.database_url, wake.clone()).await
         {
             Ok(session) => {
-                reconnect_delay = Duration::from_millis(200);
+                reconnect.reset();
                 session
             }
             Err(error) => {
-                tracing::warn!(%error, retry_in_ms = reconnect_delay.as_millis() as u64, "cannot reach PostgreSQL for leader election");
-                sleep_or_cancel(reconnect_delay, &shutdown).await;
-                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(5));
+                let delay = reconnect.next_delay();
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot reach PostgreSQL for leader election");
+                sleep_or_cancel(delay, &shutdown).await;
                 continue;
             }
         };
@@ -158,13 +160,5 @@ pub async fn elect_and_publish(
         metrics.is_leader.set(0);
         tracing::info!("no longer leading");
         drop(session);
-    }
-}
-
-/// Sleeps for `delay`, or less when shutdown comes first.
-pub async fn sleep_or_cancel(delay: Duration, token: &CancellationToken) {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = token.cancelled() => {}
     }
 }

@@ -4,6 +4,7 @@
 //! A row is marked `E` only after Kafka acknowledged it (acks=all, idempotent producer), so a crash
 //! at any point re-sends rather than loses; consumers deduplicate by event id.
 
+mod group_lag;
 mod leader;
 mod metrics;
 mod publish;
@@ -90,6 +91,19 @@ pub struct Config {
     /// Advisory lock key that elects the leader; relays of one outbox share it.
     #[arg(long, env = "RELAY_LOCK_KEY", default_value_t = 0x6f75_7462_6f78_0002)]
     pub lock_key: i64,
+    /// Consumer groups whose lag, as the broker sees it, every relay instance exports as
+    /// `kafka_consumergroup_lag` (kafka-exporter's names), on the topics this relay publishes to;
+    /// comma-separated, empty for none. The default is the consumer's default `CONSUMER_GROUP`.
+    #[arg(
+        long,
+        env = "LAG_CONSUMER_GROUPS",
+        default_value = "webhook-dispatcher",
+        value_delimiter = ','
+    )]
+    pub lag_consumer_groups: Vec<String>,
+    /// How often the groups' committed offsets and the partitions' high watermarks are read.
+    #[arg(long, env = "LAG_POLL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub lag_poll_interval: Duration,
 }
 
 /// Handles shared by the HTTP side and the workers.
@@ -163,13 +177,31 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let groups: Vec<String> = config
+        .lag_consumer_groups
+        .iter()
+        .map(|g| g.trim().to_owned())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let group_lag = tokio::spawn(group_lag::export(
+        config.kafka.kafka_brokers.clone(),
+        groups,
+        routes.topics(),
+        config.lag_poll_interval,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
     if db::migrate_until_done(&pool, SCHEMAS, &shutdown).await
-        && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool)).await
+        && db::until_done("storing TOPIC_ROUTES", &shutdown, || routes.store(&pool))
+            .await
+            .is_some()
     {
         leader::elect_and_publish(&config, publisher.clone(), shutdown.clone()).await;
     }
 
     gauges.abort();
+    group_lag.abort();
     publisher.flush();
     server.await?;
     Ok(())

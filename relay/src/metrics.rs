@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use outbox_core::db::PgPool;
+use outbox_core::outbox::OutboxState;
 use outbox_core::telemetry::register;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +24,10 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub commit_to_ack: Histogram,
     pub retention_deleted: IntCounter,
+    /// kafka-exporter's `kafka_consumergroup_lag`, by `consumergroup`, `topic`, `partition`.
+    pub group_lag: IntGaugeVec,
+    /// kafka-exporter's `kafka_consumergroup_lag_sum`, by `consumergroup`, `topic`.
+    pub group_lag_sum: IntGaugeVec,
 }
 
 impl Metrics {
@@ -119,6 +125,28 @@ impl Metrics {
                 IntCounter::new("relay_retention_deleted_total", "Old sent rows deleted")
                     .expect("metric"),
             ),
+            group_lag: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kafka_consumergroup_lag",
+                        "High watermark minus the group's committed offset, per partition, as the broker reports them (-1: nothing committed)",
+                    ),
+                    &["consumergroup", "topic", "partition"],
+                )
+                .expect("metric"),
+            ),
+            group_lag_sum: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kafka_consumergroup_lag_sum",
+                        "kafka_consumergroup_lag summed over a topic's partitions with a committed offset",
+                    ),
+                    &["consumergroup", "topic"],
+                )
+                .expect("metric"),
+            ),
             registry,
         }
     }
@@ -156,13 +184,11 @@ pub async fn refresh_backlog(pool: PgPool, metrics: Metrics, shutdown: Cancellat
                 Ok(row) => {
                     let (p, x, d, total): (f64, f64, f64, f64) =
                         (row.get(0), row.get(1), row.get(2), row.get(3));
-                    metrics.rows.with_label_values(&["P"]).set(p);
-                    metrics.rows.with_label_values(&["X"]).set(x);
-                    metrics.rows.with_label_values(&["D"]).set(d);
-                    metrics
-                        .rows
-                        .with_label_values(&["E"])
-                        .set((total - p - x - d).max(0.0));
+                    let rows = |state: OutboxState| metrics.rows.with_label_values(&[state.code()]);
+                    rows(OutboxState::Pending).set(p);
+                    rows(OutboxState::Retry).set(x);
+                    rows(OutboxState::Dead).set(d);
+                    rows(OutboxState::Sent).set((total - p - x - d).max(0.0));
                     metrics
                         .oldest_unsent_age
                         .set(row.get::<_, Option<f64>>(4).unwrap_or(0.0));
@@ -170,6 +196,6 @@ pub async fn refresh_backlog(pool: PgPool, metrics: Metrics, shutdown: Cancellat
                 }
             }
         }
-        crate::leader::sleep_or_cancel(Duration::from_secs(5), &shutdown).await;
+        outbox_core::shutdown::sleep_or_cancel(Duration::from_secs(5), &shutdown).await;
     }
 }

@@ -11,7 +11,11 @@ use chrono::{DateTime, Utc};
 use outbox_core::db::PgPool;
 use outbox_core::envelope::{HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 use outbox_core::kafka;
+use outbox_core::outbox::OutboxState;
+use outbox_core::reconnect::Backoff;
 use outbox_core::schedule::exponential_backoff;
+use outbox_core::shutdown::sleep_or_cancel;
+use outbox_core::trace_context::TRACEPARENT;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -19,8 +23,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::leader::sleep_or_cancel;
 use crate::{Config, Metrics};
 
 /// The snapshot's xmin: every event whose writer's xid is below it is final (committed and
@@ -211,6 +215,43 @@ struct Batch {
 /// Errors that will not go away by waiting: the row counts towards `RELAY_MAX_ATTEMPTS` and then
 /// turns dead. Everything else (timeouts, broker down, leader changes) is transient and retried
 /// for as long as it takes.
+/// The spans of one batch's sends: the batch's own, linked to the trace of every event it carries
+/// (a batch belongs to many traces, so it is a child of none), and one per event, a child of the
+/// event's `traceparent` header, which then carries that span's context on into Kafka. Nothing
+/// when spans are not exported.
+fn batch_spans(rows: &mut [Claimed]) -> (tracing::Span, Vec<tracing::Span>) {
+    let batch = tracing::info_span!(
+        "relay_batch",
+        events = rows.len(),
+        sent = tracing::field::Empty
+    );
+    if !outbox_core::telemetry::exporting() {
+        return (batch, Vec::new());
+    }
+    let mut per_event = Vec::new();
+    for row in rows.iter_mut() {
+        let Some(tp) = row
+            .headers
+            .get(TRACEPARENT)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        outbox_core::trace_context::link_to(&batch, &tp);
+        let span = tracing::info_span!(parent: None, "relay_publish", otel.kind = "producer", outbox_id = row.id, topic = %row.topic);
+        outbox_core::trace_context::continue_from_value(&span, Some(&tp));
+        if let (Some(next), Some(headers)) = (
+            outbox_core::trace_context::traceparent(&span),
+            row.headers.as_object_mut(),
+        ) {
+            headers.insert(TRACEPARENT.to_owned(), Value::String(next));
+        }
+        per_event.push(span);
+    }
+    (batch, per_event)
+}
+
 fn is_permanent(error: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
@@ -287,15 +328,7 @@ impl Publisher {
 
     /// True when the cluster answers a metadata request within two seconds.
     pub async fn kafka_reachable(&self) -> bool {
-        let producer = self.producer();
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false)
+        outbox_core::kafka::is_reachable(self.producer(), |p| p.client()).await
     }
 
     /// Publishes batches while `leadership` and `shutdown` hold; sleeps until NOTIFY, the next due
@@ -307,7 +340,7 @@ impl Publisher {
         shutdown: &CancellationToken,
     ) {
         self.ensure_topics(&self.configured_topics).await;
-        let mut db_backoff = Duration::from_millis(100);
+        let mut db_backoff = Backoff::new();
         let mut pipeline = Pipeline::default();
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
             match self.publish_batch(&mut pipeline, leadership).await {
@@ -320,15 +353,15 @@ impl Publisher {
                         _ = shutdown.cancelled() => {}
                     }
                 }
-                Ok(_) => db_backoff = Duration::from_millis(100),
+                Ok(_) => db_backoff.reset(),
                 Err(error) => {
-                    tracing::warn!(%error, retry_in_ms = db_backoff.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
+                    let delay = db_backoff.next_delay();
+                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
                     // Start over from the cursor as committed.
                     let _ = pipeline.settle().await;
                     pipeline.next = None;
                     pipeline.reading = Reading::default();
-                    sleep_or_cancel(db_backoff, leadership).await;
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                    sleep_or_cancel(delay, leadership).await;
                 }
             }
         }
@@ -346,9 +379,7 @@ impl Publisher {
             Err(_) => None,
         };
         match next {
-            Some(at) => (at - Utc::now())
-                .to_std()
-                .unwrap_or(Duration::from_millis(5))
+            Some(at) => outbox_core::config::time_until(at, Utc::now())
                 .clamp(Duration::from_millis(5), self.poll_interval),
             None => self.poll_interval,
         }
@@ -430,7 +461,14 @@ impl Publisher {
         let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
         let send_started = std::time::Instant::now();
         let producer = self.producer();
-        let outcomes = self.send_in_order(&producer, &rows).await;
+        let mut rows = rows;
+        let (span, per_event) = batch_spans(&mut rows);
+        let outcomes = self
+            .send_in_order(&producer, &rows)
+            .instrument(span.clone())
+            .await;
+        span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
+        drop(per_event);
         let mut sent = Sent::default();
         let mut failed = Failed::default();
         let mut per_topic: HashMap<&str, u64> = HashMap::new();
@@ -463,7 +501,12 @@ impl Publisher {
                     failed.ids.push(row.id);
                     failed.created.push(row.created_at);
                     failed.keys.push(row.key.clone());
-                    failed.states.push(if dead { "D" } else { "X" }.to_owned());
+                    let state = if dead {
+                        OutboxState::Dead
+                    } else {
+                        OutboxState::Retry
+                    };
+                    failed.states.push(state.code().to_owned());
                     failed.attempts.push(attempts);
                     failed.errors.push(error.to_string());
                     failed
@@ -879,7 +922,7 @@ impl Marks {
     /// rows again after it. Only a lost leadership, or a cursor another relay moved, ends the
     /// attempts (the rows are then sent again).
     async fn write_until_done(self, leadership: CancellationToken) -> Result<(), BatchError> {
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new();
         loop {
             match self.write().await {
                 Ok(()) => return Ok(()),
@@ -892,9 +935,9 @@ impl Marks {
                 }
                 Err(error) if leadership.is_cancelled() => return Err(error),
                 Err(error) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(%error, rows = self.sent.ids.len(), retry_in_ms = delay.as_millis() as u64, "sent rows not marked yet");
                     sleep_or_cancel(delay, &leadership).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }

@@ -371,7 +371,7 @@ async fn postgres_ceiling(n: usize) -> anyhow::Result<f64> {
         })
         .collect();
     let records = Arc::new(records);
-    let lease = config.delivery_lease.as_secs_f64();
+    let lease = config.delivery_lease;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..TASKS {

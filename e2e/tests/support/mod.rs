@@ -59,6 +59,8 @@ pub struct Stack {
     pub group: String,
     pub producer_url: String,
     pub consumer_url: String,
+    /// The relay's health and metrics (`kafka_consumergroup_lag` of this stack's group).
+    pub relay_url: String,
     pub notifier_port: u16,
     pub http: reqwest::Client,
     pub producer: Service,
@@ -109,7 +111,9 @@ impl Stack {
         relay_config.send_timeout = Duration::from_secs(1);
         relay_config.retry_max = Duration::from_millis(500);
         relay_config.lock_key = (uuid::Uuid::new_v4().as_u128() as i64).abs();
-        let (relay_listener, _) = listen(0).await;
+        relay_config.lag_consumer_groups = vec![group.clone()];
+        relay_config.lag_poll_interval = Duration::from_millis(300);
+        let (relay_listener, relay_port) = listen(0).await;
         let stop = CancellationToken::new();
         let relay = Service {
             task: tokio::spawn(relay::run(relay_config, relay_listener, stop.clone())),
@@ -122,6 +126,7 @@ impl Stack {
         let stack = Stack {
             producer_url: format!("http://127.0.0.1:{port}"),
             consumer_url: format!("http://127.0.0.1:{consumer_port}"),
+            relay_url: format!("http://127.0.0.1:{relay_port}"),
             notifier_port,
             http: reqwest::Client::new(),
             producer,
@@ -192,6 +197,34 @@ impl Stack {
         let stop = CancellationToken::new();
         let task = tokio::spawn(notifier::run(config, listener, stop.clone()));
         (Service { stop, task }, port)
+    }
+
+    /// Stops the consumer gracefully (it commits what it recorded and leaves the group); see
+    /// [`Stack::start_consumer`].
+    pub async fn stop_consumer(&mut self) {
+        let old = std::mem::replace(
+            &mut self.consumer,
+            Service {
+                stop: CancellationToken::new(),
+                task: tokio::spawn(async { Ok(()) }),
+            },
+        );
+        old.stop().await;
+    }
+
+    /// Starts a consumer in the stack's group on its old address, after [`Stack::stop_consumer`].
+    pub async fn start_consumer(&mut self) {
+        let port = self
+            .consumer_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let (fresh, port) =
+            Self::start_consumer_on(&self.db, &self.brokers, &self.topic, &self.group, port).await;
+        self.consumer = fresh;
+        self.consumer_url = format!("http://127.0.0.1:{port}");
+        self.wait_until_consumer_ready().await;
     }
 
     /// Kills the consumer as in a crash and starts a new one (same group, same address).

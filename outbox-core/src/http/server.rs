@@ -60,6 +60,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let router = super::uniform_errors(router)
+        .layer(middleware::from_fn(crate::trace_context::http_request_span))
         .layer(middleware::from_fn_with_state(
             limits.http_body_timeout,
             super::body_timeout::limit_body_read,
