@@ -378,7 +378,7 @@ pub async fn stats(client: &outbox_core::db::Client) -> Result<Stats, ApiError> 
         )
         .await?
     {
-        // The column's check constraint admits only the four states.
+        // The view derives E for a sent fact, else unsent's state (checked to be P, X or D) or P.
         if let Some(state) = OutboxState::parse(row.get(0)) {
             *counts.count_mut(state) = row.get(1);
         }
