@@ -69,6 +69,11 @@ impl Schema {
                     "publish",
                     include_str!("../../sql/outbox/V2__publish.sql"),
                 ),
+                (
+                    3,
+                    "append_only",
+                    include_str!("../../sql/outbox/V3__append_only.sql"),
+                ),
             ],
             Schema::Producer => &[
                 (

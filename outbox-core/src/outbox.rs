@@ -153,7 +153,7 @@ pub async fn publish_returning_row(
 ) -> Result<Published, PublishError> {
     // The subquery runs first (offset 0 keeps it from being folded), so currval is this call's id.
     let sql = format!(
-        "select e, currval(pg_get_serial_sequence('outbox.outbox', 'id'))
+        "select e, currval('outbox.events_id_seq')
            from (select {PUBLISH} as e offset 0) p"
     );
     let row = tx

@@ -315,9 +315,16 @@ pub async fn list_outbox(
     limit: i64,
 ) -> Result<Vec<OutboxRow>, ApiError> {
     let code = state.map(OutboxState::code);
-    let sql = format!(
-        "{OUTBOX_VIEW} where id > $1 and ($2::text is null or state = $2) order by id limit $3"
-    );
+    // Unsent rows are found from the outbox's own list of them, not by walking every sent row.
+    let sql = match state {
+        Some(OutboxState::Pending | OutboxState::Retry | OutboxState::Dead) => format!(
+            "{OUTBOX_VIEW} where id in (select outbox.unsent_ids(true)) and id > $1 and state = $2
+              order by id limit $3"
+        ),
+        _ => format!(
+            "{OUTBOX_VIEW} where id > $1 and ($2::text is null or state = $2) order by id limit $3"
+        ),
+    };
     Ok(client
         .query(&sql, &[&after, &code, &limit])
         .await?
@@ -371,14 +378,15 @@ pub async fn stats(client: &outbox_core::db::Client) -> Result<Stats, ApiError> 
         )
         .await?
     {
-        // The column's check constraint admits only the four states.
+        // The view derives E for a sent fact, else unsent's state (checked to be P, X or D) or P.
         if let Some(state) = OutboxState::parse(row.get(0)) {
             *counts.count_mut(state) = row.get(1);
         }
     }
     let oldest: Option<f64> = client
         .query_one(
-            "select extract(epoch from now() - min(created_at))::float8 from outbox where state in ('P', 'X')",
+            "select extract(epoch from now() - min(created_at))::float8 from outbox
+              where id in (select outbox.unsent_ids()) and state in ('P', 'X')",
             &[],
         )
         .await?

@@ -134,6 +134,10 @@ pub async fn elect_and_publish(
             publisher.pool().clone(),
             config.retention,
             config.retention_interval,
+            crate::retention::Partitions {
+                span: config.partition_span,
+                ahead: config.partition_span * 2,
+            },
             metrics.clone(),
             leadership.clone(),
         ));

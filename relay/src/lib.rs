@@ -11,7 +11,7 @@ mod publish;
 /// The relay's claim and mark statements, for relay-bench's PostgreSQL-only ceiling.
 #[cfg(feature = "bench")]
 pub mod statements {
-    pub use crate::publish::{CLAIM_DUE_ROWS, MARK_SENT};
+    pub use crate::publish::{Cursor, CLAIM_CURSOR, LOAD_CURSOR, MARK_BATCH, SNAPSHOT_XMIN};
 }
 mod retention;
 
@@ -82,9 +82,14 @@ pub struct Config {
     /// Longest retry delay: bounds how long after Kafka's return an X row waits.
     #[arg(long, env = "RELAY_RETRY_MAX", default_value = "5s", value_parser = parse_duration)]
     pub retry_max: Duration,
-    /// Sent rows older than this are deleted.
+    /// Sent rows older than this are deleted: a whole partition once its time range is this old
+    /// and its events are all sent (so a sent row may outlive it by up to one partition span).
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "30d", value_parser = parse_duration)]
     pub retention: Duration,
+    /// Time range of each outbox partition; the leader makes them two spans ahead, and retention
+    /// drops them whole.
+    #[arg(long, env = "OUTBOX_PARTITION_SPAN", default_value = "1d", value_parser = parse_duration)]
+    pub partition_span: Duration,
     /// How often retention runs.
     #[arg(long, env = "RELAY_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub retention_interval: Duration,

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub is_leader: IntGauge,
     pub rows: GaugeVec,
     pub oldest_unsent_age: Gauge,
+    pub snapshot_xmin_age: Gauge,
     pub published: IntCounterVec,
     pub failures: IntCounterVec,
     pub dead: IntCounter,
@@ -58,6 +59,14 @@ impl Metrics {
                 Gauge::new(
                     "relay_outbox_oldest_unsent_age_seconds",
                     "Age of the oldest P or X row",
+                )
+                .expect("metric"),
+            ),
+            snapshot_xmin_age: register(
+                r,
+                Gauge::new(
+                    "relay_snapshot_xmin_age_seconds",
+                    "Age of the oldest running transaction with an xid (the snapshot's xmin): events committed after it began wait for it to end",
                 )
                 .expect("metric"),
             ),
@@ -149,31 +158,42 @@ impl Default for Metrics {
     }
 }
 
-// Counting sent rows exactly would scan the whole table; the planner's estimate is enough for E.
+// Unsent (`outbox.unsent_ids`): the rows in `unsent`, and the events beyond the committed cursor
+// not sent yet. Counting sent rows exactly would scan every partition; the planner's estimate is
+// enough for E.
 const BACKLOG: &str = "
+    with pending as (
+        select e.id, e.created_at, coalesce(u.state, 'P') as state
+          from outbox.unsent_ids(true) i(id) join events e on e.id = i.id
+          left join unsent u on u.id = i.id)
     select count(*) filter (where state = 'P')::float8,
            count(*) filter (where state = 'X')::float8,
-           (select count(*) from outbox where state = 'D')::float8,
-           (select greatest(reltuples, 0)::float8 from pg_class where oid = 'outbox'::regclass),
-           (select extract(epoch from now() - created_at)::float8 from outbox
-             where state in ('P', 'X') order by id limit 1)
-      from outbox where state in ('P', 'X')";
+           count(*) filter (where state = 'D')::float8,
+           (select coalesce(sum(greatest(reltuples, 0)), 0)::float8 from pg_class
+             where oid in (select inhrelid from pg_inherits where inhparent = 'events'::regclass)),
+           extract(epoch from now() - min(created_at) filter (where state in ('P', 'X')))::float8,
+           outbox.snapshot_xmin_age()
+      from pending";
 
 /// Refreshes the backlog gauges every few seconds, on every instance (standbys too).
 pub async fn refresh_backlog(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         if let Ok(client) = pool.get().await {
-            if let Ok(row) = client.query_one(BACKLOG, &[]).await {
-                let (p, x, d, total): (f64, f64, f64, f64) =
-                    (row.get(0), row.get(1), row.get(2), row.get(3));
-                let rows = |state: OutboxState| metrics.rows.with_label_values(&[state.code()]);
-                rows(OutboxState::Pending).set(p);
-                rows(OutboxState::Retry).set(x);
-                rows(OutboxState::Dead).set(d);
-                rows(OutboxState::Sent).set((total - p - x - d).max(0.0));
-                metrics
-                    .oldest_unsent_age
-                    .set(row.get::<_, Option<f64>>(4).unwrap_or(0.0));
+            match client.query_one(BACKLOG, &[]).await {
+                Err(error) => tracing::debug!(%error, "backlog gauges not refreshed"),
+                Ok(row) => {
+                    let (p, x, d, total): (f64, f64, f64, f64) =
+                        (row.get(0), row.get(1), row.get(2), row.get(3));
+                    let rows = |state: OutboxState| metrics.rows.with_label_values(&[state.code()]);
+                    rows(OutboxState::Pending).set(p);
+                    rows(OutboxState::Retry).set(x);
+                    rows(OutboxState::Dead).set(d);
+                    rows(OutboxState::Sent).set((total - p - x - d).max(0.0));
+                    metrics
+                        .oldest_unsent_age
+                        .set(row.get::<_, Option<f64>>(4).unwrap_or(0.0));
+                    metrics.snapshot_xmin_age.set(row.get(5));
+                }
             }
         }
         outbox_core::shutdown::sleep_or_cancel(Duration::from_secs(5), &shutdown).await;

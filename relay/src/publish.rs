@@ -1,5 +1,7 @@
-//! Claiming due outbox rows, publishing them with the idempotent producer, and marking the batch
-//! from the delivery reports: one statement for the sent rows, one for the failed ones.
+//! Reading the outbox by its cursor (and the few unsent rows due for a retry), publishing with
+//! the idempotent producer, and marking each batch from the delivery reports in one statement
+//! that appends the sent rows' partitions and offsets and moves the cursor: no event row is
+//! ever rewritten.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -25,45 +27,158 @@ use tracing::Instrument as _;
 
 use crate::{Config, Metrics};
 
-/// Due `P`/`X` rows in id order, never a row whose key has an older unsent row that is not due
-/// (that row would then be overtaken). Older due rows of the same key are in the same batch,
-/// before it, and the idempotent producer keeps their order within the partition. The keys to
-/// hold back come from the few rows waiting for a later retry, found by `outbox_unsent_due`, so a
-/// claim costs the same however long the backlog is. `$2` are the rows of the previous batch,
-/// acknowledged by Kafka but whose marks are still being written.
-pub const CLAIM_DUE_ROWS: &str = "
+/// The snapshot's xmin: every event whose writer's xid is below it is final (committed and
+/// visible, or rolled back), so the cursor may pass it.
+pub const SNAPSHOT_XMIN: &str = "select pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+/// The cursor as the last leader committed it.
+pub const LOAD_CURSOR: &str = "
+    select xmin_done::text::bigint, id_done, version,
+           coalesce(ahead_xid, 9223372036854775807), coalesce(ahead_max_xid, 0), coalesce(ahead_max_id, 0)
+      from relay_cursor";
+
+/// The committed events not handled yet, in three parts (`$2` xmin done, `$3` id done, `$4` the
+/// snapshot's xmin):
+/// - fresh: final events beyond the cursor, the next `$1` in id order;
+/// - late: events of transactions that ended since the cursor's xmin, with lower ids (a
+///   transaction that commits late);
+/// - ahead: committed events of transactions newer than the xmin (not final yet, since an older
+///   writer still runs), up to the last fresh one when the fresh part was cut by `$1`, so that
+///   the batch holds every committed unsent event below its highest id (per-key order).
+///
+/// For each: whether it was already sent (only looked up where it may have been sent ahead of the
+/// cursor: xid at or above `$5` or the xmin), whether it has an `unsent` row (put there by hand,
+/// or held back earlier: skipped, it is sent from there) and whether its key has an unsent P or X
+/// row (held back behind it).
+pub const CLAIM_CURSOR: &str = "
+    with fresh as (
+        select e.id, e.xid, e.topic, e.aggregate_id, e.headers, e.created_at from events e
+         where e.id > $3 and e.xid < $4::bigint::text::xid8
+         order by e.id
+         limit $1
+    ), late as (
+        select e.id, e.xid, e.topic, e.aggregate_id, e.headers, e.created_at from events e
+         where e.xid >= $2::bigint::text::xid8 and e.xid < $4::bigint::text::xid8 and e.id <= $3
+    ), cut as (
+        select case when count(*) >= $1 then coalesce(max(id), $3) else 9223372036854775807 end as id
+          from fresh
+    ), ahead as (
+        select e.id, e.xid, e.topic, e.aggregate_id, e.headers, e.created_at from events e
+         where e.xid >= $4::bigint::text::xid8 and e.id <= (select id from cut)
+    )
+    select c.id, c.topic, c.aggregate_id,
+           (select p.payload::text from outbox_payloads p where p.outbox_id = c.id and p.created_at = c.created_at),
+           c.headers, c.created_at,
+           exists (select 1 from unsent u where u.id = c.id) as own,
+           exists (select 1 from unsent u where u.aggregate_id = c.aggregate_id and u.state in ('P', 'X')) as held,
+           (c.xid >= $5::bigint::text::xid8 or c.xid >= $4::bigint::text::xid8)
+               and exists (select 1 from sent s where s.id = c.id and s.created_at = c.created_at) as sent,
+           c.xid::text::bigint
+      from (select * from fresh union all select * from late union all select * from ahead) c";
+
+/// Due `P`/`X` rows of `unsent` behind the cursor (`$3` xmin, `$4` id), in id order, never a
+/// row whose key has an older unsent row that is not due (that row would then be overtaken).
+/// `$2` are the rows of the previous batch, acknowledged by Kafka but whose marks are still
+/// being written.
+pub const CLAIM_UNSENT: &str = "
     with held as (
-        select aggregate_id, min(id) as from_id from outbox
+        select aggregate_id, min(id) as from_id from unsent
          where state in ('P', 'X') and next_attempt_at > now()
          group by aggregate_id)
-    select o.id, o.topic, o.aggregate_id,
-           (select p.payload::text from outbox_payloads p where p.outbox_id = o.id),
-           o.headers, o.attempts, o.created_at,
-           o.last_error_kind = 'permanent' as solo
-      from outbox o
-     where o.state in ('P', 'X') and o.next_attempt_at <= now()
-       and not exists (select 1 from held h where h.aggregate_id = o.aggregate_id and h.from_id < o.id)
-       and not exists (select 1 from unnest($2::bigint[]) marking(id) where marking.id = o.id)
-     order by o.id
+    select e.id, e.topic, e.aggregate_id,
+           (select p.payload::text from outbox_payloads p where p.outbox_id = e.id and p.created_at = e.created_at),
+           e.headers, u.attempts, e.created_at,
+           u.last_error_kind = 'permanent' as solo
+      from unsent u join events e on e.id = u.id and e.created_at = u.created_at
+     where u.state in ('P', 'X') and u.next_attempt_at <= now()
+       and e.xid < $3::bigint::text::xid8 and e.id <= $4
+       and not exists (select 1 from held h where h.aggregate_id = u.aggregate_id and h.from_id < u.id)
+       and not exists (select 1 from unnest($2::bigint[]) marking(id) where marking.id = u.id)
+     order by u.id
      limit $1";
 
-pub const MARK_SENT: &str = "
-    update outbox o
-       set state = 'E', kafka_partition = u.partition, kafka_offset = u.kafka_offset,
-           sent_at = now(), attempts = o.attempts + 1, last_error = null, last_error_kind = null
-      from unnest($1::bigint[], $2::int[], $3::bigint[]) as u(id, partition, kafka_offset)
-     where o.id = u.id and o.state in ('P', 'X')";
-
-const MARK_FAILED: &str = "
-    update outbox o
-       set state = u.state, attempts = o.attempts + 1, last_error = u.error, last_error_kind = u.kind,
-           next_attempt_at = now() + u.delay_ms * interval '1 millisecond'
-      from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-           as u(id, state, error, kind, delay_ms)
-     where o.id = u.id and o.state in ('P', 'X')";
+/// A batch's outcome in one statement, so it is all or nothing: the cursor moves (only from the
+/// version this leader read: a relay that lost the lead writes nothing), the sent rows' partitions
+/// and offsets are appended, the sent `unsent` rows go, the held-back rows are put in `unsent`
+/// as P and the failed ones as X or D. Answers 1, or 0 if the cursor had moved.
+pub const MARK_BATCH: &str = "
+    with moved as (
+        update relay_cursor set xmin_done = $1::bigint::text::xid8, id_done = $2, version = version + 1,
+               ahead_xid = nullif($21::bigint, 9223372036854775807), ahead_max_xid = $22, ahead_max_id = $23
+         where version = $3
+        returning 1
+    ), sent_rows as (
+        insert into sent (id, created_at, kafka_partition, kafka_offset, attempts)
+        select * from unnest($4::bigint[], $5::timestamptz[], $6::int[], $7::bigint[], $8::int[])
+         where exists (select 1 from moved)
+    ), resolved as (
+        delete from unsent where id = any($9::bigint[]) and exists (select 1 from moved)
+    ), held as (
+        insert into unsent (id, created_at, aggregate_id, state)
+        select h.id, h.created_at, h.key, 'P' from unnest($10::bigint[], $11::timestamptz[], $12::text[]) as h(id, created_at, key)
+         where exists (select 1 from moved)
+        on conflict (id) do nothing
+    ), failed as (
+        insert into unsent (id, created_at, aggregate_id, state, attempts, last_error, last_error_kind, next_attempt_at)
+        select f.id, f.created_at, f.key, f.state, f.attempts, f.error, f.kind,
+               now() + f.delay_ms * interval '1 millisecond'
+          from unnest($13::bigint[], $14::timestamptz[], $15::text[], $16::text[], $17::int[], $18::text[], $19::text[], $20::bigint[])
+               as f(id, created_at, key, state, attempts, error, kind, delay_ms)
+         where exists (select 1 from moved)
+        on conflict (id) do update
+           set state = excluded.state, attempts = excluded.attempts, last_error = excluded.last_error,
+               last_error_kind = excluded.last_error_kind, next_attempt_at = excluded.next_attempt_at
+    )
+    select count(*) from moved";
 
 /// When the next unsent row falls due (to sleep exactly that long when nothing is due now).
-const NEXT_DUE: &str = "select min(next_attempt_at) from outbox where state in ('P', 'X')";
+const NEXT_DUE: &str = "select min(next_attempt_at) from unsent where state in ('P', 'X')";
+
+/// The leader's cursor: every event with xid < `xmin_done` and id <= `id_done` was handled.
+/// `version` is what the next mark expects to find in `relay_cursor`. Events sent ahead of it
+/// have xids from `ahead_xid` (`i64::MAX`: none) to `ahead_max_xid`, ids up to `ahead_max_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub xmin_done: i64,
+    pub id_done: i64,
+    pub version: i64,
+    pub ahead_xid: i64,
+    pub ahead_max_xid: i64,
+    pub ahead_max_id: i64,
+}
+
+impl Cursor {
+    /// Reads `relay_cursor` (`LOAD_CURSOR`).
+    pub fn from_row(row: &tokio_postgres::Row) -> Self {
+        Cursor {
+            xmin_done: row.get(0),
+            id_done: row.get(1),
+            version: row.get(2),
+            ahead_xid: row.get(3),
+            ahead_max_xid: row.get(4),
+            ahead_max_id: row.get(5),
+        }
+    }
+
+    /// Notes an event read ahead of the cursor (not final yet).
+    fn ahead(&mut self, xid: i64, id: i64) {
+        self.ahead_xid = self.ahead_xid.min(xid);
+        self.ahead_max_xid = self.ahead_max_xid.max(xid);
+        self.ahead_max_id = self.ahead_max_id.max(id);
+    }
+
+    /// Forgets the events sent ahead once the cursor has passed them all.
+    fn forget_passed(&mut self) {
+        if self.ahead_xid != i64::MAX
+            && self.xmin_done > self.ahead_max_xid
+            && self.id_done >= self.ahead_max_id
+        {
+            self.ahead_xid = i64::MAX;
+            self.ahead_max_xid = 0;
+            self.ahead_max_id = 0;
+        }
+    }
+}
 
 struct Claimed {
     id: i64,
@@ -77,6 +192,24 @@ struct Claimed {
     created_at: DateTime<Utc>,
     /// Last failed permanently: sent alone, after everything before it was acknowledged.
     solo: bool,
+    /// Claimed from `unsent` (a retry, or a row held back earlier), not from the cursor.
+    retried: bool,
+}
+
+/// A row the cursor passed that waits in `unsent` behind an older unsent row of its key.
+struct HeldBack {
+    id: i64,
+    created_at: DateTime<Utc>,
+    key: String,
+}
+
+/// One claim: the rows to send, the rows held back, and the cursor once they are marked.
+struct Batch {
+    rows: Vec<Claimed>,
+    held: Vec<HeldBack>,
+    /// The rows the cursor passed (sent, held back, or skipped), and the unsent rows claimed.
+    handled: usize,
+    cursor: Cursor,
 }
 
 /// Errors that will not go away by waiting: the row counts towards `RELAY_MAX_ATTEMPTS` and then
@@ -224,7 +357,10 @@ impl Publisher {
                 Err(error) => {
                     let delay = db_backoff.next_delay();
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
+                    // Start over from the cursor as committed.
+                    let _ = pipeline.settle().await;
                     pipeline.next = None;
+                    pipeline.reading = Reading::default();
                     sleep_or_cancel(delay, leadership).await;
                 }
             }
@@ -280,32 +416,40 @@ impl Publisher {
     }
 
     /// Claims one batch, publishes it and marks every row: E with its partition and offset, or X/D
-    /// with the error and the next attempt time. Returns how many rows the batch had.
+    /// with the error and the next attempt time, in one statement that also moves the cursor.
+    /// Returns how many rows the batch handled.
     ///
     /// When the whole batch was acknowledged, its marks are written in the background while the
-    /// next batch is claimed (without the rows whose marks are in flight) and sent. That batch is
-    /// only claimed after every row before it is in Kafka, so per-key order holds as in a
-    /// sequential loop. (Claiming it while this one is still in Kafka was measured slower: on two
-    /// cores the claim then competes with the send.) A batch with a failure is marked before
-    /// anything else is claimed, so that its keys hold back.
+    /// next batch is claimed (from the cursor the marks will commit, without the unsent rows
+    /// whose marks are in flight) and sent. That batch is only claimed after every row before it
+    /// is in Kafka, so per-key order holds as in a sequential loop. A batch with a failure is
+    /// marked before anything else is claimed, so that its keys hold back.
     async fn publish_batch(
         &self,
         pipeline: &mut Pipeline,
         leadership: &CancellationToken,
     ) -> Result<usize, BatchError> {
         let claim_started = std::time::Instant::now();
-        let rows = match pipeline.next.take() {
-            Some(rows) => rows,
+        let batch = match pipeline.next.take() {
+            Some(batch) => batch,
             None => {
                 pipeline.settle().await?;
-                self.claim(&[]).await?
+                self.claim(&mut pipeline.reading, &[]).await?
             }
         };
-        if rows.is_empty() {
+        if batch.handled == 0 {
             pipeline.settle().await?;
             return Ok(0);
         }
-        self.metrics.batch_size.observe(rows.len() as f64);
+        let Batch {
+            rows,
+            held,
+            handled,
+            cursor,
+        } = batch;
+        if !rows.is_empty() {
+            self.metrics.batch_size.observe(rows.len() as f64);
+        }
         let batch_topics: Vec<String> = rows
             .iter()
             .map(|r| r.topic.clone())
@@ -327,13 +471,19 @@ impl Publisher {
         drop(per_event);
         let mut sent = Sent::default();
         let mut failed = Failed::default();
+        let mut per_topic: HashMap<&str, u64> = HashMap::new();
         for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
                 Ok((partition, offset)) => {
                     sent.ids.push(row.id);
+                    sent.created.push(row.created_at);
                     sent.partitions.push(partition);
                     sent.offsets.push(offset);
-                    *sent.per_topic.entry(row.topic.as_str()).or_default() += 1;
+                    sent.attempts.push(row.attempts + 1);
+                    if row.retried {
+                        sent.retried.push(row.id);
+                    }
+                    *per_topic.entry(row.topic.as_str()).or_default() += 1;
                     let latency = (Utc::now() - row.created_at)
                         .num_microseconds()
                         .unwrap_or(0) as f64
@@ -349,12 +499,15 @@ impl Publisher {
                     let delay =
                         exponential_backoff(attempts as u32, self.retry_base, self.retry_max);
                     failed.ids.push(row.id);
+                    failed.created.push(row.created_at);
+                    failed.keys.push(row.key.clone());
                     let state = if dead {
                         OutboxState::Dead
                     } else {
                         OutboxState::Retry
                     };
                     failed.states.push(state.code().to_owned());
+                    failed.attempts.push(attempts);
                     failed.errors.push(error.to_string());
                     failed
                         .kinds
@@ -371,9 +524,8 @@ impl Publisher {
                 }
             }
         }
-        let total = rows.len();
         let send_ms = send_started.elapsed().as_secs_f64() * 1000.0;
-        for (topic, n) in &sent.per_topic {
+        for (topic, n) in &per_topic {
             self.metrics
                 .published
                 .with_label_values(&[topic])
@@ -382,33 +534,41 @@ impl Publisher {
         let mark_started = std::time::Instant::now();
         let marks = Marks {
             pool: self.pool.clone(),
-            sent_ids: sent.ids,
-            partitions: sent.partitions,
-            offsets: sent.offsets,
+            expected_version: cursor.version,
+            cursor,
+            sent,
+            held,
             failed,
         };
-        if marks.failed.ids.is_empty() {
+        // The next mark expects the version this one leaves.
+        if let Some(reading) = pipeline.reading.cursor.as_mut() {
+            reading.version = cursor.version + 1;
+        }
+        if marks.failed.ids.is_empty() && !rows.is_empty() {
             pipeline.make_room().await?;
             pipeline.marking.push_back(Marking {
-                ids: rows.iter().map(|r| r.id).collect(),
+                ids: marks.sent.ids.clone(),
                 task: tokio::spawn(marks.write_until_done(leadership.clone())),
             });
-            pipeline.next = Some(self.claim(&pipeline.unmarked()).await?);
-            tracing::debug!(sent = total, "batch published");
+            let marking = pipeline.unmarked();
+            pipeline.next = Some(self.claim(&mut pipeline.reading, &marking).await?);
+            tracing::debug!(sent = rows.len(), "batch published");
         } else {
             pipeline.settle().await?;
             marks.write().await?;
-            tracing::warn!(sent = marks.sent_ids.len(), failed = marks.failed.ids.len(), first_error = %marks.failed.errors[0], "batch partly failed; failed rows turned X (or D)");
+            if let Some(first_error) = marks.failed.errors.first() {
+                tracing::warn!(sent = marks.sent.ids.len(), failed = marks.failed.ids.len(), %first_error, "batch partly failed; failed rows turned X (or D)");
+            }
         }
         tracing::debug!(
-            rows = total,
+            rows = handled,
             claim_ms,
             send_ms,
             next_claim_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
             "batch timing"
         );
         self.replace_producer_if_fatal();
-        Ok(total)
+        Ok(handled)
     }
 
     /// Sends the rows in id order and returns each one's outcome. Rows flagged `solo` are sent
@@ -504,16 +664,32 @@ impl Publisher {
         }
     }
 
-    /// Due rows in id order, without the rows in `marking` (sent, marks not yet committed).
-    async fn claim(&self, marking: &[i64]) -> Result<Vec<Claimed>, BatchError> {
+    /// The next batch: due `unsent` rows behind the cursor (without those in `marking`, sent and
+    /// not yet marked), then the final events beyond it, in id order. Advances `reading` to the
+    /// cursor the batch's marks will commit.
+    async fn claim(&self, reading: &mut Reading, marking: &[i64]) -> Result<Batch, BatchError> {
         let client = self.pool.get().await?;
-        // Prepared: planning this query cost about as much as running it for small batches
-        // (relay-bench: drain +10 %, latency p50 9-14 → 4-12 ms). A generic plan made while nearly
-        // every row is unsent may walk the primary key; once sent rows pile up, autoanalyze
-        // invalidates it and the next plan takes the unsent index.
-        let claim = client.prepare_cached(CLAIM_DUE_ROWS).await?;
-        Ok(client
-            .query(&claim, &[&self.batch_size, &marking])
+        let cursor = match reading.cursor {
+            Some(cursor) => cursor,
+            None => {
+                let cursor = Cursor::from_row(&client.query_one(LOAD_CURSOR, &[]).await?);
+                reading.cursor = Some(cursor);
+                cursor
+            }
+        };
+        let xmin: i64 = client.query_one(SNAPSHOT_XMIN, &[]).await?.get(0);
+        // Prepared: planning these cost about as much as running them for small batches.
+        let unsent = client.prepare_cached(CLAIM_UNSENT).await?;
+        let mut rows: Vec<Claimed> = client
+            .query(
+                &unsent,
+                &[
+                    &self.batch_size,
+                    &marking,
+                    &cursor.xmin_done,
+                    &cursor.id_done,
+                ],
+            )
             .await?
             .iter()
             .map(|r| Claimed {
@@ -525,8 +701,76 @@ impl Publisher {
                 attempts: r.get(5),
                 created_at: r.get(6),
                 solo: r.get::<_, Option<bool>>(7).unwrap_or(false),
+                retried: true,
             })
-            .collect())
+            .collect();
+        let mut handled = rows.len();
+        let mut held = Vec::new();
+        let mut next = cursor;
+        let limit = (self.batch_size - rows.len() as i64).max(0);
+        let claim = client.prepare_cached(CLAIM_CURSOR).await?;
+        let found = client
+            .query(
+                &claim,
+                &[
+                    &limit,
+                    &cursor.xmin_done,
+                    &cursor.id_done,
+                    &xmin,
+                    &cursor.ahead_xid,
+                ],
+            )
+            .await?;
+        let in_flight: HashSet<i64> = marking.iter().copied().collect();
+        for r in &found {
+            let id: i64 = r.get(0);
+            let xid: i64 = r.get(9);
+            if xid >= xmin {
+                next.ahead(xid, id);
+            } else if id > cursor.id_done {
+                next.id_done = next.id_done.max(id);
+            }
+            let (own, key_held, sent): (bool, bool, Option<bool>) = (r.get(6), r.get(7), r.get(8));
+            if in_flight.contains(&id) {
+                // Sent ahead of the cursor in the batch whose marks are being written.
+                continue;
+            }
+            if own || sent.unwrap_or(false) {
+                // Passed by the cursor without a send: handled, when final, by what holds it.
+                handled += usize::from(xid < xmin);
+                continue;
+            }
+            handled += 1;
+            if key_held {
+                held.push(HeldBack {
+                    id,
+                    created_at: r.get(5),
+                    key: r.get(2),
+                });
+                continue;
+            }
+            rows.push(Claimed {
+                id,
+                topic: r.get(1),
+                key: r.get(2),
+                payload: r.get(3),
+                headers: r.get(4),
+                attempts: 0,
+                created_at: r.get(5),
+                solo: false,
+                retried: false,
+            });
+        }
+        next.xmin_done = xmin;
+        next.forget_passed();
+        rows.sort_by_key(|r| r.id);
+        reading.cursor = Some(next);
+        Ok(Batch {
+            rows,
+            held,
+            handled,
+            cursor: next,
+        })
     }
 
     /// A fatal idempotent-producer error poisons the instance: drop it and start a new one. The
@@ -548,18 +792,28 @@ impl Publisher {
 }
 
 #[derive(Default)]
-struct Sent<'a> {
+struct Sent {
     ids: Vec<i64>,
+    created: Vec<DateTime<Utc>>,
     partitions: Vec<i32>,
     offsets: Vec<i64>,
-    per_topic: HashMap<&'a str, u64>,
+    attempts: Vec<i32>,
+    /// The sent rows that came from `unsent`.
+    retried: Vec<i64>,
 }
 
-/// The batches whose marks are being written, oldest first, and the batch claimed meanwhile.
+/// Where the leader reads: its cursor, None until loaded from `relay_cursor`.
+#[derive(Default)]
+struct Reading {
+    cursor: Option<Cursor>,
+}
+
+/// The batch whose marks are being written, the batch claimed meanwhile, and the cursor.
 #[derive(Default)]
 struct Pipeline {
     marking: VecDeque<Marking>,
-    next: Option<Vec<Claimed>>,
+    next: Option<Batch>,
+    reading: Reading,
 }
 
 struct Marking {
@@ -568,9 +822,9 @@ struct Marking {
 }
 
 impl Pipeline {
-    /// Batches whose marks may be in flight at once. Two keep a slow commit off the path of the
-    /// next claim; the claim excludes their rows.
-    const MAX_MARKING: usize = 2;
+    /// Batches whose marks may be in flight at once: one, since each mark moves the cursor from
+    /// the version the one before left. The next claim excludes its unsent rows.
+    const MAX_MARKING: usize = 1;
 
     /// Waits until every mark in flight is committed.
     async fn settle(&mut self) -> Result<(), BatchError> {
@@ -608,56 +862,81 @@ impl Marking {
     }
 }
 
-/// A batch's outcome, to be written in one statement for the sent rows and one for the failed.
+/// A batch's outcome, written in one statement (`MARK_BATCH`).
 struct Marks {
     pool: PgPool,
-    sent_ids: Vec<i64>,
-    partitions: Vec<i32>,
-    offsets: Vec<i64>,
+    expected_version: i64,
+    cursor: Cursor,
+    sent: Sent,
+    held: Vec<HeldBack>,
     failed: Failed,
 }
 
 impl Marks {
     async fn write(&self) -> Result<(), BatchError> {
         let client = self.pool.get().await?;
-        if !self.sent_ids.is_empty() {
-            let mark_sent = client.prepare_cached(MARK_SENT).await?;
-            client
-                .execute(
-                    &mark_sent,
-                    &[&self.sent_ids, &self.partitions, &self.offsets],
-                )
-                .await?;
+        let mark = client.prepare_cached(MARK_BATCH).await?;
+        let (sent, failed) = (&self.sent, &self.failed);
+        let held_ids: Vec<i64> = self.held.iter().map(|h| h.id).collect();
+        let held_created: Vec<DateTime<Utc>> = self.held.iter().map(|h| h.created_at).collect();
+        let held_keys: Vec<&str> = self.held.iter().map(|h| h.key.as_str()).collect();
+        let moved: i64 = client
+            .query_one(
+                &mark,
+                &[
+                    &self.cursor.xmin_done,
+                    &self.cursor.id_done,
+                    &self.expected_version,
+                    &sent.ids,
+                    &sent.created,
+                    &sent.partitions,
+                    &sent.offsets,
+                    &sent.attempts,
+                    &sent.retried,
+                    &held_ids,
+                    &held_created,
+                    &held_keys,
+                    &failed.ids,
+                    &failed.created,
+                    &failed.keys,
+                    &failed.states,
+                    &failed.attempts,
+                    &failed.errors,
+                    &failed.kinds,
+                    &failed.delays_ms,
+                    &self.cursor.ahead_xid,
+                    &self.cursor.ahead_max_xid,
+                    &self.cursor.ahead_max_id,
+                ],
+            )
+            .await?
+            .get(0);
+        if moved == 1 {
+            Ok(())
+        } else {
+            Err(BatchError::CursorMoved)
         }
-        let failed = &self.failed;
-        if !failed.ids.is_empty() {
-            client
-                .execute(
-                    MARK_FAILED,
-                    &[
-                        &failed.ids,
-                        &failed.states,
-                        &failed.errors,
-                        &failed.kinds,
-                        &failed.delays_ms,
-                    ],
-                )
-                .await?;
-        }
-        Ok(())
     }
 
     /// Retries until written: the next batch is already in Kafka, so giving up would send these
-    /// rows again after it. Only a lost leadership ends the attempts (the next leader resends).
+    /// rows again after it. Only a lost leadership, or a cursor another relay moved, ends the
+    /// attempts (the rows are then sent again).
     async fn write_until_done(self, leadership: CancellationToken) -> Result<(), BatchError> {
         let mut backoff = Backoff::new();
         loop {
             match self.write().await {
                 Ok(()) => return Ok(()),
+                Err(BatchError::CursorMoved) => return Err(BatchError::CursorMoved),
+                // A sent fact already there: another relay sent these rows too; start over.
+                Err(BatchError::Query(error))
+                    if error.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                {
+                    return Err(BatchError::Query(error))
+                }
                 Err(error) if leadership.is_cancelled() => return Err(error),
                 Err(error) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(%error, rows = self.sent_ids.len(), retry_in_ms = delay.as_millis() as u64, "sent rows not marked yet");
+                    tracing::warn!(%error, rows = self.sent.ids.len(), retry_in_ms = delay.as_millis() as u64, "sent rows not marked yet");
                     sleep_or_cancel(delay, &leadership).await;
                 }
             }
@@ -668,7 +947,10 @@ impl Marks {
 #[derive(Default)]
 struct Failed {
     ids: Vec<i64>,
+    created: Vec<DateTime<Utc>>,
+    keys: Vec<String>,
     states: Vec<String>,
+    attempts: Vec<i32>,
     errors: Vec<String>,
     kinds: Vec<String>,
     delays_ms: Vec<i64>,
@@ -683,4 +965,6 @@ pub enum BatchError {
     Query(#[from] tokio_postgres::Error),
     #[error("the task writing a batch's marks ended abnormally")]
     MarkAbandoned,
+    #[error("another relay moved the cursor (this one no longer leads)")]
+    CursorMoved,
 }

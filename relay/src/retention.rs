@@ -1,6 +1,12 @@
-//! Deletes sent rows older than `OUTBOX_RETENTION`, a small batch at a time, so the delete never
-//! holds many row locks or competes with publishing for long. A row was created before it was
-//! sent, so `created_at` (BRIN-indexed) narrows the search to old rows.
+//! Retention without dead rows: events live in time-range partitions (of `events`,
+//! `outbox_payloads` and `sent`,
+//! made ahead by the leader); a partition whose time range ended more than `OUTBOX_RETENTION`
+//! ago and whose events are all sent is dropped whole. Only the default partition (events stamped
+//! before any partition covered their time) is trimmed row by row, a small batch at a time.
+//!
+//! Dropping and attaching partitions take locks on the parent tables; `lock_timeout` bounds how
+//! long publishers may queue behind them (a pass that cannot get its lock tries again next
+//! interval).
 
 use std::time::Duration;
 
@@ -12,35 +18,123 @@ use crate::Metrics;
 
 const BATCH: i64 = 1000;
 
-/// Returns the number of outbox rows deleted, their envelopes with them.
-const DELETE_OLD_SENT: &str = "
-    with gone as (
-        delete from outbox where id in (
-            select id from outbox
-             where created_at < now() - ($1::bigint * interval '1 millisecond')
-               and state = 'E' and sent_at < now() - ($1::bigint * interval '1 millisecond')
-             limit $2)
-        returning id
+/// How long a partition change may wait for its lock (publishers wait behind it meanwhile).
+const LOCK_TIMEOUT: &str = "set lock_timeout = '200ms'";
+
+/// Old sent rows of the default partitions, with their sent facts; answers how many went.
+const DELETE_OLD_SENT_DEFAULT: &str = "
+    with old as (
+        select id, created_at from sent_default
+         where created_at < now() - ($1::bigint * interval '1 millisecond')
+           and sent_at < now() - ($1::bigint * interval '1 millisecond')
+         limit $2
+    ), gone as (
+        delete from events_default e using old where e.id = old.id and e.created_at = old.created_at
+        returning e.id
     ), envelopes as (
-        delete from outbox_payloads where outbox_id in (select id from gone)
+        delete from outbox_payloads_default p using old where p.outbox_id = old.id and p.created_at = old.created_at
+    ), facts as (
+        delete from sent_default s using old where s.id = old.id and s.created_at = old.created_at
     )
     select count(*) from gone";
 
-/// Runs until `stop` (leadership ends): every `interval`, deletes old sent rows in batches.
+/// The partition layout: each partition covers `span`, and they are made `ahead` in advance.
+#[derive(Debug, Clone, Copy)]
+pub struct Partitions {
+    pub span: Duration,
+    pub ahead: Duration,
+}
+
+impl Partitions {
+    /// Makes the partitions up to `ahead` from now; returns how many were made.
+    pub async fn ensure(&self, pool: &PgPool) -> Result<i32, outbox_core::db::DbError> {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(LOCK_TIMEOUT).await?;
+        let made: i32 = tx
+            .query_one(
+                "select outbox.ensure_partitions($1::bigint * interval '1 millisecond', $2::bigint * interval '1 millisecond')",
+                &[&millis(self.span), &millis(self.ahead)],
+            )
+            .await?
+            .get(0);
+        tx.commit().await?;
+        Ok(made)
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// Drops the partitions older than `retention` whose events are all sent; returns the events
+/// that went with them.
+pub async fn drop_old_partitions(
+    pool: &PgPool,
+    retention: Duration,
+) -> Result<i64, outbox_core::db::DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(LOCK_TIMEOUT).await?;
+    let dropped: i64 = tx
+        .query_one(
+            "select outbox.drop_old_partitions(now() - $1::bigint * interval '1 millisecond')",
+            &[&millis(retention)],
+        )
+        .await?
+        .get(0);
+    tx.commit().await?;
+    Ok(dropped)
+}
+
+/// Runs until `stop` (leadership ends): every `interval`, makes the partitions ahead, drops the
+/// expired ones, and trims the default partition.
 pub async fn run(
     pool: PgPool,
     retention: Duration,
     interval: Duration,
+    partitions: Partitions,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
-    BatchDelete {
-        what: "sent outbox rows",
-        sql: DELETE_OLD_SENT,
+    let trim = BatchDelete {
+        what: "sent outbox rows of the default partition",
+        sql: DELETE_OLD_SENT_DEFAULT,
         retention,
         batch: BATCH,
         interval,
+    };
+    while !stop.is_cancelled() {
+        match partitions.ensure(&pool).await {
+            Ok(0) => {}
+            Ok(made) => tracing::info!(made, "outbox partitions made"),
+            Err(error) => {
+                tracing::warn!(%error, "outbox partitions not made yet; retried next interval")
+            }
+        }
+        match drop_old_partitions(&pool, retention).await {
+            Ok(0) => {}
+            Ok(dropped) => {
+                metrics.retention_deleted.inc_by(dropped as u64);
+                tracing::info!(dropped, "expired outbox partitions dropped");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "expired outbox partitions not dropped; retried next interval")
+            }
+        }
+        match trim
+            .delete_expired(&pool, |n| metrics.retention_deleted.inc_by(n), &stop)
+            .await
+        {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, what = trim.what, "retention deleted"),
+            Err(error) => {
+                tracing::warn!(%error, what = trim.what, "retention pass failed; retried next interval")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.cancelled() => {}
+        }
     }
-    .run_every_interval(pool, |n| metrics.retention_deleted.inc_by(n), stop)
-    .await
 }

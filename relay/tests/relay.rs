@@ -229,3 +229,184 @@ async fn retention_deletes_old_sent_rows_only() {
 fn help_shows_no_secret_values() {
     outbox_core::testing::assert_help_hides_secrets(env!("CARGO_BIN_EXE_relay"));
 }
+
+#[tokio::test]
+async fn a_transaction_that_commits_after_the_cursor_passed_its_id_is_still_sent() {
+    let p = Pipeline::start(&kafka_brokers(), |_| {}).await;
+    let publish = |key: &str| {
+        format!("select outbox.publish(event_type => 'message.created', key => '{key}', data => '{{}}', topic => '{}')", p.topic)
+    };
+    // `older` takes its xid first; `late` then writes its row (the lower id), `older` writes its
+    // own and commits: with `late` the oldest writer left, older's row is final and the cursor
+    // passes its id while late's row, below it, is still invisible. Then `late` commits.
+    let mut older_client = p.db.client().await;
+    let older = older_client.transaction().await.unwrap();
+    older
+        .query_one("select pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+    let mut late_client = p.db.client().await;
+    let late = late_client.transaction().await.unwrap();
+    let late_id: String = late.query_one(&publish("late"), &[]).await.unwrap().get(0);
+    let older_id: String = older
+        .query_one(&publish("older"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    older.commit().await.unwrap();
+    let older_row: i64 =
+        p.db.client()
+            .await
+            .query_one("select id from outbox where event_id = $1", &[&older_id])
+            .await
+            .unwrap()
+            .get(0);
+    eventually(
+        "the cursor passed the older transaction's row",
+        Duration::from_secs(20),
+        || async {
+            let done: i64 =
+                p.db.client()
+                    .await
+                    .query_one("select id_done from outbox.relay_cursor", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+            (done >= older_row).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(p.count_state("E").await, 1);
+    late.commit().await.unwrap();
+    p.all_sent(2, Duration::from_secs(20)).await;
+    let records = read_topic(&p.topic, 2, Duration::from_secs(20)).await;
+    let counts = id_counts(&records);
+    assert_eq!(records.len(), 2, "each event once: {counts:?}");
+    assert_eq!(counts.get(&late_id), Some(&1));
+    assert_eq!(counts.get(&older_id), Some(&1));
+}
+
+#[tokio::test]
+async fn retention_drops_whole_partitions_and_keeps_the_one_with_an_unsent_row() {
+    let p = Pipeline::start(&kafka_brokers(), |c| {
+        c.partition_span = Duration::from_secs(1);
+        c.retention = Duration::from_secs(2);
+        c.retention_interval = Duration::from_millis(100);
+    })
+    .await;
+    let partition_now = || async {
+        p.db.count("select count(*) from outbox.partitions where lower <= now() and now() < upper")
+            .await
+    };
+    eventually(
+        "a partition covers now",
+        Duration::from_secs(10),
+        || async { (partition_now().await == 1).then_some(()) },
+    )
+    .await;
+    let first = p
+        .post_many((0..3).map(|i| message(format!("a{i}"), None)).collect(), 3)
+        .await;
+    // The next second is the next partition.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = vec![p.post(message("b", None)).await];
+    let partitions_of = |ids: Vec<String>| {
+        let db = &p.db;
+        async move {
+            db.client()
+                .await
+                .query(
+                    "select distinct tableoid::regclass::text from outbox.events where event_id = any($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (first_parts, second_parts) = (
+        partitions_of(first.clone()).await,
+        partitions_of(second.clone()).await,
+    );
+    assert!(
+        first_parts
+            .iter()
+            .chain(&second_parts)
+            .all(|t| !t.contains("default")),
+        "{first_parts:?} {second_parts:?}"
+    );
+    assert!(first_parts.iter().all(|t| !second_parts.contains(t)));
+    p.all_sent(4, Duration::from_secs(20)).await;
+    // The row of the second partition turns dead: unsent, it keeps its partition.
+    p.db.client()
+        .await
+        .execute(
+            "update outbox set state = 'D', attempts = 5, last_error = 'by hand' where event_id = $1",
+            &[&second[0]],
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the first partition dropped",
+        Duration::from_secs(20),
+        || async { (p.db.count("select count(*) from outbox").await == 1).then_some(()) },
+    )
+    .await;
+    for table in &first_parts {
+        let left =
+            p.db.count(&format!(
+                "select count(*) from pg_class where oid = to_regclass('{table}')"
+            ))
+            .await;
+        assert_eq!(left, 0, "{table} dropped whole");
+    }
+    // Long past the retention of the second partition, it stays for its dead row.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(partitions_of(second.clone()).await, second_parts);
+    assert_eq!(p.count_state("D").await, 1);
+    assert_eq!(
+        p.db.count("select count(*) from outbox.outbox_payloads")
+            .await,
+        1
+    );
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains("relay_retention_deleted_total 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_snapshot_xmin_age_grows_while_a_transaction_is_held_open() {
+    let p = Pipeline::start(&kafka_brokers(), |_| {}).await;
+    let age = || async {
+        let metrics = p.metrics().await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("relay_snapshot_xmin_age_seconds "))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let mut client = p.db.client().await;
+    let open = client.transaction().await.unwrap();
+    open.query_one("select pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+    let held = std::time::Instant::now();
+    let first = eventually("the age passes 3 s", Duration::from_secs(20), || async {
+        age().await.filter(|a| *a >= 3.0)
+    })
+    .await;
+    let later = eventually("the age grows", Duration::from_secs(20), || async {
+        age().await.filter(|a| *a > first + 2.0)
+    })
+    .await;
+    // At least as old as this transaction (an older one elsewhere in the cluster counts too).
+    assert!(
+        later >= held.elapsed().as_secs_f64() - 6.0,
+        "{later} after {:?}",
+        held.elapsed()
+    );
+    open.commit().await.unwrap();
+}
