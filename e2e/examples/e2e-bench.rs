@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::Parser;
+use outbox_core::testing::bench::{percentile, quiet_logging, write_results};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -44,13 +45,6 @@ struct Args {
 
 fn progress(text: &str) {
     eprintln!("[e2e-bench] {text}");
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// When each of `ids` was stored by the notifier.
@@ -141,9 +135,7 @@ async fn measure(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "error");
-    }
+    quiet_logging("error");
     let brokers = outbox_core::testing::kafka_brokers();
     progress("starting producer, relay, consumer and notifier on a fresh database");
     let stack = Arc::new(support::Stack::start(&brokers).await);
@@ -189,14 +181,7 @@ async fn main() -> anyhow::Result<()> {
         "counts": counts,
         "goals": goals,
     });
-    let text = serde_json::to_string_pretty(&result)?;
-    match &args.out {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            std::fs::write(dir.join("results.json"), text)?;
-        }
-        None => println!("{text}"),
-    }
+    write_results(args.out.as_deref(), &result)?;
     // The services stop with the process (their handles cancel on drop).
     Ok(())
 }

@@ -13,6 +13,7 @@ use tokio_postgres::NoTls;
 
 use crate::db::{self, PgPool};
 
+pub mod bench;
 mod calls;
 mod openapi;
 pub use calls::{assert_refused, get_json, get_text, try_get_text};

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use outbox_core::testing::bench::{quiet_logging, write_results};
 use outbox_core::testing::TestDb;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -149,10 +150,7 @@ fn run_pgbench(db: &TestDb, args: &Args, clients: usize, filler: &str) -> anyhow
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "error");
-    }
-    outbox_core::telemetry::init_logging();
+    quiet_logging("error");
     let filler = "x".repeat(args.content_bytes);
 
     let db = TestDb::create().await;
@@ -229,13 +227,6 @@ async fn main() -> anyhow::Result<()> {
         "goals": [{"goal": "producer ≥ 80 % of pgbench running its transaction", "met": share >= 80.0,
                    "measured": format!("{share:.0} %")}],
     });
-    let text = serde_json::to_string_pretty(&result)?;
-    match &args.out {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            std::fs::write(dir.join("results.json"), text)?;
-        }
-        None => println!("{text}"),
-    }
+    write_results(args.out.as_deref(), &result)?;
     Ok(())
 }

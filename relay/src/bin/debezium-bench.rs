@@ -22,11 +22,12 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
 use outbox_core::kafka;
+use outbox_core::testing::bench::{percentile, quiet_logging, raw_produce, write_results};
 use outbox_core::testing::{unique_topic, TestDb};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -96,13 +97,6 @@ fn envelope_sql(id: &str, content: &str) -> String {
 
 /// Rows per transaction when a backlog is written (both systems alike).
 const BACKLOG_CHUNK: i64 = 10_000;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 /// Every topic this run created, deleted at its end (a 200,000-event run writes GBs).
 static TOPICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -771,45 +765,10 @@ async fn latency(
     Ok((row, count))
 }
 
-/// Sends `count` records as fast as librdkafka takes them; events per second until the last ack.
-async fn raw_produce(
-    producer: &FutureProducer,
-    topic: &str,
-    count: i64,
-    keys: i64,
-    payload: &str,
-) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let mut futures = Vec::with_capacity(count as usize);
-    for i in 0..count {
-        let key = format!("key-{}", i % keys);
-        let mut record = FutureRecord::to(topic).key(&key).payload(payload);
-        loop {
-            match producer.send_result(record) {
-                Ok(f) => {
-                    futures.push(f);
-                    break;
-                }
-                Err((_, back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
-    }
-    for f in futures {
-        f.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(count as f64 / started.elapsed().as_secs_f64())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    outbox_core::telemetry::init_logging();
+    quiet_logging("warn");
     let brokers = outbox_core::testing::kafka_brokers();
     // ~payload_bytes envelopes: the content fills what the rest of the envelope leaves.
     let content = Arc::new("x".repeat(args.payload_bytes.saturating_sub(330)));
@@ -827,8 +786,14 @@ async fn main() -> anyhow::Result<()> {
         "x".repeat(200)
     );
     progress("raw produce: warm-up, then measured");
-    raw_produce(&producer, &raw_topic, args.events, args.keys, &payload).await?;
-    let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, &payload).await?;
+    raw_produce(&producer, &raw_topic, args.events, args.keys, |_| {
+        payload.clone()
+    })
+    .await?;
+    let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, |_| {
+        payload.clone()
+    })
+    .await?;
     progress(&format!("raw produce {raw_rate:.0} events/s"));
     drop(producer);
 
@@ -971,7 +936,7 @@ async fn main() -> anyhow::Result<()> {
         "counts": counts,
         "goals": goals,
     });
-    emit(&args.out, &result)
+    write_results(args.out.as_deref(), &result)
 }
 
 /// Deletes this run's topics and database.
@@ -994,17 +959,4 @@ async fn clean_up(brokers: &str, db: TestDb) {
             .batch_execute(&format!("drop database if exists {name} with (force)"))
             .await;
     }
-}
-
-/// Writes results.json to `out` (or stdout without it).
-fn emit(out: &Option<PathBuf>, result: &Value) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(result)?;
-    match out {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            std::fs::write(dir.join("results.json"), text)?;
-        }
-        None => println!("{text}"),
-    }
-    Ok(())
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use outbox_core::kafka;
+use outbox_core::testing::bench::{percentile, quiet_logging, raw_produce};
 use outbox_core::testing::{unique_topic, TestDb};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
@@ -174,13 +175,6 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// A relay running in this process on a database and topic of its own.
 struct Relay {
     db: TestDb,
@@ -251,39 +245,6 @@ impl Relay {
         self.stop.cancel();
         let _ = self.task.await;
     }
-}
-
-/// Sends `count` records as fast as librdkafka takes them; events per second until the last ack.
-async fn raw_produce(
-    producer: &FutureProducer,
-    topic: &str,
-    count: i64,
-    keys: i64,
-    content: &str,
-) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let mut futures = Vec::with_capacity(count as usize);
-    for i in 0..count {
-        let key = format!("key-{}", i % keys);
-        let payload = envelope_like(&format!("evt_raw_{i}"), content);
-        let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
-        loop {
-            match producer.send_result(record) {
-                Ok(f) => {
-                    futures.push(f);
-                    break;
-                }
-                Err((_, back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
-    }
-    for f in futures {
-        f.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Raw produce → ack latencies (ms, sorted) at `rate` per second.
@@ -402,10 +363,7 @@ async fn relay_latency(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    outbox_core::telemetry::init_logging();
+    quiet_logging("warn");
     let brokers = outbox_core::testing::kafka_brokers();
     let filler = "x".repeat(
         args.payload_bytes
@@ -430,9 +388,15 @@ async fn main() -> anyhow::Result<()> {
     // A broker just started runs interpreted Java for a while: warm it up so that neither side
     // of the comparison pays for the JIT.
     progress("warming the broker up (not measured)");
-    raw_produce(&producer, &raw_topic, args.events, args.keys, &content).await?;
+    raw_produce(&producer, &raw_topic, args.events, args.keys, |i| {
+        envelope_like(&format!("evt_raw_{i}"), &content)
+    })
+    .await?;
     progress(&format!("raw produce of {} records", args.events));
-    let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, &content).await?;
+    let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, |i| {
+        envelope_like(&format!("evt_raw_{i}"), &content)
+    })
+    .await?;
     progress(&format!("raw produce: {raw_rate:.0} events/s"));
     progress(&format!("raw produce latency at {} events/s", args.rate));
     let raw_lat = raw_latency(&producer, &raw_topic, &args, content.clone()).await?;
