@@ -202,14 +202,7 @@ impl Stack {
     /// Stops the consumer gracefully (it commits what it recorded and leaves the group); see
     /// [`Stack::start_consumer`].
     pub async fn stop_consumer(&mut self) {
-        let old = std::mem::replace(
-            &mut self.consumer,
-            Service {
-                stop: CancellationToken::new(),
-                task: tokio::spawn(async { Ok(()) }),
-            },
-        );
-        old.stop().await;
+        self.take_consumer().stop().await;
     }
 
     /// Starts a consumer in the stack's group on its old address, after [`Stack::stop_consumer`].
@@ -229,25 +222,19 @@ impl Stack {
 
     /// Kills the consumer as in a crash and starts a new one (same group, same address).
     pub async fn restart_consumer(&mut self) {
-        let port = self
-            .consumer_url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        let old = std::mem::replace(
+        self.take_consumer().kill().await;
+        self.start_consumer().await;
+    }
+
+    /// The running consumer, leaving a finished placeholder in its place.
+    fn take_consumer(&mut self) -> Service {
+        std::mem::replace(
             &mut self.consumer,
             Service {
                 stop: CancellationToken::new(),
                 task: tokio::spawn(async { Ok(()) }),
             },
-        );
-        old.kill().await;
-        let (fresh, port) =
-            Self::start_consumer_on(&self.db, &self.brokers, &self.topic, &self.group, port).await;
-        self.consumer = fresh;
-        self.consumer_url = format!("http://127.0.0.1:{port}");
-        self.wait_until_consumer_ready().await;
+        )
     }
 
     pub async fn wait_until_consumer_ready(&self) {
