@@ -167,6 +167,31 @@ impl Cursor {
         self.ahead_max_id = self.ahead_max_id.max(id);
     }
 
+    /// Passes one event a claim found (`xmin`: the claim's snapshot xmin): returns what to do with
+    /// it, and whether the batch must commit the cursor for it. An event that is final (written
+    /// below the xmin) moves `id_done`; one that is not yet is noted as read ahead.
+    ///
+    /// An event already sent (a sent fact, or in the batch whose marks are being written) or with
+    /// an `unsent` row is passed without a send. It still counts once final: the cursor has moved
+    /// over it, and only a mark writes that down. (Not counting the in-flight ones once left the
+    /// committed cursor behind for good when nothing else was written after them.)
+    fn pass(&mut self, xmin: i64, event: &Found) -> (Passed, bool) {
+        let is_final = event.xid < xmin;
+        if is_final {
+            self.id_done = self.id_done.max(event.id);
+        } else {
+            self.ahead(event.xid, event.id);
+        }
+        if event.in_flight || event.own || event.sent {
+            return (Passed::Skip, is_final);
+        }
+        if event.key_held {
+            (Passed::HoldBack, true)
+        } else {
+            (Passed::Send, true)
+        }
+    }
+
     /// Forgets the events sent ahead once the cursor has passed them all.
     fn forget_passed(&mut self) {
         if self.ahead_xid != i64::MAX
@@ -178,6 +203,29 @@ impl Cursor {
             self.ahead_max_id = 0;
         }
     }
+}
+
+/// One event `CLAIM_CURSOR` found, as the cursor sees it.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    id: i64,
+    xid: i64,
+    /// Sent in the batch whose marks are being written.
+    in_flight: bool,
+    /// Has an `unsent` row of its own (sent from there).
+    own: bool,
+    /// Its key has an older unsent P or X row.
+    key_held: bool,
+    /// Has a sent fact.
+    sent: bool,
+}
+
+/// What a claim does with an event it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Passed {
+    Send,
+    HoldBack,
+    Skip,
 }
 
 struct Claimed {
@@ -723,43 +771,35 @@ impl Publisher {
             .await?;
         let in_flight: HashSet<i64> = marking.iter().copied().collect();
         for r in &found {
-            let id: i64 = r.get(0);
-            let xid: i64 = r.get(9);
-            if xid >= xmin {
-                next.ahead(xid, id);
-            } else if id > cursor.id_done {
-                next.id_done = next.id_done.max(id);
-            }
-            let (own, key_held, sent): (bool, bool, Option<bool>) = (r.get(6), r.get(7), r.get(8));
-            if in_flight.contains(&id) {
-                // Sent ahead of the cursor in the batch whose marks are being written.
-                continue;
-            }
-            if own || sent.unwrap_or(false) {
-                // Passed by the cursor without a send: handled, when final, by what holds it.
-                handled += usize::from(xid < xmin);
-                continue;
-            }
-            handled += 1;
-            if key_held {
-                held.push(HeldBack {
-                    id,
+            let event = Found {
+                id: r.get(0),
+                xid: r.get(9),
+                in_flight: in_flight.contains(&r.get::<_, i64>(0)),
+                own: r.get(6),
+                key_held: r.get(7),
+                sent: r.get::<_, Option<bool>>(8).unwrap_or(false),
+            };
+            let (passed, counts) = next.pass(xmin, &event);
+            handled += usize::from(counts);
+            match passed {
+                Passed::Skip => {}
+                Passed::HoldBack => held.push(HeldBack {
+                    id: event.id,
                     created_at: r.get(5),
                     key: r.get(2),
-                });
-                continue;
+                }),
+                Passed::Send => rows.push(Claimed {
+                    id: event.id,
+                    topic: r.get(1),
+                    key: r.get(2),
+                    payload: r.get(3),
+                    headers: r.get(4),
+                    attempts: 0,
+                    created_at: r.get(5),
+                    solo: false,
+                    retried: false,
+                }),
             }
-            rows.push(Claimed {
-                id,
-                topic: r.get(1),
-                key: r.get(2),
-                payload: r.get(3),
-                headers: r.get(4),
-                attempts: 0,
-                created_at: r.get(5),
-                solo: false,
-                retried: false,
-            });
         }
         next.xmin_done = xmin;
         next.forget_passed();
@@ -967,4 +1007,115 @@ pub enum BatchError {
     MarkAbandoned,
     #[error("another relay moved the cursor (this one no longer leads)")]
     CursorMoved,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XMIN: i64 = 1_000;
+
+    fn cursor() -> Cursor {
+        Cursor {
+            xmin_done: 900,
+            id_done: 10,
+            version: 3,
+            ahead_xid: i64::MAX,
+            ahead_max_xid: 0,
+            ahead_max_id: 0,
+        }
+    }
+
+    fn event(id: i64, xid: i64) -> Found {
+        Found {
+            id,
+            xid,
+            in_flight: false,
+            own: false,
+            key_held: false,
+            sent: false,
+        }
+    }
+
+    #[test]
+    fn a_final_unsent_event_is_sent_and_moves_the_cursor() {
+        let mut next = cursor();
+        assert_eq!(next.pass(XMIN, &event(11, 950)), (Passed::Send, true));
+        assert_eq!((next.id_done, next.ahead_xid), (11, i64::MAX));
+    }
+
+    #[test]
+    fn a_committed_event_above_the_xmin_is_sent_ahead_of_the_cursor() {
+        let mut next = cursor();
+        assert_eq!(next.pass(XMIN, &event(12, 1_005)), (Passed::Send, true));
+        assert_eq!(next.id_done, 10, "not final: the cursor stays");
+        assert_eq!(
+            (next.ahead_xid, next.ahead_max_xid, next.ahead_max_id),
+            (1_005, 1_005, 12)
+        );
+    }
+
+    #[test]
+    fn an_event_behind_an_unsent_row_of_its_key_is_held_back() {
+        let mut next = cursor();
+        let e = Found {
+            key_held: true,
+            ..event(11, 950)
+        };
+        assert_eq!(next.pass(XMIN, &e), (Passed::HoldBack, true));
+        assert_eq!(next.id_done, 11);
+    }
+
+    #[test]
+    fn an_event_sent_in_flight_counts_once_final_so_its_cursor_is_written() {
+        // Sent ahead by the batch whose marks are being written, and final by now: nothing to
+        // send, but the cursor moved over it, so the batch must be marked.
+        let mut next = cursor();
+        let e = Found {
+            in_flight: true,
+            ..event(11, 950)
+        };
+        assert_eq!(next.pass(XMIN, &e), (Passed::Skip, true));
+        assert_eq!(next.id_done, 11);
+    }
+
+    #[test]
+    fn an_already_sent_event_not_final_yet_does_not_count() {
+        for e in [
+            Found {
+                in_flight: true,
+                ..event(11, 1_001)
+            },
+            Found {
+                sent: true,
+                ..event(11, 1_001)
+            },
+            Found {
+                own: true,
+                ..event(11, 1_001)
+            },
+        ] {
+            let mut next = cursor();
+            assert_eq!(next.pass(XMIN, &e), (Passed::Skip, false), "{e:?}");
+            assert_eq!(next.id_done, 10);
+        }
+    }
+
+    #[test]
+    fn a_final_event_sent_earlier_or_owned_by_unsent_counts() {
+        for e in [
+            Found {
+                sent: true,
+                ..event(11, 950)
+            },
+            Found {
+                own: true,
+                ..event(11, 950)
+            },
+        ] {
+            let mut next = cursor();
+            assert_eq!(next.pass(XMIN, &e), (Passed::Skip, true), "{e:?}");
+            assert_eq!(next.id_done, 11);
+        }
+    }
 }
