@@ -1067,55 +1067,23 @@ mod tests {
     }
 
     #[test]
-    fn an_event_sent_in_flight_counts_once_final_so_its_cursor_is_written() {
-        // Sent ahead by the batch whose marks are being written, and final by now: nothing to
-        // send, but the cursor moved over it, so the batch must be marked.
-        let mut next = cursor();
-        let e = Found {
-            in_flight: true,
-            ..event(11, 950)
-        };
-        assert_eq!(next.pass(XMIN, &e), (Passed::Skip, true));
-        assert_eq!(next.id_done, 11);
-    }
-
-    #[test]
-    fn an_already_sent_event_not_final_yet_does_not_count() {
-        for e in [
-            Found {
+    fn an_event_already_sent_or_owned_by_unsent_is_skipped_and_counts_once_final() {
+        // In flight: sent ahead by the batch whose marks are being written. Once final there is
+        // nothing to send, but the cursor moved over it, so the batch must be marked.
+        let already: [fn(Found) -> Found; 3] = [
+            |e| Found {
                 in_flight: true,
-                ..event(11, 1_001)
+                ..e
             },
-            Found {
-                sent: true,
-                ..event(11, 1_001)
-            },
-            Found {
-                own: true,
-                ..event(11, 1_001)
-            },
-        ] {
-            let mut next = cursor();
-            assert_eq!(next.pass(XMIN, &e), (Passed::Skip, false), "{e:?}");
-            assert_eq!(next.id_done, 10);
-        }
-    }
-
-    #[test]
-    fn a_final_event_sent_earlier_or_owned_by_unsent_counts() {
-        for e in [
-            Found {
-                sent: true,
-                ..event(11, 950)
-            },
-            Found {
-                own: true,
-                ..event(11, 950)
-            },
-        ] {
-            let mut next = cursor();
-            assert_eq!(next.pass(XMIN, &e), (Passed::Skip, true), "{e:?}");
-            assert_eq!(next.id_done, 11);
+            |e| Found { sent: true, ..e },
+            |e| Found { own: true, ..e },
+        ];
+        for (xid, counts, id_done) in [(950, true, 11), (1_001, false, 10)] {
+            for mark in already {
+                let (mut next, e) = (cursor(), mark(event(11, xid)));
+                assert_eq!(next.pass(XMIN, &e), (Passed::Skip, counts), "{e:?}");
+                assert_eq!(next.id_done, id_done, "{e:?}");
+            }
         }
     }
 }
