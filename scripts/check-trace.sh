@@ -3,11 +3,13 @@
 # (scripts/stack.sh up, debug binaries, spans exported over OTLP) on a fresh database, posts one
 # message with a `traceparent` of its own, and asks Jaeger's query API (GET /api/traces/{id}) for
 # that trace until it holds spans of producer, relay, consumer and notifier. Prints the spans.
-# With --screenshot FILE it also draws the trace (from the same API answer) and photographs it with
-# headless Chromium (Debian's `chromium`).
+# Then checks that :16686 serves Jaeger's real UI (the jaeger-ui build: its page loads the app's
+# bundle, which is served), not the binary's placeholder page. With --screenshot FILE it also
+# photographs the trace's page in Jaeger's UI with headless Chromium (Debian's `chromium`).
 #
 # Skips (exit 0, saying so) when Jaeger is not built: `scripts/jaeger.sh build` takes about
-# 6 minutes once per machine, which CI does not pay unless the binary is cached.
+# 6 minutes once per machine, which CI does not pay unless the binary is cached. Likewise the UI
+# check is skipped, saying so, when `scripts/jaeger.sh build-ui` has not built the UI's assets.
 #
 #   scripts/check-trace.sh [--screenshot docs/trace.png]
 set -euo pipefail
@@ -62,11 +64,29 @@ if [ "$have" != "$want" ]; then
 fi
 log "trace $trace_id has spans of all four services: $JAEGER_URL/trace/$trace_id"
 
+if ! scripts/jaeger.sh ui-path >/dev/null; then
+  log "SKIPPED the UI check: Jaeger's UI is not built (scripts/jaeger.sh build-ui, minutes once per machine)"
+  [ -z "$SCREENSHOT" ] || { log "FAILED: a screenshot needs Jaeger's UI"; exit 1; }
+  exit 0
+fi
+# The trace's page is jaeger-ui's index.html (the placeholder names no bundle), and its bundle is served.
+page=$(curl -fsS "$JAEGER_URL/trace/$trace_id")
+bundle=$(grep -o 'static/index-[A-Za-z0-9_-]*\.js' <<<"$page" | head -1 || true)
+if [ -z "$bundle" ] || ! grep -q '<div id="jaeger-ui-root">' <<<"$page"; then
+  log "FAILED: $JAEGER_URL/trace/$trace_id is not Jaeger's UI (the placeholder page? see $OUTBOX_STACK_DIR/logs/jaeger.log)"
+  exit 1
+fi
+size=$(curl -fsS -o /dev/null -w '%{size_download}' "$JAEGER_URL/$bundle") || size=0
+if [ "$size" -lt 100000 ]; then
+  log "FAILED: Jaeger's UI names $bundle, served with $size bytes"
+  exit 1
+fi
+log "Jaeger's UI serves the jaeger-ui app ($bundle, $size bytes)"
+
 if [ -n "$SCREENSHOT" ]; then
   command -v chromium >/dev/null || { log "chromium is not installed (apt-get install chromium)"; exit 1; }
-  page=$OUTBOX_STACK_DIR/trace.html
-  python3 scripts/trace-page.py "$OUTBOX_STACK_DIR/trace.json" "$JAEGER_URL/trace/$trace_id" >"$page"
-  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,640 \
-    --screenshot="$SCREENSHOT" "file://$page" >/dev/null 2>&1
+  # The virtual time budget lets the app fetch the trace and lay it out before the picture.
+  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,600 \
+    --virtual-time-budget=15000 --screenshot="$SCREENSHOT" "$JAEGER_URL/trace/$trace_id" >/dev/null 2>&1
   log "screenshot: $SCREENSHOT"
 fi

@@ -23,11 +23,13 @@
 #   scripts/stack.sh migrate      apply every service's migrations (sql/) to DATABASE_URL's database
 #   scripts/stack.sh prometheus-start | prometheus-stop   only Prometheus (after `up`: a fresh scrape config)
 #   scripts/stack.sh services-stop   stop what `up` adds (services, Prometheus, sinks, Jaeger), leave PostgreSQL and Kafka
-#   scripts/stack.sh jaeger-start | jaeger-stop   only Jaeger (jaeger-start builds it when missing)
+#   scripts/stack.sh jaeger-start | jaeger-stop   only Jaeger (jaeger-start builds it when missing,
+#                                 and its UI with it; `scripts/jaeger.sh build-ui` builds the UI alone)
 #
 # `up` starts Jaeger (query API and UI :16686, OTLP :4317 gRPC / :4318 HTTP; traces kept in memory)
 # and points the services at it (OTEL_EXPORTER_OTLP_ENDPOINT) when scripts/jaeger.sh has built it:
-# the first `up` on a machine builds it (about 6 minutes); JAEGER=off skips Jaeger and tracing.
+# the first `up` on a machine builds it and its UI (about 6 + 3 minutes); JAEGER=off skips Jaeger
+# and tracing.
 #
 # `up` also starts the demo notification sinks (scripts/demo-sinks.py: SMTP on :2525, a chat Bot API
 # on :8099) and subscribes the notifier's /webhooks/notify to every event, so notifications flow.
@@ -486,18 +488,27 @@ JAEGER_UI_PORT=16686
 jaeger_ready() { curl -fsS -o /dev/null "http://127.0.0.1:$JAEGER_UI_PORT/api/services" 2>/dev/null; }
 
 jaeger_start() { # jaeger_start [--if-built]
-  local bin pid
+  local bin pid ui args=()
   if ! bin=$("$ROOT/scripts/jaeger.sh" path); then
     if [ "${1:-}" = --if-built ]; then log "Jaeger is not built (scripts/jaeger.sh build): no tracing"; return 1; fi
     "$ROOT/scripts/jaeger.sh" build
     bin=$("$ROOT/scripts/jaeger.sh" path)
+    # The first start on a machine builds the UI too; without it the query API still works.
+    "$ROOT/scripts/jaeger.sh" build-ui || log "Jaeger's UI did not build: :$JAEGER_UI_PORT serves the query API only"
   fi
   pid=$(cat "$STACK_DIR/jaeger.pid" 2>/dev/null || true)
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then log "Jaeger already runs (pid $pid)"; return; fi
   if jaeger_ready; then log "a Jaeger already answers on :$JAEGER_UI_PORT"; return; fi
   mkdir -p "$LOGS"
-  # The built-in all-in-one configuration: OTLP receivers on 127.0.0.1, in-memory storage.
-  nohup "$bin" >>"$LOGS/jaeger.log" 2>&1 &
+  # The built-in all-in-one configuration (OTLP receivers on 127.0.0.1, in-memory storage), with
+  # the jaeger-ui build as the UI when scripts/jaeger.sh has built it (the binary has only a
+  # placeholder page).
+  if ui=$("$ROOT/scripts/jaeger.sh" ui-path); then
+    args+=("--set=extensions.jaeger_query.ui.assets_path=$ui")
+  else
+    log "Jaeger's UI is not built (scripts/jaeger.sh build-ui, minutes once per machine): :$JAEGER_UI_PORT shows a placeholder page"
+  fi
+  nohup "$bin" ${args[@]+"${args[@]}"} >>"$LOGS/jaeger.log" 2>&1 &
   echo $! >"$STACK_DIR/jaeger.pid"
   wait_for "Jaeger on :$JAEGER_UI_PORT (OTLP :4317, :4318)" 60 jaeger_ready
 }

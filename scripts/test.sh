@@ -4,8 +4,8 @@
 # server, a Standard Webhooks verifier, schemathesis), then the whole Rust test suite, then
 # scripts/api-fuzz.sh (schemathesis against every OpenAPI document the services serve), then
 # scripts/check-dashboards-live.sh (every Grafana panel has data on a local stack after demo traffic)
-# and scripts/check-trace.sh (one trace across the four services in Jaeger; skipped unless
-# scripts/jaeger.sh has built Jaeger on this machine).
+# and scripts/check-trace.sh (one trace across the four services in Jaeger, and Jaeger's UI serving
+# it; skipped unless scripts/jaeger.sh has built Jaeger, and its UI, on this machine).
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh -p relay        extra arguments go to `cargo test`

@@ -116,6 +116,9 @@ pub struct Incoming {
     pub offset: i64,
     pub payload: Vec<u8>,
     pub correlation_header: Option<String>,
+    /// The trace context of the span that recorded it (continuing its `traceparent` header),
+    /// kept with its deliveries; None when spans are not exported.
+    pub traceparent: Option<String>,
 }
 
 /// What a record turned out to be.
@@ -274,6 +277,7 @@ fn columns<'a>(
             events.offsets.push(record.offset);
             events.correlation.push(correlation_id.as_deref());
             events.json.push(json.as_str());
+            events.traceparents.push(record.traceparent.as_deref());
         }
         Parsed::Poison(error) => {
             poison.topics.push(record.topic.as_str());
@@ -323,6 +327,7 @@ pub async fn replay_poison(pool: &PgPool, id: i64) -> Result<PoisonReplay, Recor
         offset: row.get(2),
         payload: row.get::<_, Option<Vec<u8>>>(3).unwrap_or_default(),
         correlation_header: None,
+        traceparent: None,
     };
     let parsed = parse(&record);
     let outcome = match &parsed {
@@ -452,7 +457,10 @@ fn next_offsets(records: &[Incoming]) -> KafkaResult<TopicPartitionList> {
     Ok(tpl)
 }
 
-fn to_incoming(message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+fn to_incoming(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    traceparent: Option<String>,
+) -> Incoming {
     let correlation_header = message.headers().and_then(|headers| {
         headers
             .iter()
@@ -467,6 +475,7 @@ fn to_incoming(message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
         offset: message.offset(),
         payload: message.payload().unwrap_or_default().to_vec(),
         correlation_header,
+        traceparent,
     }
 }
 
@@ -501,8 +510,8 @@ pub async fn consume(
         for item in chunk {
             match item {
                 Ok(message) => {
-                    recording.add(&message);
-                    records.push(to_incoming(&message))
+                    let traceparent = recording.add(&message);
+                    records.push(to_incoming(&message, traceparent))
                 }
                 Err(error) => tracing::warn!(%error, "Kafka consumer error"),
             }

@@ -103,6 +103,11 @@ impl Schema {
                     "delivery_holds",
                     include_str!("../../sql/webhooks/V2__delivery_holds.sql"),
                 ),
+                (
+                    3,
+                    "delivery_traceparent",
+                    include_str!("../../sql/webhooks/V3__delivery_traceparent.sql"),
+                ),
             ],
             Schema::Notifier => &[(
                 1,

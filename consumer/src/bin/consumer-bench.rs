@@ -368,6 +368,7 @@ async fn postgres_ceiling(n: usize) -> anyhow::Result<f64> {
             offset: i as i64,
             payload: serde_json::to_vec(&envelope(i)).expect("envelope"),
             correlation_header: None,
+            traceparent: None,
         })
         .collect();
     let records = Arc::new(records);

@@ -36,11 +36,14 @@ pub struct Claimed {
     /// The previous secret while its rotation grace period lasts.
     pub previous_secret: Option<String>,
     pub rate_limit: Option<i32>,
+    /// The trace context its attempts continue (the span that recorded its event), kept with the
+    /// delivery so a retry on another instance or after a restart stays in the event's trace.
+    pub traceparent: Option<String>,
 }
 
 impl Claimed {
     /// A row naming `id, event_id, endpoint_id, attempts, url, secret, previous_secret,
-    /// rate_limit_per_second`, with the body and correlation id given.
+    /// rate_limit_per_second, traceparent`, with the body and correlation id given.
     fn from_row(row: &Row, body: Bytes, correlation_id: Option<String>) -> Claimed {
         Claimed {
             id: row.get("id"),
@@ -53,6 +56,7 @@ impl Claimed {
             secret: row.get("secret"),
             previous_secret: row.get("previous_secret"),
             rate_limit: row.get("rate_limit_per_second"),
+            traceparent: row.get("traceparent"),
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct NewEvents<'a> {
     pub offsets: Vec<i64>,
     pub correlation: Vec<Option<&'a str>>,
     pub json: Vec<&'a str>,
+    /// The trace context of the span that recorded each event (None when spans are not exported).
+    pub traceparents: Vec<Option<&'a str>>,
 }
 
 /// What [`record_events`] did.
@@ -101,33 +107,39 @@ pub struct RecordedEvents {
 // are released when it is enabled: the endpoint rows are read `for share`, so an enable or disable
 // committing meanwhile is either seen here or waits for this transaction and then sees its rows.
 // One row per planned delivery with what sending it needs (a null lease for a parked one), or a
-// single row of nulls when none was planned; `new_events` counts the new events.
+// single row of nulls when none was planned; `new_events` counts the new events. Each delivery
+// keeps its event's trace context ($9; one per event id, should a batch carry an event twice).
 const RECORD_EVENTS: &str = concat!(
     "
-    with new as (
+    with r as (
+        select * from unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
+                             $6::text[], $7::text[], $9::text[])
+               as r(id, t, topic, p, o, c, j, tp)
+    ), new as (
         insert into inbox (event_id, event_type, topic, kafka_partition, kafka_offset, correlation_id, payload)
-        select id, t, topic, p, o, c, j::json
-          from unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[])
-               as r(id, t, topic, p, o, c, j)
+        select id, t, topic, p, o, c, j::json from r
         on conflict (event_id) do nothing
         returning event_id, event_type
     ), planned as (
-        insert into deliveries (event_id, endpoint_id, leased_until, next_attempt_at, held_by)
+        insert into deliveries (event_id, endpoint_id, leased_until, next_attempt_at, held_by, traceparent)
         select new.event_id, e.id,
                case when e.enabled then now() + make_interval(secs => $8) end,
                case when e.enabled then coalesce(now() + make_interval(secs => $8), now())
                     else 'infinity' end,
-               case when not e.enabled then 'endpoint_disabled' end
-          from new join endpoints e on exists (
+               case when not e.enabled then 'endpoint_disabled' end,
+               tp.tp
+          from new
+          join (select distinct on (id) id, tp from r) tp on tp.id = new.event_id
+          join endpoints e on exists (
                select 1 from unnest(e.event_types) f
                 where f = '*' or f = new.event_type
                    or (right(f, 2) = '.*' and starts_with(new.event_type, left(f, -1))))
            for share of e
         on conflict do nothing
-        returning id, event_id, endpoint_id, leased_until
+        returning id, event_id, endpoint_id, leased_until, traceparent
     )
     select (select count(*) from new) as new_events, p.id, p.event_id, p.endpoint_id,
-           0 as attempts, p.leased_until, e.url, e.secret, ",
+           0 as attempts, p.leased_until, p.traceparent, e.url, e.secret, ",
     previous_secret_in_grace!(),
     ", e.rate_limit_per_second
       from (select 1) as one
@@ -157,6 +169,7 @@ pub async fn record_events(
                 &events.correlation,
                 &events.json,
                 &lease,
+                &events.traceparents,
             ],
         )
         .await?;
@@ -216,7 +229,7 @@ const CLAIM: &str = concat!(
       from due, inbox i, endpoints e
      where d.id = due.id and i.event_id = d.event_id and e.id = d.endpoint_id
     returning d.id, d.event_id, d.endpoint_id, d.attempts, i.payload::text as body,
-              i.correlation_id, e.url, e.secret, ",
+              i.correlation_id, d.traceparent, e.url, e.secret, ",
     previous_secret_in_grace!(),
     ", e.rate_limit_per_second, d.leased_until"
 );

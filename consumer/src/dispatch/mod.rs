@@ -343,7 +343,7 @@ impl Dispatcher {
             attempt = d.attempts + 1,
             outcome = tracing::field::Empty,
         );
-        crate::trace_context::continue_delivery(&span, &d.event_id);
+        crate::trace_context::continue_delivery(&span, d.traceparent.as_deref());
         async {
             let Made { reply, attempt } = attempt::make(&self.http, d).await;
             let now = Utc::now();

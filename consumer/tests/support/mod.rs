@@ -397,8 +397,18 @@ pub fn envelope(n: usize) -> Envelope {
 
 /// Produces an envelope as the relay does: key = aggregate, headers with id, type, correlation.
 pub async fn produce(producer: &FutureProducer, topic: &str, e: &Envelope) {
+    produce_with_headers(producer, topic, e, &[]).await
+}
+
+/// [`produce`] with more record headers (a `traceparent`, say).
+pub async fn produce_with_headers(
+    producer: &FutureProducer,
+    topic: &str,
+    e: &Envelope,
+    extra: &[(&str, &str)],
+) {
     let value = serde_json::to_vec(e).unwrap();
-    let headers = OwnedHeaders::new()
+    let mut headers = OwnedHeaders::new()
         .insert(Header {
             key: HEADER_EVENT_ID,
             value: Some(e.id.as_str()),
@@ -411,6 +421,12 @@ pub async fn produce(producer: &FutureProducer, topic: &str, e: &Envelope) {
             key: HEADER_CORRELATION_ID,
             value: Some(e.metadata.correlation_id.as_str()),
         });
+    for (key, value) in extra {
+        headers = headers.insert(Header {
+            key,
+            value: Some(*value),
+        });
+    }
     let key = e.idempotency_key.clone();
     producer
         .send(
