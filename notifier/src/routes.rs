@@ -133,15 +133,7 @@ fn receive(
 ) -> Result<Received, ApiError> {
     let body = body.map_err(|rejection| {
         state.metrics.received(route, received::INVALID);
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the webhook body is too large",
-            )
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
+        outbox_core::http::body_rejection(rejection, "webhook")
     })?;
     // The signature covers the exact bytes sent, so it is checked before any parsing.
     let verified = state
