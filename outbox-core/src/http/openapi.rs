@@ -236,3 +236,35 @@ fn error_answer(description: &str) -> RefOr<utoipa::openapi::Response> {
             .build(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa_axum::routes;
+
+    #[utoipa::path(get, path = "/open", responses((status = 200, description = "Open")))]
+    async fn open() {}
+
+    #[utoipa::path(post, path = "/closed/{id}", params(("id" = String, Path)),
+        responses((status = 200, description = "Closed")))]
+    async fn closed() {}
+
+    #[test]
+    fn every_operation_but_the_open_ones_needs_the_admin_token() {
+        let router = OpenApiRouter::<()>::new()
+            .routes(routes!(open))
+            .routes(routes!(closed));
+        let (_, document) = serve_document(router, &[("GET", "/open"), ("GET", DOCUMENT_PATH)]);
+        let paths = &serde_json::to_value(&document).unwrap()["paths"];
+        let closed = &paths["/closed/{id}"]["post"];
+        assert_eq!(
+            closed["security"],
+            serde_json::json!([{}, {"admin_token": []}])
+        );
+        assert!(closed["responses"]["401"].is_object(), "{closed}");
+        for open in [&paths["/open"]["get"], &paths[DOCUMENT_PATH]["get"]] {
+            assert!(open.get("security").is_none(), "{open}");
+            assert!(open["responses"].get("401").is_none(), "{open}");
+        }
+    }
+}
