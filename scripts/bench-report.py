@@ -22,36 +22,45 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
+def markdown_table(columns, rows):
+    """The lines of a markdown table and a blank line: `columns` are (heading, alignment) pairs,
+    the alignment `---`, `---:` or `:---:`; each row is a list of cells, one a column."""
+    lines = ["| " + " | ".join(heading for heading, _ in columns) + " |",
+             "| " + " | ".join(align for _, align in columns) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines + [""]
+
+
 def table(result, versions):
     lines = [f"### {result['title']}", ""]
     lines.append(f"{result['cores']} cores; {versions}" if versions else f"{result['cores']} cores")
     lines.append("")
     unit = result.get("unit", "per second")
+    number = "---:"
     if result.get("throughput"):
-        lines += [f"| throughput | {unit} |", "| --- | ---: |"]
-        lines += [f"| {t['name']} | {fmt(t['value'])} |" for t in result["throughput"]]
-        for t in result.get("ratios", []):
-            lines.append(f"| {t['name']} | {t['value']} |")
-        lines.append("")
+        rows = [[t["name"], fmt(t["value"])] for t in result["throughput"]]
+        rows += [[t["name"], t["value"]] for t in result.get("ratios", [])]
+        lines += markdown_table([("throughput", "---"), (unit, number)], rows)
     if result.get("latency"):
-        lines += [f"| {result.get('latency_title', 'latency')} | offered/s | achieved/s | events | failed writes | p50 ms | p99 ms | max ms |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in result["latency"]:
-            lines.append(f"| {r['system']} | {fmt(r['offered'])} | {fmt(r.get('achieved'))} | {fmt(r.get('events'))} | {fmt(r.get('failed_writes', 0))} "
-                         f"| {fmt(r['p50'], 1)} | {fmt(r['p99'], 1)} | {fmt(r.get('max'), 1)} |")
-        lines.append("")
+        columns = [(result.get("latency_title", "latency"), "---")] + [
+            (heading, number) for heading in
+            ["offered/s", "achieved/s", "events", "failed writes", "p50 ms", "p99 ms", "max ms"]]
+        rows = [[r["system"], fmt(r["offered"]), fmt(r.get("achieved")), fmt(r.get("events")),
+                 fmt(r.get("failed_writes", 0)), fmt(r["p50"], 1), fmt(r["p99"], 1),
+                 fmt(r.get("max"), 1)] for r in result["latency"]]
+        lines += markdown_table(columns, rows)
     if result.get("counts"):
-        lines += ["| counted back | expected | once | duplicates | missing | unexpected | mean bytes |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for c in result["counts"]:
-            lines.append(f"| {c['what']} | {fmt(c['expected'])} | {fmt(c['unique'])} | {fmt(c['duplicates'])} "
-                         f"| {fmt(c['missing'])} | {fmt(c['unexpected'])} | {fmt(c.get('mean_bytes'))} |")
-        lines.append("")
+        columns = [("counted back", "---")] + [
+            (heading, number) for heading in
+            ["expected", "once", "duplicates", "missing", "unexpected", "mean bytes"]]
+        rows = [[c["what"], fmt(c["expected"]), fmt(c["unique"]), fmt(c["duplicates"]),
+                 fmt(c["missing"]), fmt(c["unexpected"]), fmt(c.get("mean_bytes"))]
+                for c in result["counts"]]
+        lines += markdown_table(columns, rows)
     if result.get("goals"):
-        lines += ["| goal | measured | met |", "| --- | --- | :---: |"]
-        for g in result["goals"]:
-            lines.append(f"| {g['goal']} | {g.get('measured', '')} | {'yes' if g['met'] else '**no**'} |")
-        lines.append("")
+        rows = [[g["goal"], g.get("measured", ""), "yes" if g["met"] else "**no**"]
+                for g in result["goals"]]
+        lines += markdown_table([("goal", "---"), ("measured", "---"), ("met", ":---:")], rows)
     return "\n".join(lines)
 
 
@@ -65,6 +74,16 @@ def plots(result, versions, folder):
         return []
     footer = f"{result['cores']} cores" + (f"; {versions}" if versions else "")
     written = []
+
+    def save(fig, ax, title, name):
+        ax.set_title(title, fontsize=10)
+        fig.text(0.01, 0.01, footer, fontsize=8, color="#555")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        path = folder / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
     if result.get("throughput"):
         names = [t["name"] for t in result["throughput"]]
         values = [t["value"] for t in result["throughput"]]
@@ -73,13 +92,7 @@ def plots(result, versions, folder):
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values[::-1]], padding=3)
         ax.set_xlabel(result.get("unit", "per second"))
         ax.set_xlim(0, max(values) * 1.18 if values else 1)
-        ax.set_title(result["title"], fontsize=10)
-        fig.text(0.01, 0.01, footer, fontsize=8, color="#555")
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
-        path = folder / "throughput.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, ax, result["title"], "throughput.png")
     if result.get("latency"):
         fig, ax = plt.subplots(figsize=(8, 4.8))
         systems = []
@@ -104,13 +117,7 @@ def plots(result, versions, folder):
         ax.set_ylabel("ms")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(result.get("latency_title", "latency"), fontsize=10)
-        fig.text(0.01, 0.01, footer, fontsize=8, color="#555")
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
-        path = folder / "latency.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, ax, result.get("latency_title", "latency"), "latency.png")
     return written
 
 

@@ -26,7 +26,6 @@ use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs, KafkaArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
 use outbox_core::schedule::RetrySchedule;
-use outbox_core::service::{Binary, Service};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -34,12 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use admin::OPEN_ROUTES;
 pub use metrics::Metrics;
 
-impl Service for Config {
-    const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);
-    fn database_url_and_listen_addr(&self) -> (&str, &str) {
-        (&self.database.database_url, &self.listen_addr)
-    }
-}
+outbox_core::impl_service!(Config, SCHEMAS);
 
 /// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
 /// only migrations it applies.
@@ -147,11 +141,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// The breaker thresholds. A probe may take a whole delivery plus its bookkeeping before
-    /// another instance may probe in its place.
+    /// The breaker thresholds, a probe being one delivery.
     pub fn breaker_policy(&self) -> BreakerPolicy {
-        self.breaker
-            .policy(self.delivery_timeout * 2 + Duration::from_secs(5))
+        self.breaker.policy(self.delivery_timeout)
     }
 }
 

@@ -18,6 +18,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::LazyLock;
 
 /// An address a webhook must not be connected to, and the block it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,36 +55,26 @@ pub fn classify(ip: IpAddr) -> Option<SpecialAddress> {
     }
 }
 
-/// (network, prefix length, block); the first match wins.
-const V4: &[([u8; 4], u8, &str)] = &[
-    ([0, 0, 0, 0], 8, "a \"this network\" address"),
-    ([10, 0, 0, 0], 8, "a private-use address"),
-    ([100, 64, 0, 0], 10, "a shared (carrier-grade NAT) address"),
-    ([127, 0, 0, 0], 8, "a loopback address"),
-    ([169, 254, 0, 0], 16, "a link-local address"),
-    ([172, 16, 0, 0], 12, "a private-use address"),
+/// IPv4 blocks in the registry's notation and what each is; the first match wins.
+const V4: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "a \"this network\" address"),
+    ("10.0.0.0/8", "a private-use address"),
+    ("100.64.0.0/10", "a shared (carrier-grade NAT) address"),
+    ("127.0.0.0/8", "a loopback address"),
+    ("169.254.0.0/16", "a link-local address"),
+    ("172.16.0.0/12", "a private-use address"),
     // 192.0.0.0/24 holds DS-Lite, NAT64 discovery, PCP and TURN anycast, all local.
-    ([192, 0, 0, 0], 24, "an IETF protocol assignment"),
-    ([192, 0, 2, 0], 24, "a documentation address"),
-    ([192, 88, 99, 0], 24, "a 6to4 relay anycast address"),
-    ([192, 168, 0, 0], 16, "a private-use address"),
-    ([198, 18, 0, 0], 15, "a benchmarking address"),
-    ([198, 51, 100, 0], 24, "a documentation address"),
-    ([203, 0, 113, 0], 24, "a documentation address"),
-    ([224, 0, 0, 0], 4, "a multicast address"),
-    ([255, 255, 255, 255], 32, "the limited broadcast address"),
-    ([240, 0, 0, 0], 4, "a reserved address"),
+    ("192.0.0.0/24", "an IETF protocol assignment"),
+    ("192.0.2.0/24", "a documentation address"),
+    ("192.88.99.0/24", "a 6to4 relay anycast address"),
+    ("192.168.0.0/16", "a private-use address"),
+    ("198.18.0.0/15", "a benchmarking address"),
+    ("198.51.100.0/24", "a documentation address"),
+    ("203.0.113.0/24", "a documentation address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("255.255.255.255/32", "the limited broadcast address"),
+    ("240.0.0.0/4", "a reserved address"),
 ];
-
-fn classify_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let bits = u32::from(ip);
-    V4.iter()
-        .find(|(net, len, _)| {
-            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-            bits & mask == u32::from_be_bytes(*net)
-        })
-        .map(|(_, _, block)| *block)
-}
 
 /// What an IPv6 block means for a webhook.
 #[derive(Clone, Copy)]
@@ -103,109 +94,97 @@ fn sixtofour(bits: u128) -> Ipv4Addr {
     Ipv4Addr::from((bits >> 80) as u32)
 }
 
-/// (network, prefix length, rule); the first match wins, so more specific blocks come first.
-const V6: &[([u16; 8], u8, Rule)] = &[
+/// IPv6 blocks in the registry's notation and what each means; the first match wins, so more
+/// specific blocks come first.
+const V6: &[(&str, Rule)] = &[
+    ("::/128", Rule::Special("the unspecified address")),
+    ("::1/128", Rule::Special("the loopback address")),
     (
-        [0, 0, 0, 0, 0, 0, 0, 0],
-        128,
-        Rule::Special("the unspecified address"),
-    ),
-    (
-        [0, 0, 0, 0, 0, 0, 0, 1],
-        128,
-        Rule::Special("the loopback address"),
-    ),
-    (
-        [0, 0, 0, 0, 0, 0xffff, 0, 0],
-        96,
+        "::ffff:0:0/96",
         Rule::Carries("the IPv4-mapped form", low_32),
     ),
     // Deprecated (RFC 4291 2.5.5.1) and never routed: refused whatever IPv4 address it holds.
     (
-        [0, 0, 0, 0, 0, 0, 0, 0],
-        96,
+        "::/96",
         Rule::Special("a deprecated IPv4-compatible address"),
     ),
-    (
-        [0x64, 0xff9b, 0, 0, 0, 0, 0, 0],
-        96,
-        Rule::Carries("the NAT64 form", low_32),
-    ),
+    ("64:ff9b::/96", Rule::Carries("the NAT64 form", low_32)),
     // Local-use translation (RFC 8215): where the IPv4 address sits depends on the local prefix.
+    ("64:ff9b:1::/48", Rule::Special("a local-use NAT64 address")),
+    ("100::/64", Rule::Special("a discard-only address")),
+    ("2001::/32", Rule::Special("a Teredo address")),
+    ("2001::/23", Rule::Special("an IETF protocol assignment")),
+    ("2001:db8::/32", Rule::Special("a documentation address")),
+    ("2002::/16", Rule::Carries("the 6to4 form", sixtofour)),
+    ("3fff::/20", Rule::Special("a documentation address")),
+    ("5f00::/16", Rule::Special("an SRv6 SID address")),
+    ("fc00::/7", Rule::Special("a unique local address")),
+    ("fe80::/10", Rule::Special("a link-local address")),
     (
-        [0x64, 0xff9b, 1, 0, 0, 0, 0, 0],
-        48,
-        Rule::Special("a local-use NAT64 address"),
-    ),
-    (
-        [0x100, 0, 0, 0, 0, 0, 0, 0],
-        64,
-        Rule::Special("a discard-only address"),
-    ),
-    (
-        [0x2001, 0, 0, 0, 0, 0, 0, 0],
-        32,
-        Rule::Special("a Teredo address"),
-    ),
-    (
-        [0x2001, 0, 0, 0, 0, 0, 0, 0],
-        23,
-        Rule::Special("an IETF protocol assignment"),
-    ),
-    (
-        [0x2001, 0xdb8, 0, 0, 0, 0, 0, 0],
-        32,
-        Rule::Special("a documentation address"),
-    ),
-    (
-        [0x2002, 0, 0, 0, 0, 0, 0, 0],
-        16,
-        Rule::Carries("the 6to4 form", sixtofour),
-    ),
-    (
-        [0x3fff, 0, 0, 0, 0, 0, 0, 0],
-        20,
-        Rule::Special("a documentation address"),
-    ),
-    (
-        [0x5f00, 0, 0, 0, 0, 0, 0, 0],
-        16,
-        Rule::Special("an SRv6 SID address"),
-    ),
-    (
-        [0xfc00, 0, 0, 0, 0, 0, 0, 0],
-        7,
-        Rule::Special("a unique local address"),
-    ),
-    (
-        [0xfe80, 0, 0, 0, 0, 0, 0, 0],
-        10,
-        Rule::Special("a link-local address"),
-    ),
-    (
-        [0xfec0, 0, 0, 0, 0, 0, 0, 0],
-        10,
+        "fec0::/10",
         Rule::Special("a deprecated site-local address"),
     ),
-    (
-        [0xff00, 0, 0, 0, 0, 0, 0, 0],
-        8,
-        Rule::Special("a multicast address"),
-    ),
+    ("ff00::/8", Rule::Special("a multicast address")),
 ];
+
+/// A row of [`V4`] or [`V6`] as bits: an address is in the block when `bits & mask == network`.
+struct Block<R> {
+    network: u128,
+    mask: u128,
+    rule: R,
+}
+
+/// The address's bits and how many there are (32 or 128).
+fn bits_of(ip: IpAddr) -> (u128, u32) {
+    match ip {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    }
+}
+
+/// Parses a table; a malformed row is a bug the unit tests catch.
+fn parse_table<R: Copy>(table: &[(&str, R)]) -> Vec<Block<R>> {
+    table
+        .iter()
+        .map(|&(cidr, rule)| {
+            let (address, prefix) = cidr.split_once('/').expect(cidr);
+            let (network, width) = bits_of(address.parse().expect(cidr));
+            let prefix: u32 = prefix.parse().expect(cidr);
+            assert!(prefix <= width, "{cidr}");
+            let mask =
+                u128::MAX.checked_shl(width - prefix).unwrap_or(0) & (u128::MAX >> (128 - width));
+            Block {
+                network,
+                mask,
+                rule,
+            }
+        })
+        .collect()
+}
+
+/// The rule of the first block holding `bits`.
+fn first_match<R: Copy>(blocks: &[Block<R>], bits: u128) -> Option<R> {
+    blocks
+        .iter()
+        .find(|b| bits & b.mask == b.network)
+        .map(|b| b.rule)
+}
+
+static V4_BLOCKS: LazyLock<Vec<Block<&'static str>>> = LazyLock::new(|| parse_table(V4));
+static V6_BLOCKS: LazyLock<Vec<Block<Rule>>> = LazyLock::new(|| parse_table(V6));
+
+fn classify_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    first_match(&V4_BLOCKS, u128::from(u32::from(ip)))
+}
 
 fn classify_v6(ip: Ipv6Addr) -> Option<SpecialAddress> {
     let bits = u128::from(ip);
-    let matched = V6.iter().find(|(net, len, _)| {
-        let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
-        bits & mask == u128::from(Ipv6Addr::from(*net))
-    });
     let special = |block| SpecialAddress {
         address: IpAddr::V6(ip),
         embedded: None,
         block,
     };
-    match matched.map(|(_, _, rule)| *rule) {
+    match first_match(&V6_BLOCKS, bits) {
         Some(Rule::Special(block)) => Some(special(block)),
         Some(Rule::Carries(how, extract)) => {
             let v4 = extract(bits);
@@ -227,6 +206,16 @@ mod tests {
 
     fn block(text: &str) -> Option<&'static str> {
         classify(text.parse().expect(text)).map(|s| s.block)
+    }
+
+    #[test]
+    fn every_table_row_is_a_network_without_host_bits() {
+        for block in V4_BLOCKS.iter() {
+            assert_eq!(block.network & !block.mask, 0, "{:x}", block.network);
+        }
+        for block in V6_BLOCKS.iter() {
+            assert_eq!(block.network & !block.mask, 0, "{:x}", block.network);
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ use outbox_core::breaker::BreakerPolicy;
 use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
-use outbox_core::service::{Binary, Service};
 use outbox_core::signature::{Secret, Verifier};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -26,12 +25,7 @@ pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
 pub use routes::OPEN_ROUTES;
 
-impl Service for Config {
-    const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);
-    fn database_url_and_listen_addr(&self) -> (&str, &str) {
-        (&self.database.database_url, &self.listen_addr)
-    }
-}
+outbox_core::impl_service!(Config, SCHEMAS);
 
 /// The PostgreSQL schemas this service uses (its own tables; it can run on a database of its own): its pool's `search_path`, and the
 /// only migrations it applies.
@@ -135,11 +129,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// The breaker thresholds. A probe may take as long as a notification plus its bookkeeping
-    /// before another instance may probe in its place.
+    /// The breaker thresholds, a probe being one notification.
     pub fn breaker_policy(&self) -> BreakerPolicy {
-        self.breaker
-            .policy(self.notify_timeout * 2 + Duration::from_secs(5))
+        self.breaker.policy(self.notify_timeout)
     }
 }
 

@@ -10,16 +10,13 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
+use outbox_core::admin_auth::{with_operational_routes, RouteSpec};
 use outbox_core::breaker::{self, Admission, BreakerView};
 use outbox_core::config::time_until;
-use outbox_core::http::{
-    next_cursor, openapi, operational_routes, ApiError, PageLimit, QueryParams,
-};
+use outbox_core::http::{next_cursor, openapi, ApiError, PageLimit, QueryParams};
 use outbox_core::signature::VerifyError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -74,14 +71,13 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .routes(routes!(list_notifications))
             .routes(routes!(list_breakers))
             .routes(routes!(reset_breakers)),
+        OPEN_ROUTES,
     )
 }
 
 pub fn router(state: AppState, max_body_bytes: usize, admin_token: Option<&str>) -> Router {
-    let auth = AdminAuth::new(admin_token, OPEN_ROUTES);
     let (api, _) = api();
-    api.merge(operational_routes::<AppState>())
-        .route_layer(middleware::from_fn_with_state(auth, require_admin))
+    with_operational_routes(api, admin_token, OPEN_ROUTES)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -137,15 +133,7 @@ fn receive(
 ) -> Result<Received, ApiError> {
     let body = body.map_err(|rejection| {
         state.metrics.received(route, received::INVALID);
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the webhook body is too large",
-            )
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
+        outbox_core::http::body_rejection(rejection, "webhook")
     })?;
     // The signature covers the exact bytes sent, so it is checked before any parsing.
     let verified = state
@@ -517,7 +505,7 @@ struct EventList {
 
 /// `GET /webhooks/events`: received events, newest first; `next_before` fetches the next page.
 #[utoipa::path(get, path = "/webhooks/events", params(EventsQuery),
-    responses((status = 200, body = EventList)), security((), ("admin_token" = [])))]
+    responses((status = 200, body = EventList)))]
 async fn list_events(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<EventsQuery>,
@@ -561,7 +549,7 @@ struct NotificationList {
 
 /// `GET /notifications`: every notification attempt and its outcome, newest first.
 #[utoipa::path(get, path = "/notifications", params(NotificationsQuery),
-    responses((status = 200, body = NotificationList)), security((), ("admin_token" = [])))]
+    responses((status = 200, body = NotificationList)))]
 async fn list_notifications(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<NotificationsQuery>,
@@ -622,7 +610,7 @@ async fn breakers(state: &AppState) -> Result<Json<BreakerList>, ApiError> {
 
 /// `GET /circuit-breaker`.
 #[utoipa::path(get, path = "/circuit-breaker",
-    responses((status = 200, body = BreakerList)), security((), ("admin_token" = [])))]
+    responses((status = 200, body = BreakerList)))]
 async fn list_breakers(State(state): State<AppState>) -> Result<Json<BreakerList>, ApiError> {
     breakers(&state).await
 }
@@ -648,8 +636,7 @@ enum ChannelName {
 
 /// `POST /circuit-breaker/reset[?channel=chat]`: closes the breaker(s) with zero counts.
 #[utoipa::path(post, path = "/circuit-breaker/reset", params(ResetQuery),
-    responses((status = 200, description = "Both channels' breakers after the reset", body = BreakerList)),
-    security((), ("admin_token" = [])))]
+    responses((status = 200, description = "Both channels' breakers after the reset", body = BreakerList)))]
 async fn reset_breakers(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<ResetQuery>,

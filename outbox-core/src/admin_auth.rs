@@ -6,12 +6,10 @@
 //! later cannot be forgotten open.
 //!
 //! ```ignore
-//! router.route_layer(axum::middleware::from_fn_with_state(
-//!     AdminAuth::new(config.admin_token.as_deref(), OPEN_ROUTES),
-//!     outbox_core::admin_auth::require_admin,
-//! ))
+//! let app = outbox_core::admin_auth::with_operational_routes(api, config.admin_token.as_deref(), OPEN_ROUTES);
 //! ```
-//! `route_layer` must come after every route is added: it covers the routes present at that point.
+//! [`with_operational_routes`] adds the token check last, as `route_layer` covers only the routes
+//! present when it is added.
 
 use std::sync::Arc;
 
@@ -19,9 +17,10 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Router;
 use sha2::{Digest, Sha256};
 
-use crate::http::ApiError;
+use crate::http::{ApiError, Operational};
 
 /// A route as `(method, path template)`, the template as written in the router
 /// (`/messages/{id}`). `GET` covers `HEAD` too, as axum routes it.
@@ -99,6 +98,21 @@ impl AdminAuth {
             .iter()
             .any(|&(m, path)| m == method && path == template)
     }
+}
+
+/// A service's router: its `api` routes plus [`crate::http::operational_routes`], every one of them
+/// but the `open` and the operational ones behind `token` ([`require_admin`]). The same `open`
+/// list makes the OpenAPI document's `security` (`crate::http::openapi::serve_document`).
+pub fn with_operational_routes<S: Operational>(
+    api: Router<S>,
+    token: Option<&str>,
+    open: &[RouteSpec],
+) -> Router<S> {
+    api.merge(crate::http::operational_routes::<S>())
+        .route_layer(axum::middleware::from_fn_with_state(
+            AdminAuth::new(token, open),
+            require_admin,
+        ))
 }
 
 /// Middleware (for `route_layer`, so the matched route is known): with a token configured, a

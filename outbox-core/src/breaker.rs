@@ -397,6 +397,16 @@ mod tests {
         DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
     }
 
+    /// A breaker opened at 0 by five failures, after its first probe was admitted at 60.
+    fn probing(p: &BreakerPolicy) -> Breaker {
+        let mut b = Breaker::default();
+        for _ in 0..p.failures_to_open {
+            b.on_failure(p, at(0));
+        }
+        assert_eq!(b.admit(p, at(60)), Admission::Probe);
+        b
+    }
+
     #[test]
     fn opens_after_five_consecutive_failures() {
         let p = policy();
@@ -420,11 +430,7 @@ mod tests {
     #[test]
     fn half_open_lets_one_probe_and_closes_after_two_successes() {
         let p = policy();
-        let mut b = Breaker::default();
-        for _ in 0..5 {
-            b.on_failure(&p, at(0));
-        }
-        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        let mut b = probing(&p);
         assert_eq!(b.state, BreakerState::HalfOpen);
         assert_eq!(
             b.admit(&p, at(61)),
@@ -441,11 +447,7 @@ mod tests {
     #[test]
     fn a_failed_probe_opens_again() {
         let p = policy();
-        let mut b = Breaker::default();
-        for _ in 0..5 {
-            b.on_failure(&p, at(0));
-        }
-        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        let mut b = probing(&p);
         b.on_failure(&p, at(61));
         assert_eq!(b.state, BreakerState::Open);
         assert_eq!(b.opened_at, Some(at(61)));
@@ -519,11 +521,7 @@ mod tests {
     #[test]
     fn a_lost_probe_frees_its_slot_after_the_probe_timeout() {
         let p = policy();
-        let mut b = Breaker::default();
-        for _ in 0..5 {
-            b.on_failure(&p, at(0));
-        }
-        assert_eq!(b.admit(&p, at(60)), Admission::Probe);
+        let mut b = probing(&p);
         assert_eq!(b.admit(&p, at(70)), Admission::Probe);
     }
 }

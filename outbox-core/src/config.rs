@@ -68,14 +68,14 @@ pub struct BreakerArgs {
 }
 
 impl BreakerArgs {
-    /// The policy, with `probe_timeout`: how long one probe may take before another instance may
-    /// probe in its place.
-    pub fn policy(&self, probe_timeout: Duration) -> crate::breaker::BreakerPolicy {
+    /// The policy for a breaker whose probe is one call of at most `call_timeout`. A probe may take
+    /// twice that plus 5 s of bookkeeping before another instance may probe in its place.
+    pub fn policy(&self, call_timeout: Duration) -> crate::breaker::BreakerPolicy {
         crate::breaker::BreakerPolicy {
             failures_to_open: self.breaker_failures.max(1),
             open_for: self.breaker_open_for,
             successes_to_close: self.breaker_successes.max(1),
-            probe_timeout,
+            probe_timeout: call_timeout * 2 + Duration::from_secs(5),
         }
     }
 }

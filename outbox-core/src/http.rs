@@ -9,7 +9,7 @@ mod page;
 mod server;
 mod uniform;
 
-pub use extract::{contains_nul, parse_object, JsonBody, QueryParams};
+pub use extract::{body_rejection, contains_nul, parse_object, JsonBody, QueryParams};
 pub use page::{next_cursor, PageLimit};
 pub use server::serve;
 pub use uniform::uniform_errors;

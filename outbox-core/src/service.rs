@@ -52,6 +52,21 @@ macro_rules! this_binary {
     };
 }
 
+/// Implements [`Service`] for `$config`, a configuration with the fields `database`
+/// ([`crate::config::DatabaseArgs`]) and `listen_addr`, as the binary of the crate this is
+/// written in ([`this_binary!`](crate::this_binary)) using `$schemas`.
+#[macro_export]
+macro_rules! impl_service {
+    ($config:ty, $schemas:expr) => {
+        impl $crate::service::Service for $config {
+            const BINARY: $crate::service::Binary = $crate::this_binary!($schemas);
+            fn database_url_and_listen_addr(&self) -> (&str, &str) {
+                (&self.database.database_url, &self.listen_addr)
+            }
+        }
+    };
+}
+
 /// A service's configuration, as the command line and environment give it to [`run`].
 pub trait Service: clap::Args {
     /// The binary this configuration starts.

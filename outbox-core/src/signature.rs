@@ -297,12 +297,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn both_conventions_verify() {
+    /// A body signed as `evt_1` at 1000 with a fresh secret, the headers of both conventions,
+    /// and a verifier of that secret with a 300 s tolerance.
+    fn signed_evt_1() -> (&'static [u8], Vec<(&'static str, String)>, Verifier) {
         let secret = Secret::generate();
         let body = b"{\"a\":1}";
         let signed = sign_headers(&[&secret], "evt_1", 1_000, body);
-        let verifier = Verifier::new(vec![secret], Duration::from_secs(300));
+        (
+            body,
+            signed,
+            Verifier::new(vec![secret], Duration::from_secs(300)),
+        )
+    }
+
+    #[test]
+    fn both_conventions_verify() {
+        let (body, signed, verifier) = signed_evt_1();
         for names in [STANDARD, OLDER] {
             let h = headers_of(signed.clone(), names);
             assert_eq!(verifier.verify(&h, body, 1_010).unwrap().id, "evt_1");
@@ -311,10 +321,7 @@ mod tests {
 
     #[test]
     fn tampering_staleness_and_missing_headers_are_refused() {
-        let secret = Secret::generate();
-        let body = b"{\"a\":1}";
-        let signed = sign_headers(&[&secret], "evt_1", 1_000, body);
-        let verifier = Verifier::new(vec![secret], Duration::from_secs(300));
+        let (body, signed, verifier) = signed_evt_1();
         let h = headers_of(signed.clone(), STANDARD);
         assert_eq!(
             verifier.verify(&h, b"{\"a\":2}", 1_000),

@@ -77,25 +77,33 @@ struct Wrk {
     other: i64,
 }
 
-fn run_wrk(url: &str, args: &Args, filler: &str, duration: Duration) -> anyhow::Result<Wrk> {
-    let output = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{}", args.connections),
-            &format!("-d{}s", duration.as_secs().max(1)),
-        ])
-        .arg("-s")
-        .arg(args.scripts.join("unique-messages.lua"))
-        .arg(url)
-        .env("FILLER", filler)
+/// What `command` (the tool `tool`, in the Debian package `package`) writes to its standard
+/// output; an error with both outputs when it fails.
+fn stdout_of(mut command: Command, tool: &str, package: &str) -> anyhow::Result<String> {
+    let output = command
         .output()
-        .context("wrk (Debian: wrk)")?;
+        .with_context(|| format!("{tool} (Debian: {package})"))?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     anyhow::ensure!(
         output.status.success(),
-        "wrk failed: {text}{}",
+        "{tool} failed: {text}{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    Ok(text)
+}
+
+fn run_wrk(url: &str, args: &Args, filler: &str, duration: Duration) -> anyhow::Result<Wrk> {
+    let mut wrk = Command::new("wrk");
+    wrk.args([
+        "-t2",
+        &format!("-c{}", args.connections),
+        &format!("-d{}s", duration.as_secs().max(1)),
+    ])
+    .arg("-s")
+    .arg(args.scripts.join("unique-messages.lua"))
+    .arg(url)
+    .env("FILLER", filler);
+    let text = stdout_of(wrk, "wrk", "wrk")?;
     let f = fields(&text, "wrk-result");
     let (requests, failed, secs) = (
         field(&f, "requests"),
@@ -114,7 +122,8 @@ fn run_wrk(url: &str, args: &Args, filler: &str, duration: Duration) -> anyhow::
 
 /// pgbench of the producer's transaction with `clients` connections; transactions/s.
 fn run_pgbench(db: &TestDb, args: &Args, clients: usize, filler: &str) -> anyhow::Result<f64> {
-    let output = Command::new("pgbench")
+    let mut pgbench = Command::new("pgbench");
+    pgbench
         .args(["-n", "-M", "prepared", "-j", "2"])
         .args([
             "-c",
@@ -127,15 +136,8 @@ fn run_pgbench(db: &TestDb, args: &Args, clients: usize, filler: &str) -> anyhow
         .arg(args.scripts.join("producer-transaction.sql"))
         .arg(&db.url)
         // outbox.publish writes this into metadata.environment, as the producer's pool sets it.
-        .env("PGOPTIONS", "-c outbox.environment=bench")
-        .output()
-        .context("pgbench (Debian: postgresql-contrib)")?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    anyhow::ensure!(
-        output.status.success(),
-        "pgbench failed: {text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .env("PGOPTIONS", "-c outbox.environment=bench");
+    let text = stdout_of(pgbench, "pgbench", "postgresql-contrib")?;
     text.lines()
         .find_map(|l| {
             l.strip_prefix("tps = ")?

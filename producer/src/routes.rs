@@ -5,11 +5,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
+use outbox_core::admin_auth::{with_operational_routes, RouteSpec};
 use outbox_core::envelope::new_correlation_id;
-use outbox_core::http::{
-    next_cursor, openapi, operational_routes, ApiError, JsonBody, PageLimit, QueryParams,
-};
+use outbox_core::http::{next_cursor, openapi, ApiError, JsonBody, PageLimit, QueryParams};
 use outbox_core::outbox::OutboxState;
 use outbox_core::routing::valid_event_type;
 use serde::{Deserialize, Serialize};
@@ -41,14 +39,13 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .routes(routes!(list_outbox))
             .routes(routes!(retry_outbox))
             .routes(routes!(stats)),
+        OPEN_ROUTES,
     )
 }
 
 pub fn router(state: AppState) -> Router {
-    let auth = AdminAuth::new(state.config.admin_token.as_deref(), OPEN_ROUTES);
     let (api, _) = api();
-    api.merge(operational_routes::<AppState>())
-        .route_layer(middleware::from_fn_with_state(auth, require_admin))
+    with_operational_routes(api, state.config.admin_token.as_deref(), OPEN_ROUTES)
         .route_layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
@@ -319,8 +316,7 @@ pub struct OutboxList {
 }
 
 /// Outbox rows in id order, optionally of one state.
-#[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = OutboxList)),
-    security((), ("admin_token" = [])))]
+#[utoipa::path(get, path = "/outbox", params(OutboxPage), responses((status = 200, body = OutboxList)))]
 pub async fn list_outbox(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<OutboxPage>,
@@ -342,8 +338,7 @@ pub async fn list_outbox(
 }
 
 /// Counts by state and the age of the oldest unsent row.
-#[utoipa::path(get, path = "/stats", responses((status = 200, body = store::Stats)),
-    security((), ("admin_token" = [])))]
+#[utoipa::path(get, path = "/stats", responses((status = 200, body = store::Stats)))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<store::Stats>, ApiError> {
     let client = state.pool.get().await?;
     Ok(Json(store::stats(&client).await?))
@@ -351,8 +346,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<store::Stats>, 
 
 /// Sends a dead (D) row again: it becomes P with its attempts reset.
 #[utoipa::path(post, path = "/outbox/{id}/retry", params(("id" = i64, Path, description = "Outbox row id")),
-    responses((status = 200, body = store::OutboxRow), (status = 404, description = "No such outbox row"), (status = 409, description = "The row is not dead")),
-    security((), ("admin_token" = [])))]
+    responses((status = 200, body = store::OutboxRow), (status = 404, description = "No such outbox row"), (status = 409, description = "The row is not dead")))]
 pub async fn retry_outbox(
     State(state): State<AppState>,
     Path(id): Path<String>,

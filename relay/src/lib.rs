@@ -23,7 +23,6 @@ use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs, KafkaArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{operational_routes, Operational, Readiness};
 use outbox_core::routing::TopicRoutes;
-use outbox_core::service::{Binary, Service};
 use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::Metrics;
 pub use publish::Publisher;
 
-impl Service for Config {
-    const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);
-    fn database_url_and_listen_addr(&self) -> (&str, &str) {
-        (&self.database.database_url, &self.listen_addr)
-    }
-}
+outbox_core::impl_service!(Config, SCHEMAS);
 
 /// The PostgreSQL schemas this service uses (the outbox it reads): its pool's `search_path`, and the
 /// only migrations it applies.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use outbox_core::db::PgPool;
 use outbox_core::retention::BatchDelete;
+use tokio_postgres::types::{FromSqlOwned, ToSql};
 use tokio_util::sync::CancellationToken;
 
 use crate::Metrics;
@@ -48,19 +49,28 @@ pub struct Partitions {
 impl Partitions {
     /// Makes the partitions up to `ahead` from now; returns how many were made.
     pub async fn ensure(&self, pool: &PgPool) -> Result<i32, outbox_core::db::DbError> {
-        let mut client = pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.batch_execute(LOCK_TIMEOUT).await?;
-        let made: i32 = tx
-            .query_one(
-                "select outbox.ensure_partitions($1::bigint * interval '1 millisecond', $2::bigint * interval '1 millisecond')",
-                &[&millis(self.span), &millis(self.ahead)],
-            )
-            .await?
-            .get(0);
-        tx.commit().await?;
-        Ok(made)
+        partition_change(
+            pool,
+            "select outbox.ensure_partitions($1::bigint * interval '1 millisecond', $2::bigint * interval '1 millisecond')",
+            &[&millis(self.span), &millis(self.ahead)],
+        )
+        .await
     }
+}
+
+/// Runs `sql`, a partition change answering one value, in a transaction of its own under
+/// [`LOCK_TIMEOUT`].
+async fn partition_change<T: FromSqlOwned>(
+    pool: &PgPool,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<T, outbox_core::db::DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(LOCK_TIMEOUT).await?;
+    let value: T = tx.query_one(sql, params).await?.get(0);
+    tx.commit().await?;
+    Ok(value)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -73,18 +83,12 @@ pub async fn drop_old_partitions(
     pool: &PgPool,
     retention: Duration,
 ) -> Result<i64, outbox_core::db::DbError> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    tx.batch_execute(LOCK_TIMEOUT).await?;
-    let dropped: i64 = tx
-        .query_one(
-            "select outbox.drop_old_partitions(now() - $1::bigint * interval '1 millisecond')",
-            &[&millis(retention)],
-        )
-        .await?
-        .get(0);
-    tx.commit().await?;
-    Ok(dropped)
+    partition_change(
+        pool,
+        "select outbox.drop_old_partitions(now() - $1::bigint * interval '1 millisecond')",
+        &[&millis(retention)],
+    )
+    .await
 }
 
 /// Runs until `stop` (leadership ends): every `interval`, makes the partitions ahead, drops the

@@ -376,22 +376,25 @@ class Faults:
         except (RuntimeError, ValueError):
             return None
 
-    def kafka(self):
+    def _down_for(self, window, stop, start_again, down, what):
+        """Runs `stack.sh *stop`, logs `what`, waits `down` seconds and runs `stack.sh *start_again`:
+        the fault's window, named `window`, lasts from the stop to the start."""
         start = time.time()
-        self.stack.run("kafka-stop")
-        self.log(f"Kafka stopped (every node); down for {self.args.kafka_down:g}s")
-        time.sleep(self.args.kafka_down)
-        self.stack.run("kafka-start")
-        return Window("kafka stopped", start, time.time())
+        self.stack.run(*stop)
+        self.log(f"{what}; down for {down:g}s")
+        time.sleep(down)
+        self.stack.run(*start_again)
+        return Window(window, start, time.time())
+
+    def kafka(self):
+        return self._down_for("kafka stopped", ["kafka-stop"], ["kafka-start"],
+                              self.args.kafka_down, "Kafka stopped (every node)")
 
     def broker(self):
         n = self.args.broker_victim
-        start = time.time()
-        self.stack.run("broker-stop", str(n), "--kill")
-        self.log(f"Kafka node {n} SIGKILLed; down for {self.args.broker_down:g}s")
-        time.sleep(self.args.broker_down)
-        self.stack.run("broker-start", str(n))
-        return Window(f"broker {n} killed", start, time.time())
+        return self._down_for(f"broker {n} killed", ["broker-stop", str(n), "--kill"],
+                              ["broker-start", str(n)], self.args.broker_down,
+                              f"Kafka node {n} SIGKILLed")
 
     def relay(self):
         victim = self.leader()
@@ -422,12 +425,9 @@ class Faults:
 
     def consumer(self):
         n = self.args.consumer_victim
-        start = time.time()
-        self.stack.run("kill", "consumer", str(n))
-        self.log(f"consumer {n} SIGKILLed; down for {self.args.consumer_down:g}s")
-        time.sleep(self.args.consumer_down)
-        self.stack.run("start", "consumer", str(n))
-        return Window(f"consumer {n} killed", start, time.time())
+        return self._down_for(f"consumer {n} killed", ["kill", "consumer", str(n)],
+                              ["start", "consumer", str(n)], self.args.consumer_down,
+                              f"consumer {n} SIGKILLed")
 
     def receiver(self):
         rx = self.receivers["failing"]
@@ -438,12 +438,8 @@ class Faults:
         return Window("receiver 503", start, time.time(), receiver="failing")
 
     def postgres(self):
-        start = time.time()
-        self.stack.run("pg-stop")
-        self.log(f"PostgreSQL stopped; down for {self.args.pg_down:g}s")
-        time.sleep(self.args.pg_down)
-        self.stack.run("pg-start")
-        return Window("postgres restarted", start, time.time())
+        return self._down_for("postgres restarted", ["pg-stop"], ["pg-start"],
+                              self.args.pg_down, "PostgreSQL stopped")
 
 
 def plan_faults(args) -> list:

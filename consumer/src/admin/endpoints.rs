@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use outbox_core::http::{ApiError, JsonBody};
 use outbox_core::signature::Secret;
 use serde::{Deserialize, Deserializer, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::optional_body;
@@ -54,6 +54,15 @@ fn event_types_or_null() -> utoipa::openapi::schema::Array {
         utoipa::openapi::schema::Type::Null,
     ]);
     array
+}
+
+/// The `{id}` of every `/endpoints/{id}…` route.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct EndpointPath {
+    /// Endpoint id
+    #[param(min_length = 1, pattern = r"^[^\u0000/]*$")]
+    id: String,
 }
 
 fn invalid(error: InvalidEndpoint) -> ApiError {
@@ -139,8 +148,7 @@ impl CreateEndpoint {
         (status = 201, description = "The endpoint, with its secret", body = Endpoint),
         (status = 409, description = "An endpoint with this id exists (`endpoint_exists`)"),
         (status = 422, description = "An invalid field (`invalid_url`, `private_url`, `invalid_event_type`, …)"),
-    ),
-    security((), ("admin_token" = [])))]
+    ))]
 async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateEndpoint>,
@@ -167,7 +175,7 @@ struct EndpointList {
 
 /// Every endpoint, without secrets.
 #[utoipa::path(get, path = "/endpoints", operation_id = "list_endpoints",
-    responses((status = 200, body = EndpointList)), security((), ("admin_token" = [])))]
+    responses((status = 200, body = EndpointList)))]
 async fn list(State(state): State<AppState>) -> Result<Json<EndpointList>, ApiError> {
     let client = state.pool.get().await?;
     let endpoints = endpoints::list(&client).await?;
@@ -175,12 +183,11 @@ async fn list(State(state): State<AppState>) -> Result<Json<EndpointList>, ApiEr
 }
 
 /// One endpoint, without its secret.
-#[utoipa::path(get, path = "/endpoints/{id}", operation_id = "get_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
-    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")),
-    security((), ("admin_token" = [])))]
+#[utoipa::path(get, path = "/endpoints/{id}", operation_id = "get_endpoint", params(EndpointPath),
+    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")))]
 async fn get_one(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
 ) -> Result<Json<Endpoint>, ApiError> {
     let client = state.pool.get().await?;
     endpoints::get(&client, &id, false)
@@ -197,12 +204,11 @@ struct EndpointSecret {
 }
 
 /// The endpoint's current signing secret.
-#[utoipa::path(get, path = "/endpoints/{id}/secret", operation_id = "get_endpoint_secret", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
-    responses((status = 200, body = EndpointSecret), (status = 404, description = "No such endpoint")),
-    security((), ("admin_token" = [])))]
+#[utoipa::path(get, path = "/endpoints/{id}/secret", operation_id = "get_endpoint_secret", params(EndpointPath),
+    responses((status = 200, body = EndpointSecret), (status = 404, description = "No such endpoint")))]
 async fn secret(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
 ) -> Result<Json<EndpointSecret>, ApiError> {
     let client = state.pool.get().await?;
     let endpoint = endpoints::get(&client, &id, true)
@@ -265,17 +271,16 @@ impl UpdateEndpoint {
 }
 
 /// Changes the fields given.
-#[utoipa::path(patch, path = "/endpoints/{id}", operation_id = "patch_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+#[utoipa::path(patch, path = "/endpoints/{id}", operation_id = "patch_endpoint", params(EndpointPath),
     request_body = UpdateEndpoint,
     responses(
         (status = 200, body = Endpoint),
         (status = 404, description = "No such endpoint"),
         (status = 422, description = "An invalid field"),
-    ),
-    security((), ("admin_token" = [])))]
+    ))]
 async fn patch(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
     JsonBody(body): JsonBody<UpdateEndpoint>,
 ) -> Result<Json<Endpoint>, ApiError> {
     let changes = body
@@ -286,17 +291,16 @@ async fn patch(
 
 /// PUT replaces the definition: `url` and `event_types` are required, absent optional fields
 /// are cleared. The secret stays (rotate it with `rotate-secret`).
-#[utoipa::path(put, path = "/endpoints/{id}", operation_id = "put_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+#[utoipa::path(put, path = "/endpoints/{id}", operation_id = "put_endpoint", params(EndpointPath),
     request_body(content = UpdateEndpoint, description = "The whole definition: `url` and `event_types` are required"),
     responses(
         (status = 200, body = Endpoint),
         (status = 404, description = "No such endpoint"),
         (status = 422, description = "An invalid field, or `url` or `event_types` missing (`invalid_body`)"),
-    ),
-    security((), ("admin_token" = [])))]
+    ))]
 async fn put(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
     JsonBody(mut body): JsonBody<UpdateEndpoint>,
 ) -> Result<Json<Endpoint>, ApiError> {
     if body.url.is_none() || body.event_types.is_none() {
@@ -342,34 +346,31 @@ async fn set_enabled(
 }
 
 /// Stops deliveries to the endpoint: its pending deliveries are parked until it is enabled.
-#[utoipa::path(post, path = "/endpoints/{id}/disable", operation_id = "disable_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
-    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")),
-    security((), ("admin_token" = [])))]
+#[utoipa::path(post, path = "/endpoints/{id}/disable", operation_id = "disable_endpoint", params(EndpointPath),
+    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")))]
 async fn disable(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
 ) -> Result<Json<Endpoint>, ApiError> {
     set_enabled(&state, &id, false).await
 }
 
 /// Resumes deliveries to the endpoint: the parked ones are due at once.
-#[utoipa::path(post, path = "/endpoints/{id}/enable", operation_id = "enable_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
-    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")),
-    security((), ("admin_token" = [])))]
+#[utoipa::path(post, path = "/endpoints/{id}/enable", operation_id = "enable_endpoint", params(EndpointPath),
+    responses((status = 200, body = Endpoint), (status = 404, description = "No such endpoint")))]
 async fn enable(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
 ) -> Result<Json<Endpoint>, ApiError> {
     set_enabled(&state, &id, true).await
 }
 
 /// Deletes the endpoint with its deliveries.
-#[utoipa::path(delete, path = "/endpoints/{id}", operation_id = "delete_endpoint", params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
-    responses((status = 204, description = "Deleted"), (status = 404, description = "No such endpoint")),
-    security((), ("admin_token" = [])))]
+#[utoipa::path(delete, path = "/endpoints/{id}", operation_id = "delete_endpoint", params(EndpointPath),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such endpoint")))]
 async fn delete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.pool.get().await?;
     if !endpoints::delete(&mut client, &id).await? {
@@ -399,17 +400,16 @@ struct Rotated {
 
 /// A new secret (given or generated); the previous one keeps signing for `SECRET_ROTATION_GRACE`.
 #[utoipa::path(post, path = "/endpoints/{id}/rotate-secret", operation_id = "rotate_endpoint_secret",
-    params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    params(EndpointPath),
     request_body(content = Option<Rotate>, description = "Optional: an empty body generates the secret"),
     responses(
         (status = 200, body = Rotated),
         (status = 404, description = "No such endpoint"),
         (status = 422, description = "Not a valid secret (`invalid_secret`), or a body that is not an object"),
-    ),
-    security((), ("admin_token" = [])))]
+    ))]
 async fn rotate_secret(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
     body: Bytes,
 ) -> Result<Json<Rotated>, ApiError> {
     let rotate: Rotate = optional_body(&body)?;
@@ -452,17 +452,16 @@ struct ReplayedDeadLetters {
 /// Queues every dead delivery of the endpoint again (those that died within `since`..`until`
 /// when given), each with a fresh retry schedule.
 #[utoipa::path(post, path = "/endpoints/{id}/replay", operation_id = "replay_dead_deliveries",
-    params(("id" = String, Path, min_length = 1, pattern = r"^[^\u0000/]*$", description = "Endpoint id")),
+    params(EndpointPath),
     request_body(content = Option<Replay>, description = "Optional: an empty body replays every dead delivery"),
     responses(
         (status = 200, body = ReplayedDeadLetters),
         (status = 404, description = "No such endpoint"),
         (status = 422, description = "A body that is not an object of `since` and `until`"),
-    ),
-    security((), ("admin_token" = [])))]
+    ))]
 async fn replay(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(EndpointPath { id }): Path<EndpointPath>,
     body: Bytes,
 ) -> Result<Json<ReplayedDeadLetters>, ApiError> {
     let replay: Replay = optional_body(&body)?;

@@ -12,10 +12,9 @@ mod endpoints;
 mod poison;
 
 use axum::body::Bytes;
-use axum::middleware;
 use axum::Router;
-use outbox_core::admin_auth::{require_admin, AdminAuth, RouteSpec};
-use outbox_core::http::{openapi, operational_routes, ApiError, PageLimit};
+use outbox_core::admin_auth::{with_operational_routes, RouteSpec};
+use outbox_core::http::{openapi, ApiError, PageLimit};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -43,16 +42,14 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .merge(deliveries::routes())
             .merge(breakers::routes())
             .merge(poison::routes()),
+        OPEN_ROUTES,
     )
 }
 
 /// The admin routes plus the operational ones.
 pub fn router(state: AppState) -> Router {
-    let auth = AdminAuth::new(state.config.admin_token.as_deref(), OPEN_ROUTES);
     let (api, _) = api();
-    api.merge(operational_routes::<AppState>())
-        .route_layer(middleware::from_fn_with_state(auth, require_admin))
-        .with_state(state)
+    with_operational_routes(api, state.config.admin_token.as_deref(), OPEN_ROUTES).with_state(state)
 }
 
 /// Every list of the admin API: 100 a page unless `limit` (1 to 1000) says otherwise.

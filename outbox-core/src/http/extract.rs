@@ -36,7 +36,7 @@ where
         }
         let body = Bytes::from_request(req, state)
             .await
-            .map_err(body_rejection)?;
+            .map_err(|rejection| body_rejection(rejection, "request"))?;
         parse_object(&body).map(JsonBody)
     }
 }
@@ -101,12 +101,14 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
         })
 }
 
-fn body_rejection(rejection: BytesRejection) -> ApiError {
+/// The answer to a body that could not be read: `413 body_too_large` ("the `what` body is too
+/// large") past the body limit, else `400 unreadable_body`.
+pub fn body_rejection(rejection: BytesRejection, what: &str) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            "the request body is too large",
+            format!("the {what} body is too large"),
         )
     } else {
         ApiError::bad_request("unreadable_body", rejection.body_text())

@@ -10,9 +10,11 @@
 //!     OpenApiRouter::with_openapi(ApiDoc::openapi()) // info only
 //!         .routes(routes!(create_message, list_messages))
 //!         .routes(routes!(get_message)),
+//!     OPEN_ROUTES,
 //! );
 //! ```
-//! Admin operations declare `security((), ("admin_token" = []))` ([`ADMIN_TOKEN_SCHEME`]).
+//! Every operation but the open ones (the list `AdminAuth` is given) gets the admin token's
+//! `security` ([`ADMIN_TOKEN_SCHEME`]), so the document says what the server enforces.
 
 use std::sync::Arc;
 
@@ -20,9 +22,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder};
+use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder, PathItem};
 use utoipa::openapi::schema::{AnyOfBuilder, ArrayBuilder, ObjectBuilder, Type};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder, Schema};
 use utoipa::{PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -59,7 +61,11 @@ pub fn json_without_nul() -> Ref {
 /// Splits `router` into the axum router and its document, completes the document (shared answers,
 /// the admin scheme, `GET /openapi.json` itself) and adds the route serving it. The document
 /// therefore lists exactly the operations registered with `routes!`, plus `/openapi.json`.
-pub fn serve_document<S>(router: OpenApiRouter<S>) -> (Router<S>, OpenApi)
+///
+/// `open` are the routes that need no admin token, as `(method, path template)`: the list the
+/// service gives `admin_auth::AdminAuth`. Every other operation is documented as needing the
+/// token when one is set: `security: [{}, {"admin_token": []}]`.
+pub fn serve_document<S>(router: OpenApiRouter<S>, open: &[(&str, &str)]) -> (Router<S>, OpenApi)
 where
     S: Clone + Send + Sync + 'static,
 {
@@ -82,6 +88,18 @@ where
                     ),
             ),
     );
+    for (path, item) in document.paths.paths.iter_mut() {
+        for (method, operation) in operations(item) {
+            if let Some(operation) = operation {
+                if !open.contains(&(method, path.as_str())) {
+                    operation.security = Some(vec![
+                        SecurityRequirement::default(),
+                        SecurityRequirement::new(ADMIN_TOKEN_SCHEME, Vec::<String>::new()),
+                    ]);
+                }
+            }
+        }
+    }
     complete(&mut document);
     let body: Arc<str> = serde_json::to_string(&document)
         .expect("an OpenAPI document serializes")
@@ -127,17 +145,23 @@ pub fn complete(openapi: &mut OpenApi) {
         .insert(JSON_WITHOUT_NUL.into(), json_without_nul_schema());
 
     for item in openapi.paths.paths.values_mut() {
-        let operations = [
-            &mut item.get,
-            &mut item.post,
-            &mut item.put,
-            &mut item.patch,
-            &mut item.delete,
-        ];
-        for operation in operations.into_iter().flatten() {
-            add_shared_answers(operation);
+        for (_, operation) in operations(item) {
+            if let Some(operation) = operation {
+                add_shared_answers(operation);
+            }
         }
     }
+}
+
+/// The operations of a path the services serve, by method as `admin_auth` writes it.
+fn operations(item: &mut PathItem) -> [(&'static str, &mut Option<Operation>); 5] {
+    [
+        ("GET", &mut item.get),
+        ("POST", &mut item.post),
+        ("PUT", &mut item.put),
+        ("PATCH", &mut item.patch),
+        ("DELETE", &mut item.delete),
+    ]
 }
 
 fn json_without_nul_schema() -> RefOr<Schema> {
@@ -211,4 +235,36 @@ fn error_answer(description: &str) -> RefOr<utoipa::openapi::Response> {
             )
             .build(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa_axum::routes;
+
+    #[utoipa::path(get, path = "/open", responses((status = 200, description = "Open")))]
+    async fn open() {}
+
+    #[utoipa::path(post, path = "/closed/{id}", params(("id" = String, Path)),
+        responses((status = 200, description = "Closed")))]
+    async fn closed() {}
+
+    #[test]
+    fn every_operation_but_the_open_ones_needs_the_admin_token() {
+        let router = OpenApiRouter::<()>::new()
+            .routes(routes!(open))
+            .routes(routes!(closed));
+        let (_, document) = serve_document(router, &[("GET", "/open"), ("GET", DOCUMENT_PATH)]);
+        let paths = &serde_json::to_value(&document).unwrap()["paths"];
+        let closed = &paths["/closed/{id}"]["post"];
+        assert_eq!(
+            closed["security"],
+            serde_json::json!([{}, {"admin_token": []}])
+        );
+        assert!(closed["responses"]["401"].is_object(), "{closed}");
+        for open in [&paths["/open"]["get"], &paths[DOCUMENT_PATH]["get"]] {
+            assert!(open.get("security").is_none(), "{open}");
+            assert!(open["responses"].get("401").is_none(), "{open}");
+        }
+    }
 }

@@ -765,6 +765,47 @@ async fn latency(
     Ok((row, count))
 }
 
+/// What one system measured, in the order measured.
+struct Measured {
+    /// Events/s of the warm-up drain (the first after the system started).
+    first_drain: f64,
+    /// Events/s of the measured drain.
+    warm_drain: f64,
+    /// Every drain's and latency run's count.
+    counts: Vec<Count>,
+    /// One row per rate of `args.rates`.
+    latency: Vec<Value>,
+}
+
+/// One system's sequence: a warm-up drain, the measured drain, then the latency at each of
+/// `args.rates`.
+async fn measure(
+    system: System,
+    runner: &mut Runner<'_>,
+    args: &Args,
+    brokers: &str,
+    db: &TestDb,
+    content: &Arc<String>,
+) -> anyhow::Result<Measured> {
+    let mut counts = Vec::new();
+    let (first_drain, c) = drain(system, runner, args, brokers, db, content, "warm-up").await?;
+    counts.push(c);
+    let (warm_drain, c) = drain(system, runner, args, brokers, db, content, "measured").await?;
+    counts.push(c);
+    let mut rows = Vec::new();
+    for &rate in &args.rates {
+        let (row, c) = latency(system, args, brokers, db, content.clone(), rate).await?;
+        rows.push(row);
+        counts.push(c);
+    }
+    Ok(Measured {
+        first_drain,
+        warm_drain,
+        counts,
+        latency: rows,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -797,9 +838,6 @@ async fn main() -> anyhow::Result<()> {
     progress(&format!("raw produce {raw_rate:.0} events/s"));
     drop(producer);
 
-    let mut counts = Vec::new();
-    let mut lat_rows = Vec::new();
-
     // 2. Debezium first, then removed, so that its WAL reading never runs beside the relay.
     let connect = start_debezium(&args, &db, &brokers).await?;
     let debezium = async {
@@ -815,79 +853,30 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         let mut runner = Runner::Debezium(&connect);
-        let (dbz_first, c) = drain(
+        measure(
             System::Debezium,
             &mut runner,
             &args,
             &brokers,
             &db,
             &content,
-            "warm-up",
         )
-        .await?;
-        counts.push(c);
-        let (dbz_warm, c) = drain(
-            System::Debezium,
-            &mut runner,
-            &args,
-            &brokers,
-            &db,
-            &content,
-            "measured",
-        )
-        .await?;
-        counts.push(c);
-        for &rate in &args.rates {
-            let (row, c) = latency(
-                System::Debezium,
-                &args,
-                &brokers,
-                &db,
-                content.clone(),
-                rate,
-            )
-            .await?;
-            lat_rows.push(row);
-            counts.push(c);
-        }
-        anyhow::Ok((dbz_first, dbz_warm))
+        .await
     }
     .await;
     remove_debezium(&connect, &db).await?;
-    let (dbz_first, dbz_warm) = debezium?;
+    let dbz = debezium?;
 
     // 3. The relay, on the same database and broker.
     let mut runner = Runner::Relay(None, &args, &brokers, &db);
-    let (relay_first, c) = drain(
-        System::Relay,
-        &mut runner,
-        &args,
-        &brokers,
-        &db,
-        &content,
-        "warm-up",
-    )
-    .await?;
-    counts.push(c);
-    let (relay_warm, c) = drain(
-        System::Relay,
-        &mut runner,
-        &args,
-        &brokers,
-        &db,
-        &content,
-        "measured",
-    )
-    .await?;
-    counts.push(c);
-    for &rate in &args.rates {
-        let (row, c) = latency(System::Relay, &args, &brokers, &db, content.clone(), rate).await?;
-        lat_rows.push(row);
-        counts.push(c);
-    }
+    let relay = measure(System::Relay, &mut runner, &args, &brokers, &db, &content).await?;
     runner.pause().await?;
     clean_up(&brokers, db).await;
 
+    let (dbz_first, dbz_warm) = (dbz.first_drain, dbz.warm_drain);
+    let (relay_first, relay_warm) = (relay.first_drain, relay.warm_drain);
+    let counts: Vec<Count> = dbz.counts.into_iter().chain(relay.counts).collect();
+    let lat_rows: Vec<Value> = dbz.latency.into_iter().chain(relay.latency).collect();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
