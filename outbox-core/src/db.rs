@@ -74,6 +74,11 @@ impl Schema {
                     "append_only",
                     include_str!("../../sql/outbox/V3__append_only.sql"),
                 ),
+                (
+                    4,
+                    "unsent_ids_by_index",
+                    include_str!("../../sql/outbox/V4__unsent_ids_by_index.sql"),
+                ),
             ],
             Schema::Producer => &[
                 (
