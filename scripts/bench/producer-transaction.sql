@@ -3,7 +3,7 @@
 -- as prepared statements (-M prepared), with a unique body each time. Keep it in step with them.
 \set n random(1, 2000000000)
 begin;
-select e as event_id, currval(pg_get_serial_sequence('outbox.outbox', 'id')) as outbox_id
+select e as event_id, currval('outbox.events_id_seq') as outbox_id
   from (select outbox.publish(event_type => 'message.created', key => :client_id || '-' || :n,
                               data => jsonb_build_object('message_id', gen_random_uuid(),
                                         'content', 'pgbench ' || :client_id || '-' || :n || ' ' || :filler,
