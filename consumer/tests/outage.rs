@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox_core::testing::{self, chaos_stack, eventually, TestDb, CHAOS_POSTGRES};
-use support::{config, envelope, produce, producer, Receiver, TestConsumer};
+use support::{config, create_endpoint, envelope, produce, producer, spawn_app, Receiver};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_under_the_consumer_loses_nothing() {
@@ -17,8 +17,8 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     let topic = testing::unique_topic("consumer-pg-outage");
     testing::create_topic(&topic, 3).await;
     let receiver = Receiver::start().await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
-    consumer.create_endpoint(&receiver.url, &["*"]).await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
+    create_endpoint(&consumer, &receiver.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..150).map(envelope).collect();
     for e in &events[..50] {
@@ -38,19 +38,11 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     eventually(
         "the consumer reports not-ready",
         Duration::from_secs(15),
-        || async {
-            let r = consumer
-                .http
-                .get(format!("{}/ready", consumer.base))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 503).then_some(())
-        },
+        || async { (consumer.try_status("/ready").await? == 503).then_some(()) },
     )
     .await;
     assert!(
-        !consumer.task.is_finished(),
+        !consumer.is_finished(),
         "the consumer keeps running while PostgreSQL is down"
     );
 

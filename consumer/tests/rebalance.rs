@@ -7,15 +7,17 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox_core::testing::eventually;
-use support::{config, envelope, produce, producer, setup, Receiver, TestConsumer};
+use support::{
+    config, create_endpoint, envelope, produce, producer, setup, spawn_app, Receiver, TestConsumer,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_joining_and_one_leaving_lose_nothing() {
     let (db, topic) = setup(6).await;
     let receiver = Receiver::start().await;
     let c = config(&db, &topic);
-    let first = TestConsumer::start(c.clone()).await;
-    first.create_endpoint(&receiver.url, &["*"]).await;
+    let mut first = spawn_app(&db, c.clone()).await;
+    create_endpoint(&first, &receiver.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..600).map(envelope).collect();
 
@@ -23,7 +25,7 @@ async fn a_consumer_joining_and_one_leaving_lose_nothing() {
         produce(&kafka, &topic, e).await;
     }
     // A second member joins: the group rebalances while records are being read.
-    let second = TestConsumer::start(c.clone()).await;
+    let mut second = spawn_app(&db, c.clone()).await;
     for e in &events[200..400] {
         produce(&kafka, &topic, e).await;
     }

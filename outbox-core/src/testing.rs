@@ -13,9 +13,11 @@ use tokio_postgres::NoTls;
 
 use crate::db::{self, PgPool};
 
+mod app;
 pub mod bench;
 mod calls;
 mod openapi;
+pub use app::{listen, ApiClient, Refusal, TestApp};
 pub use calls::{assert_refused, get_json, get_text, try_get_text};
 pub use openapi::{assert_openapi_lists_every_route, openapi_problems, operations};
 
@@ -31,7 +33,8 @@ pub fn kafka_brokers() -> String {
         .unwrap_or_else(|_| crate::config::DEFAULT_KAFKA_BROKERS.into())
 }
 
-/// A fresh, migrated database of its own.
+/// A fresh, migrated database of its own. Clones share it (the pool and the name).
+#[derive(Clone)]
 pub struct TestDb {
     pub url: String,
     pub name: String,
@@ -182,6 +185,39 @@ pub async fn create_topic(name: &str, partitions: i32) {
                 kafka_brokers()
             )
         });
+}
+
+/// Produces `envelope` as the relay does: key = its idempotency key, the envelope JSON as the
+/// value, and the `event_id`, `event_type` and `correlation_id` headers.
+pub async fn produce_envelope(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    envelope: &crate::envelope::Envelope,
+) -> Result<(), rdkafka::error::KafkaError> {
+    use crate::envelope::{HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
+    use rdkafka::message::{Header, OwnedHeaders};
+    let value = serde_json::to_vec(envelope).expect("an envelope is JSON");
+    let headers = [
+        (HEADER_EVENT_ID, &envelope.id),
+        (HEADER_EVENT_TYPE, &envelope.event),
+        (HEADER_CORRELATION_ID, &envelope.metadata.correlation_id),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(Header {
+            key,
+            value: Some(value.as_str()),
+        })
+    });
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .key(&envelope.idempotency_key)
+        .payload(&value)
+        .headers(headers);
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
