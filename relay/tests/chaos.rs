@@ -49,15 +49,9 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
         || async { (p.count_state("X").await > 0).then_some(()) },
     )
     .await;
-    let ready = p
-        .http
-        .get(format!("{}/ready", p.relay_url))
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        ready.status(),
-        503,
+        p.relay.try_status("/ready").await,
+        Some(503),
         "the relay reports not-ready while Kafka is down"
     );
     assert_eq!(
@@ -65,10 +59,7 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
         0,
         "an outage never makes a row dead"
     );
-    assert!(
-        !p.relay.as_ref().unwrap().is_finished(),
-        "the relay keeps running"
-    );
+    assert!(!p.relay.is_finished(), "the relay keeps running");
 
     chaos_stack("kafka-start");
     let back = Instant::now();
@@ -77,7 +68,7 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
         "all rows sent {:?} after Kafka answered again",
         back.elapsed()
     );
-    assert!(!p.relay.as_ref().unwrap().is_finished());
+    assert!(!p.relay.is_finished());
 
     let records = read_topic_from(CHAOS_BROKER, &p.topic, 80, Duration::from_secs(30)).await;
     let counts = id_counts(&records);
@@ -99,7 +90,7 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
             "order of key {key} through the outage"
         );
     }
-    p.relay_stop.cancel();
+    p.relay.cancel();
     chaos_stack("kafka-stop");
 }
 
@@ -152,8 +143,7 @@ async fn is_leader(http: &reqwest::Client, relay: &RelayProcess) -> Option<bool>
 async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
     let db = outbox_core::testing::TestDb::create().await;
     let topic = outbox_core::testing::unique_topic("relay-failover");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
+    let producer = support::spawn_producer(&db, &topic).await;
     let lock_key = (uuid::Uuid::new_v4().as_u128() as i64).abs();
     let http = reqwest::Client::new();
 
@@ -172,21 +162,9 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
 
     let total = 600;
     let post = |i: usize| {
-        let http = &http;
-        let producer_url = &producer_url;
-        async move {
-            let r = http
-                .post(format!("{producer_url}/messages"))
-                .json(&message(format!("f{i}"), None))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 201);
-            r.json::<serde_json::Value>().await.unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        }
+        let body = message(format!("f{i}"), None);
+        let posted = support::post_message(&producer, body);
+        async move { posted.await.expect("the producer answers 201") }
     };
     let mut ids = Vec::new();
     let mut first = Some(first);
@@ -225,7 +203,7 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
     eprintln!("failover: {total} acknowledged, {} received, {missing} missing, {unexpected} unexpected, {duplicates} duplicates", records.len());
     assert_eq!(missing, 0, "no acknowledged event may be lost");
     assert_eq!(unexpected, 0);
-    stop.cancel();
+    drop(producer);
     drop(second);
 }
 
@@ -234,17 +212,13 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     chaos_stack("pg-start");
     let db = outbox_core::testing::TestDb::create_on(outbox_core::testing::CHAOS_POSTGRES).await;
     let topic = outbox_core::testing::unique_topic("relay-pg-outage");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
-    let (relay_url, relay) = support::start_relay(
-        support::relay_config(&db, &kafka_brokers(), &topic),
-        stop.clone(),
-    )
-    .await;
+    let producer = support::spawn_producer(&db, &topic).await;
+    let config = support::relay_config(&db, &kafka_brokers(), &topic);
+    let relay = support::spawn_relay(&db, config).await;
     let http = reqwest::Client::new();
     let post = |content: String| {
         let http = &http;
-        let producer_url = &producer_url;
+        let producer_url = &producer.base;
         async move {
             http.post(format!("{producer_url}/messages"))
                 .json(&message(content, None))
@@ -277,16 +251,8 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["code"], "unavailable");
-    let ready = http.get(format!("{relay_url}/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), 503);
-    assert_eq!(
-        http.get(format!("{relay_url}/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(relay.try_status("/ready").await, Some(503));
+    assert_eq!(relay.try_status("/health").await, Some(200));
     assert!(
         !relay.is_finished(),
         "the relay keeps running while PostgreSQL is down"
@@ -338,6 +304,6 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
         "no acknowledged event lost"
     );
     assert_eq!(counts.len(), 20, "nothing unexpected");
-    stop.cancel();
+    drop((producer, relay));
     chaos_stack("pg-stop");
 }
