@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
-pub use routes::OPEN_ROUTES;
+pub use routes::{MessageList, OutboxList, OPEN_ROUTES};
+pub use store::{CreatedMessage, MessageView, OutboxCounts, OutboxRow, Stats};
 
 impl Service for Config {
     const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);

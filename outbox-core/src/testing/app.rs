@@ -210,30 +210,43 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// The same client sending `Authorization: Bearer <token>`.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
     /// `method base+path` with `body` as JSON (when given) and the bearer token (when set);
     /// the status and the body as JSON (`Null` when it is not JSON). Panics when nothing answers.
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.try_call(method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: the service does not answer: {e}"))
+    }
+
+    /// [`ApiClient::call`], with the error when nothing answers.
+    pub async fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), reqwest::Error> {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
-        let mut request = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base));
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: the service does not answer: {e}"));
+        let response = request.send().await?;
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
     }
 
     /// [`ApiClient::call`] answered with `expected`, its body read as `T`; any other status is a
-    /// [`Refusal`]. Panics when the body of the expected status is not a `T`.
+    /// [`Refusal`] (status 0 when nothing answered). Panics when the body of the expected status is not a `T`.
     pub async fn send<T: DeserializeOwned>(
         &self,
         method: &str,
@@ -242,7 +255,14 @@ impl ApiClient {
         expected: u16,
     ) -> Result<T, Refusal> {
         let body = body.map(|b| serde_json::to_value(b).expect("a request body is JSON"));
-        let (status, body) = self.call(method, path, body).await;
+        let (status, body) = match self.try_call(method, path, body).await {
+            Ok(answer) => answer,
+            // Nothing answered (a service being restarted, say): status 0.
+            Err(error) => (
+                0,
+                serde_json::json!({"code": "no_answer", "error": error.to_string()}),
+            ),
+        };
         if status != expected {
             return Err(Refusal {
                 status,
