@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
 pub use routes::OPEN_ROUTES;
+pub use store::{Notification, ReceivedEvent};
 
 impl Service for Config {
     const BINARY: Binary = outbox_core::this_binary!(SCHEMAS);

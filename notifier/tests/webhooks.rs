@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
+use outbox_core::breaker::BreakerState;
 use outbox_core::signature::Secret;
 use outbox_core::testing::{eventually, RouteCall, TestDb};
 use reqwest::StatusCode;
@@ -58,27 +59,19 @@ async fn a_signed_webhook_notifies_once_by_email_and_chat_and_its_duplicate_not_
     assert_eq!(smtp.mails().len(), 1, "no second email");
     assert_eq!(chat.messages().len(), 1, "no second chat message");
 
-    let (_, events) = app.get("/webhooks/events").await;
-    let events = events["events"].as_array().cloned().unwrap_or_default();
+    let events = app.admin().events("").await.unwrap().events;
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0]["webhook_id"], id.as_str());
-    assert_eq!(events[0]["route"], NOTIFY);
-    assert_eq!(events[0]["event_type"], "message.created");
-    assert_eq!(events[0]["correlation_id"], "req_test");
-    assert_eq!(events[0]["payload"]["data"]["content"], "hello");
+    assert_eq!(events[0].webhook_id, id);
+    assert_eq!(events[0].route, NOTIFY);
+    assert_eq!(events[0].event_type.as_deref(), Some("message.created"));
+    assert_eq!(events[0].correlation_id.as_deref(), Some("req_test"));
+    assert_eq!(events[0].payload["data"]["content"], "hello");
 
-    let (_, notifications) = app.get(&format!("/notifications?webhook_id={id}")).await;
-    let mut sent: Vec<(String, String)> = notifications["notifications"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|n| {
-            (
-                n["channel"].as_str().unwrap_or_default().to_owned(),
-                n["outcome"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
+    let notifications = app.admin().notifications_of(&id).await.unwrap();
+    let mut sent: Vec<(String, String)> = notifications
+        .notifications
+        .into_iter()
+        .map(|n| (n.channel, n.outcome))
         .collect();
     sent.sort();
     assert_eq!(
@@ -231,11 +224,12 @@ async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_close
         1,
         "the email went out once, on the first attempt"
     );
-    let breaker = app.breaker("chat").await;
-    assert_eq!(breaker["state"], "OPEN", "{breaker}");
-    assert_eq!(breaker["failure_count"], 5);
-    assert!(breaker["opened_at"].is_string());
-    assert_eq!(app.breaker("email").await["state"], "CLOSED");
+    let breaker = app.breaker("chat").await.view.breaker;
+    assert_eq!(breaker.state, BreakerState::Open, "{breaker:?}");
+    assert_eq!(breaker.failure_count, 5);
+    assert!(breaker.opened_at.is_some());
+    let email = app.breaker("email").await.view.breaker;
+    assert_eq!(email.state, BreakerState::Closed);
 
     // Open: the chat API is not called and the sender is told to come back later.
     let response = app
@@ -286,15 +280,16 @@ async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_close
         1,
         "the retries never sent a second email"
     );
-    assert_eq!(app.breaker("chat").await["state"], "HALF_OPEN");
+    let chat_breaker = app.breaker("chat").await.view.breaker;
+    assert_eq!(chat_breaker.state, BreakerState::HalfOpen);
 
     // A second successful probe closes it.
     let second = new_event_id();
     let (status, body) = app.deliver(NOTIFY, &second).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let breaker = app.breaker("chat").await;
-    assert_eq!(breaker["state"], "CLOSED", "{breaker}");
-    assert_eq!(breaker["failure_count"], 0);
+    let breaker = app.breaker("chat").await.view.breaker;
+    assert_eq!(breaker.state, BreakerState::Closed, "{breaker:?}");
+    assert_eq!(breaker.failure_count, 0);
     assert_eq!(chat.messages().len(), 2);
     assert_eq!(smtp.mails().len(), 2);
     let closed = [("channel", "chat"), ("state", "closed")];
@@ -351,19 +346,18 @@ async fn the_logger_route_takes_the_older_headers_and_any_one_of_several_signatu
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["received"], true);
 
-    let (_, events) = app.get(&format!("/webhooks/events?route={LOGGER}")).await;
-    assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
+    let events = app.admin().events(&format!("?route={LOGGER}")).await;
+    assert_eq!(events.unwrap().events.len(), 1);
     assert_eq!(app.count("select count(*) from received_events").await, 2);
     assert_eq!(app.count("select count(*) from notifications").await, 0);
 
     // Pagination: newest first, one page at a time.
-    let (_, page) = app.get("/webhooks/events?limit=1").await;
-    assert_eq!(page["events"][0]["route"], NOTIFY);
-    let before = page["next_before"].as_i64().expect("a next page");
-    let (_, page) = app
-        .get(&format!("/webhooks/events?limit=1&before={before}"))
-        .await;
-    assert_eq!(page["events"][0]["route"], LOGGER);
+    let page = app.admin().events("?limit=1").await.unwrap();
+    assert_eq!(page.events[0].route, NOTIFY);
+    let before = page.next_before.expect("a next page");
+    let query = format!("?limit=1&before={before}");
+    let page = app.admin().events(&query).await.unwrap();
+    assert_eq!(page.events[0].route, LOGGER);
     let (status, answer) = app.get("/webhooks/events?limit=0").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(answer["code"], "invalid_limit");
@@ -388,21 +382,20 @@ async fn an_operator_resets_an_open_breaker() {
         let (status, _) = app.deliver(NOTIFY, &new_event_id()).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
     }
-    assert_eq!(app.breaker("chat").await["state"], "OPEN");
-    assert_eq!(app.breaker("email").await["enabled"], false);
+    assert_eq!(
+        app.breaker("chat").await.view.breaker.state,
+        BreakerState::Open
+    );
+    assert!(!app.breaker("email").await.enabled);
 
     let (status, answer) = app.post("/circuit-breaker/reset?channel=fax").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(answer["code"], "unknown_channel");
 
-    let (status, answer) = app.post("/circuit-breaker/reset?channel=chat").await;
-    assert_eq!(status, StatusCode::OK);
-    let chat_breaker = answer["breakers"]
-        .as_array()
-        .and_then(|b| b.iter().find(|b| b["channel"] == "chat").cloned())
-        .unwrap_or(Value::Null);
-    assert_eq!(chat_breaker["state"], "CLOSED");
-    assert_eq!(chat_breaker["failure_count"], 0);
+    let after = app.admin().reset_breaker("chat").await.unwrap();
+    let chat_breaker = find_channel(after, "chat").view.breaker;
+    assert_eq!(chat_breaker.state, BreakerState::Closed);
+    assert_eq!(chat_breaker.failure_count, 0);
 
     chat.fail(false);
     let (status, _) = app.deliver(NOTIFY, &new_event_id()).await;
@@ -534,7 +527,7 @@ async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
         "the chat channel does not wait for email"
     );
     assert_eq!(app.count("select count(*) from received_events").await, 0);
-    assert_eq!(app.breaker("email").await["failure_count"], 1);
+    assert_eq!(app.breaker("email").await.view.breaker.failure_count, 1);
 
     let smtp = SmtpServer::start_on(port).await;
     let (status, body) = app.deliver(NOTIFY, &id).await;
@@ -545,7 +538,7 @@ async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
     );
     assert_eq!(smtp.mails().len(), 1);
     assert_eq!(chat.messages().len(), 1, "no second chat message");
-    assert_eq!(app.breaker("email").await["failure_count"], 0);
+    assert_eq!(app.breaker("email").await.view.breaker.failure_count, 0);
 }
 
 #[tokio::test]
@@ -603,21 +596,8 @@ async fn with_admin_token_stored_events_and_breakers_need_it_and_webhooks_stay_o
     )
     .await;
     // The events sent above were stored, and the token reads them.
-    let events: Value = app
-        .http
-        .get(format!("{}/webhooks/events", app.base))
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        events["events"].as_array().map(Vec::len),
-        Some(2),
-        "{events}"
-    );
+    let events = app.admin().with_token("s3cret").events("").await.unwrap();
+    assert_eq!(events.events.len(), 2, "{events:?}");
 }
 
 #[tokio::test]
@@ -773,7 +753,6 @@ async fn with_a_pool_of_one_connection_a_notification_is_delivered() {
     })
     .await;
     // The one connection went back to the pool: the read routes still answer.
-    let (status, events) = app.get("/webhooks/events").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
+    let events = app.admin().events("").await.unwrap();
+    assert_eq!(events.events.len(), 1);
 }
