@@ -25,10 +25,9 @@ async fn signatures_verify_under_an_independent_implementation_also_during_rotat
 
     let first = envelope(1);
     produce(&kafka, &topic, &first).await;
-    eventually("the first webhook arrives", WAIT, || async {
-        (receiver.count() == 1).then_some(())
-    })
-    .await;
+    receiver
+        .wait_for_count("the first webhook arrives", 1, WAIT)
+        .await;
     let request = &receiver.requests()[0];
     assert_eq!(request.header("webhook-id"), first.id);
     assert_eq!(request.header("x-webhook-id"), first.id);
@@ -51,10 +50,9 @@ async fn signatures_verify_under_an_independent_implementation_also_during_rotat
     assert!(rotated.previous_secret_expires_at > chrono::Utc::now());
 
     produce(&kafka, &topic, &envelope(2)).await;
-    eventually("the second webhook arrives", WAIT, || async {
-        (receiver.count() == 2).then_some(())
-    })
-    .await;
+    receiver
+        .wait_for_count("the second webhook arrives", 2, WAIT)
+        .await;
     let request = &receiver.requests()[1];
     assert_eq!(
         request.header("webhook-signature").split(' ').count(),
@@ -90,9 +88,7 @@ async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it
     let (endpoint, _) = create_endpoint(&consumer, &receiver.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..8).map(envelope).collect();
-    for e in &events {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events).await;
 
     let opened = eventually("the breaker opens", WAIT, || async {
         let b = consumer.admin().breaker(&endpoint).await?;
@@ -164,10 +160,7 @@ async fn a_receiver_answering_429_with_retry_after_is_not_retried_sooner() {
     create_endpoint(&consumer, &receiver.url, &["message.*"]).await;
     let event = envelope(9);
     produce(&producer(), &topic, &event).await;
-    eventually("the first attempt", WAIT, || async {
-        (receiver.count() == 1).then_some(())
-    })
-    .await;
+    receiver.wait_for_count("the first attempt", 1, WAIT).await;
     receiver.succeed();
     receiver
         .state
@@ -328,9 +321,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
     let (eb, _) = create_endpoint(&first, &b.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..300).map(envelope).collect();
-    for e in &events {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events).await;
     eventually("some deliveries arrived", WAIT, || async {
         (a.count() + b.count() >= 40).then_some(())
     })
@@ -340,21 +331,13 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
     assert!(at_kill < 2 * events.len(), "killed before the end");
 
     // The same events again: Kafka now holds every event twice.
-    for e in &events[..50] {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events[..50]).await;
     let mut second = spawn_app(&db, c).await;
-    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
     for receiver in [&a, &b] {
-        eventually(
-            "every event arrives at every endpoint",
-            Duration::from_secs(60),
-            || async {
-                let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
-                (seen == all).then_some(())
-            },
-        )
-        .await;
+        let what = "every event arrives at every endpoint";
+        receiver
+            .wait_for_events(what, &events, Duration::from_secs(60))
+            .await;
     }
     let count = |sql: &'static str| db.count(sql);
     assert_eq!(count("select count(*) from inbox").await, 300);
@@ -368,9 +351,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
 
     // Without a crash, a record produced twice reaches each endpoint exactly once.
     let fresh: Vec<_> = (1000..1010).map(envelope).collect();
-    for e in fresh.iter().chain(fresh.iter()) {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, fresh.iter().chain(fresh.iter())).await;
     for receiver in [&a, &b] {
         eventually("the fresh events arrive", WAIT, || async {
             let counts = receiver.counts_by_event();

@@ -49,12 +49,9 @@ async fn data_nested_at_any_depth_is_delivered_and_poison_records_can_be_replaye
     produce_raw(&kafka, &topic, deeper_text.as_bytes()).await;
     produce_raw(&kafka, &topic, br#"{"not": "an envelope"}"#).await;
 
-    testing::eventually(
-        "both deep events delivered",
-        Duration::from_secs(20),
-        || async { (receiver.count() == 2).then_some(()) },
-    )
-    .await;
+    receiver
+        .wait_for_count("both deep events delivered", 2, Duration::from_secs(20))
+        .await;
     let bodies: Vec<Vec<u8>> = receiver.requests().into_iter().map(|r| r.body).collect();
     assert!(
         bodies.contains(&deep_text.clone().into_bytes()),
@@ -141,17 +138,12 @@ async fn ids_that_cannot_be_headers_are_poison_and_every_endpoint_keeps_flowing(
     odd.metadata.correlation_id = "req\r\nx-injected: 1".into();
     produce(&kafka, &topic, &odd).await;
     let good: Vec<_> = (1..=10).map(envelope).collect();
-    for e in &good {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &good).await;
 
     for receiver in [&a, &b] {
-        testing::eventually(
-            "11 events at each endpoint",
-            Duration::from_secs(20),
-            || async { (receiver.count() == 11).then_some(()) },
-        )
-        .await;
+        receiver
+            .wait_for_count("11 events at each endpoint", 11, Duration::from_secs(20))
+            .await;
         let odd_request = receiver
             .requests()
             .into_iter()
@@ -234,16 +226,11 @@ async fn a_delivery_that_cannot_be_built_is_dead_at_once_and_never_keeps_a_break
     }
     let kafka = producer();
     let good: Vec<_> = (1..=3).map(envelope).collect();
-    for e in &good {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &good).await;
 
-    testing::eventually(
-        "the good events delivered",
-        Duration::from_secs(10),
-        || async { (receiver.count() == 3).then_some(()) },
-    )
-    .await;
+    receiver
+        .wait_for_count("the good events delivered", 3, Duration::from_secs(10))
+        .await;
     testing::eventually("the breaker closed", Duration::from_secs(10), || async {
         let breaker = consumer.admin().breaker(&endpoint).await?;
         (breaker.view.breaker.state == BreakerState::Closed).then_some(())
@@ -300,16 +287,15 @@ async fn events_for_a_disabled_endpoint_are_held_and_sent_once_it_is_enabled() {
 
     let kafka = producer();
     let events: Vec<_> = (1..=5).map(envelope).collect();
-    for e in &events {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events).await;
     // The enabled endpoint got them all, so they were consumed and planned.
-    testing::eventually(
-        "delivered to the enabled endpoint",
-        Duration::from_secs(20),
-        || async { (other.count() == 5).then_some(()) },
-    )
-    .await;
+    other
+        .wait_for_count(
+            "delivered to the enabled endpoint",
+            5,
+            Duration::from_secs(20),
+        )
+        .await;
     let held = db
         .count(&format!(
             "select count(*) from deliveries where endpoint_id = '{endpoint}' and state = 'pending'"
@@ -320,10 +306,9 @@ async fn events_for_a_disabled_endpoint_are_held_and_sent_once_it_is_enabled() {
     assert_eq!(receiver.count(), 0, "nothing sent while disabled");
 
     consumer.admin().set_enabled(&endpoint, true).await.unwrap();
-    testing::eventually("sent once enabled", Duration::from_secs(20), || async {
-        (receiver.count() == 5).then_some(())
-    })
-    .await;
+    receiver
+        .wait_for_count("sent once enabled", 5, Duration::from_secs(20))
+        .await;
     wait_for_succeeded(&db, 10).await;
     let ids: std::collections::HashSet<String> =
         receiver.requests().iter().map(|r| r.event_id()).collect();
@@ -360,12 +345,13 @@ async fn a_hung_endpoint_does_not_slow_a_healthy_one() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let n = produced.len();
-    testing::eventually(
-        "the healthy endpoint got every event",
-        Duration::from_secs(30),
-        || async { (healthy.count() == n).then_some(()) },
-    )
-    .await;
+    healthy
+        .wait_for_count(
+            "the healthy endpoint got every event",
+            n,
+            Duration::from_secs(30),
+        )
+        .await;
     // From the moment Kafka acknowledged an event to its arrival at the healthy endpoint.
     let mut latencies: Vec<f64> = healthy
         .requests()

@@ -4,11 +4,10 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox_core::testing::{self, chaos_stack, eventually, TestDb, CHAOS_POSTGRES};
-use support::{config, create_endpoint, envelope, produce, producer, spawn_app, Receiver};
+use support::{config, create_endpoint, envelope, produce_all, producer, spawn_app, Receiver};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_under_the_consumer_loses_nothing() {
@@ -21,9 +20,7 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     create_endpoint(&consumer, &receiver.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..150).map(envelope).collect();
-    for e in &events[..50] {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events[..50]).await;
     eventually(
         "the first events delivered",
         Duration::from_secs(30),
@@ -32,9 +29,7 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     .await;
 
     chaos_stack("pg-stop");
-    for e in &events[50..] {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events[50..]).await;
     eventually(
         "the consumer reports not-ready",
         Duration::from_secs(15),
@@ -47,16 +42,13 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     );
 
     chaos_stack("pg-start");
-    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
-    eventually(
-        "every event delivered after PostgreSQL's return",
-        Duration::from_secs(60),
-        || async {
-            let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
-            (seen == all).then_some(())
-        },
-    )
-    .await;
+    receiver
+        .wait_for_events(
+            "every event delivered after PostgreSQL's return",
+            &events,
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(db.count("select count(*) from inbox").await, 150);
     // One delivery per (event, endpoint); the unique constraint forbids a second.
     support::wait_for_succeeded(&db, 150).await;

@@ -7,7 +7,7 @@
 pub mod admin;
 pub use admin::*;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,6 +88,26 @@ impl Receiver {
 
     pub fn count(&self) -> usize {
         self.state.requests.lock().unwrap().len()
+    }
+
+    /// Waits (up to `timeout`) until exactly `n` requests arrived.
+    pub async fn wait_for_count(&self, what: &str, n: usize, timeout: Duration) {
+        testing::eventually(what, timeout, || async {
+            (self.count() == n).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits (up to `timeout`) until the events that arrived are exactly `events` (each at least
+    /// once).
+    pub async fn wait_for_events(&self, what: &str, events: &[Envelope], timeout: Duration) {
+        let all: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        testing::eventually(what, timeout, || async {
+            let counts = self.counts_by_event();
+            let seen: HashSet<&str> = counts.keys().map(String::as_str).collect();
+            (seen == all).then_some(())
+        })
+        .await;
     }
 
     /// How often each event id arrived.
@@ -313,6 +333,17 @@ pub async fn produce(producer: &FutureProducer, topic: &str, e: &Envelope) {
     testing::produce_envelope(producer, topic, e)
         .await
         .expect("Kafka accepts the record");
+}
+
+/// Produces each of `events` in order, with [`produce`].
+pub async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    events: impl IntoIterator<Item = &Envelope>,
+) {
+    for e in events {
+        produce(producer, topic, e).await;
+    }
 }
 
 /// Produces raw bytes (for poison records).
