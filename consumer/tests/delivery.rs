@@ -405,10 +405,11 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     assert_eq!(poison[0].offset, 0);
     assert_eq!(poison[1].offset, 1);
     assert!(poison[0].error.contains("envelope"));
-    eventually(
+    db.wait_for_count(
         "the good event after the poison is recorded",
+        "select count(*) from inbox",
+        1,
         WAIT,
-        || async { (db.count("select count(*) from inbox").await == 1).then_some(()) },
     )
     .await;
 

@@ -53,19 +53,15 @@ async fn broker_lag_from_the_relay_agrees_with_kafka_consumer_groups_and_falls_t
             .await
             .expect("201");
     }
-    eventually(
-        "the backlog reached Kafka",
-        Duration::from_secs(30),
-        || async {
-            (stack
-                .db
-                .count("select count(*) from outbox where state <> 'E'")
-                .await
-                == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "the backlog reached Kafka",
+            "select count(*) from outbox where state <> 'E'",
+            0,
+            Duration::from_secs(30),
+        )
+        .await;
 
     let relay = eventually(
         "the relay reports the whole backlog as lag",

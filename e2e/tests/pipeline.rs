@@ -59,18 +59,15 @@ async fn a_posted_message_reaches_the_notifier_signed_once_with_its_correlation_
         20
     );
     // The consumer records a delivery's success after the receiver answered, a moment later.
-    eventually(
-        "20 deliveries recorded as succeeded",
-        Duration::from_secs(10),
-        || async {
-            let succeeded = stack
-                .db
-                .count("select count(*) from deliveries where state = 'succeeded'")
-                .await;
-            (succeeded == 20).then_some(())
-        },
-    )
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "20 deliveries recorded as succeeded",
+            "select count(*) from deliveries where state = 'succeeded'",
+            20,
+            Duration::from_secs(10),
+        )
+        .await;
     let _ = &stack.group;
 }
 

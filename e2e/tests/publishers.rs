@@ -101,18 +101,15 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
 
     // Every table left public, with its rows, and the legacy history went with them, once each
     // of the four services has applied its own schema's migrations.
-    eventually(
-        "nothing of the product stays in public",
-        Duration::from_secs(30),
-        || async {
-            let left = stack
-                .db
-                .count("select count(*) from pg_tables where schemaname = 'public'")
-                .await;
-            (left == 0).then_some(())
-        },
-    )
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "nothing of the product stays in public",
+            "select count(*) from pg_tables where schemaname = 'public'",
+            0,
+            Duration::from_secs(30),
+        )
+        .await;
     for (table, rows) in [
         ("outbox.outbox", 5),
         ("outbox.outbox_payloads", 5),
@@ -130,19 +127,15 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
         assert!(n >= rows, "{table}: {n} rows, expected at least {rows}");
     }
     // The outbox keeps flowing: P and X rows are sent, E and D stay as they were.
-    eventually(
-        "the legacy unsent rows are sent",
-        Duration::from_secs(30),
-        || async {
-            (stack
-                .db
-                .count("select count(*) from outbox.outbox where state in ('P', 'X')")
-                .await
-                == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "the legacy unsent rows are sent",
+            "select count(*) from outbox.outbox where state in ('P', 'X')",
+            0,
+            Duration::from_secs(30),
+        )
+        .await;
     assert_eq!(
         stack
             .db
@@ -193,15 +186,13 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
         .await
         .unwrap();
     admin.reset_breaker("ep_legacy").await.unwrap();
-    eventually("the legacy pending delivery is delivered", Duration::from_secs(30), || async {
-        (stack
-            .db
-            .count("select count(*) from webhooks.deliveries where event_id = 'evt_legacy_pending' and state = 'succeeded'")
-            .await
-            == 1)
-            .then_some(())
-    })
-    .await;
+    let delivered = "select count(*) from webhooks.deliveries
+                      where event_id = 'evt_legacy_pending' and state = 'succeeded'";
+    let what = "the legacy pending delivery is delivered";
+    stack
+        .db
+        .wait_for_count(what, delivered, 1, Duration::from_secs(30))
+        .await;
     // And a new message goes all the way, as on a fresh database.
     let id = stack
         .post("after the upgrade".into(), "req_after_upgrade")
@@ -278,14 +269,15 @@ async fn stack_for_examples() -> Stack {
         .expect("topic");
     let routes = format!("product.*={topic},order.*={topic}");
     let stack = Stack::start_routed(TestDb::create().await, &topic, &brokers, &routes).await;
-    eventually("TOPIC_ROUTES stored", Duration::from_secs(20), || async {
-        let routed = stack
-            .db
-            .count("select count(*) from outbox.routes where pattern in ('product.*', 'order.*')")
-            .await;
-        (routed == 2).then_some(())
-    })
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "TOPIC_ROUTES stored",
+            "select count(*) from outbox.routes where pattern in ('product.*', 'order.*')",
+            2,
+            Duration::from_secs(20),
+        )
+        .await;
     stack
 }
 

@@ -18,10 +18,7 @@ const LOGGER: &str = "/webhooks/logger";
 
 #[tokio::test]
 async fn a_signed_webhook_notifies_once_by_email_and_chat_and_its_duplicate_not_at_all() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let id = new_event_id();
 
     let (status, body) = app.deliver(NOTIFY, &id).await;
@@ -83,37 +80,24 @@ async fn a_signed_webhook_notifies_once_by_email_and_chat_and_its_duplicate_not_
     );
 
     let accepted = [("route", NOTIFY), ("outcome", "accepted")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &accepted)
-            .await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_webhooks_received_total", &accepted, 1.0)
+        .await;
     let duplicate = [("route", NOTIFY), ("outcome", "duplicate")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &duplicate)
-            .await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_webhooks_received_total", &duplicate, 1.0)
+        .await;
     for channel in ["email", "chat"] {
         let labels = [("channel", channel), ("outcome", "sent")];
-        assert_eq!(
-            app.metric("notifier_notifications_total", &labels).await,
-            Some(1.0)
-        );
+        app.assert_metric("notifier_notifications_total", &labels, 1.0)
+            .await;
         let closed = [("channel", channel), ("state", "closed")];
-        assert_eq!(
-            app.metric("notifier_circuit_breaker_state", &closed).await,
-            Some(1.0)
-        );
+        app.assert_metric("notifier_circuit_breaker_state", &closed, 1.0)
+            .await;
     }
 }
 
 #[tokio::test]
 async fn replays_tampered_bodies_and_missing_signatures_are_refused_and_nothing_is_stored() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let id = new_event_id();
     let body = envelope(&id);
 
@@ -181,21 +165,14 @@ async fn replays_tampered_bodies_and_missing_signatures_are_refused_and_nothing_
     assert!(smtp.mails().is_empty());
     assert_eq!(chat.attempts(), 0);
     let stale = [("route", NOTIFY), ("outcome", "stale")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &stale).await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_webhooks_received_total", &stale, 1.0)
+        .await;
     let bad = [("route", NOTIFY), ("outcome", "bad_signature")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &bad).await,
-        Some(2.0)
-    );
+    app.assert_metric("notifier_webhooks_received_total", &bad, 2.0)
+        .await;
     let invalid = [("route", NOTIFY), ("outcome", "invalid")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &invalid)
-            .await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_webhooks_received_total", &invalid, 1.0)
+        .await;
 
     // The genuine request still goes through afterwards.
     let (status, _) = app.deliver(NOTIFY, &id).await;
@@ -205,10 +182,7 @@ async fn replays_tampered_bodies_and_missing_signatures_are_refused_and_nothing_
 
 #[tokio::test]
 async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_closes_it() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let first = new_event_id();
     chat.fail(true);
 
@@ -258,10 +232,8 @@ async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_close
     assert_eq!(body["code"], "channel_unavailable");
     assert_eq!(chat.attempts(), 5);
     let open = [("channel", "chat"), ("state", "open")];
-    assert_eq!(
-        app.metric("notifier_circuit_breaker_state", &open).await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_circuit_breaker_state", &open, 1.0)
+        .await;
 
     // The chat API recovers; once the open period has passed, the retry is the probe.
     chat.fail(false);
@@ -293,10 +265,8 @@ async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_close
     assert_eq!(chat.messages().len(), 2);
     assert_eq!(smtp.mails().len(), 2);
     let closed = [("channel", "chat"), ("state", "closed")];
-    assert_eq!(
-        app.metric("notifier_circuit_breaker_state", &closed).await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_circuit_breaker_state", &closed, 1.0)
+        .await;
 
     // Every attempt is on record.
     let count = |outcome: &str| {
@@ -481,10 +451,7 @@ async fn a_missing_or_invalid_secret_is_a_configuration_error() {
 
 #[tokio::test]
 async fn concurrent_deliveries_of_one_webhook_notify_once() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let id = new_event_id();
 
     // Two consumer instances (or a retry after a timeout) deliver the same event at once.
@@ -507,11 +474,8 @@ async fn concurrent_deliveries_of_one_webhook_notify_once() {
 
 #[tokio::test]
 async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
-    let smtp = SmtpServer::start().await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let port = smtp.port;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     drop(smtp);
     let id = new_event_id();
 
@@ -731,11 +695,7 @@ async fn a_stale_timestamp_is_explained_as_in_the_past_or_in_the_future() {
 
 #[tokio::test]
 async fn with_a_pool_of_one_connection_a_notification_is_delivered() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let mut args = channel_args(&smtp, &chat);
-    args.extend(["--database-pool-size".into(), "1".into()]);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&["--database-pool-size", "1"]).await;
     let id = new_event_id();
 
     let (status, body) = app.deliver(NOTIFY, &id).await;

@@ -141,6 +141,16 @@ impl TestDb {
         self.pool.get().await.expect("test database connection")
     }
 
+    /// Waits (up to `timeout`) until [`TestDb::count`] of `sql` is `expected`; panics naming
+    /// `what` and the last count otherwise.
+    pub async fn wait_for_count(&self, what: &str, sql: &str, expected: i64, timeout: Duration) {
+        let what = format!("{what} ({sql} = {expected})");
+        eventually(&what, timeout, || async {
+            (self.count(sql).await == expected).then_some(())
+        })
+        .await;
+    }
+
     /// The first column of the first row of `sql`, as i64 (for counts).
     pub async fn count(&self, sql: &str) -> i64 {
         self.client()

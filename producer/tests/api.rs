@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use outbox_core::outbox::OutboxState;
-use outbox_core::testing::{eventually, TestDb};
+use outbox_core::testing::TestDb;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::*;
@@ -128,14 +128,14 @@ async fn an_idempotency_key_older_than_the_retention_is_deleted_then_new_again()
     let reused = send("second").await.unwrap();
     assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
 
-    eventually(
-        "the expired key is deleted",
-        Duration::from_secs(10),
-        || async {
-            (app.db.count("select count(*) from idempotency_keys").await == 0).then_some(())
-        },
-    )
-    .await;
+    app.db
+        .wait_for_count(
+            "the expired key is deleted",
+            "select count(*) from idempotency_keys",
+            0,
+            Duration::from_secs(10),
+        )
+        .await;
     let again = send("second").await.unwrap();
     assert_eq!(again.status(), StatusCode::CREATED);
     assert!(again.headers().get("idempotent-replayed").is_none());

@@ -187,12 +187,12 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
         "standby leads {:?} after the leader was killed",
         killed_at.unwrap().elapsed()
     );
-    eventually("every row sent", Duration::from_secs(60), || async {
-        (db.count("select count(*) from outbox where state = 'E'")
-            .await
-            == total as i64)
-            .then_some(())
-    })
+    db.wait_for_count(
+        "every row sent",
+        "select count(*) from outbox where state = 'E'",
+        total as i64,
+        Duration::from_secs(60),
+    )
     .await;
 
     let records = read_topic(&topic, total, Duration::from_secs(30)).await;
@@ -231,19 +231,14 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     for i in 0..10 {
         let r = post(format!("before-{i}")).await;
         assert_eq!(r.status(), 201);
-        ids.push(
-            r.json::<serde_json::Value>().await.unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(event_id(r).await);
     }
-    eventually("the first rows sent", Duration::from_secs(30), || async {
-        (db.count("select count(*) from outbox where state = 'E'")
-            .await
-            == 10)
-            .then_some(())
-    })
+    db.wait_for_count(
+        "the first rows sent",
+        "select count(*) from outbox where state = 'E'",
+        10,
+        Duration::from_secs(30),
+    )
     .await;
 
     chaos_stack("pg-stop");
@@ -269,22 +264,13 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
             },
         )
         .await;
-        ids.push(
-            r.json::<serde_json::Value>().await.unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(event_id(r).await);
     }
-    eventually(
+    db.wait_for_count(
         "every row sent after PostgreSQL's return",
+        "select count(*) from outbox where state = 'E'",
+        20,
         Duration::from_secs(30),
-        || async {
-            (db.count("select count(*) from outbox where state = 'E'")
-                .await
-                == 20)
-                .then_some(())
-        },
     )
     .await;
     assert_eq!(
@@ -306,4 +292,10 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     assert_eq!(counts.len(), 20, "nothing unexpected");
     drop((producer, relay));
     chaos_stack("pg-stop");
+}
+
+/// The `event_id` of a producer's 201 answer.
+async fn event_id(created: reqwest::Response) -> String {
+    let body: serde_json::Value = created.json().await.expect("a JSON answer");
+    body["event_id"].as_str().expect("an event_id").to_owned()
 }

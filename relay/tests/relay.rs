@@ -196,9 +196,12 @@ async fn retention_deletes_old_sent_rows_only() {
         )
         .await
         .unwrap();
-    eventually("old sent rows deleted", Duration::from_secs(10), || async {
-        (p.db.count("select count(*) from outbox").await == 2).then_some(())
-    })
+    p.db.wait_for_count(
+        "old sent rows deleted",
+        "select count(*) from outbox",
+        2,
+        Duration::from_secs(10),
+    )
     .await;
     assert_eq!(
         p.db.count("select count(*) from outbox_payloads").await,
@@ -340,10 +343,11 @@ async fn retention_drops_whole_partitions_and_keeps_the_one_with_an_unsent_row()
         )
         .await
         .unwrap();
-    eventually(
+    p.db.wait_for_count(
         "the first partition dropped",
+        "select count(*) from outbox",
+        1,
         Duration::from_secs(20),
-        || async { (p.db.count("select count(*) from outbox").await == 1).then_some(()) },
     )
     .await;
     for table in &first_parts {

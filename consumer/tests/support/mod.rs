@@ -420,15 +420,11 @@ pub async fn verify_in_python(request: &Received, secrets: &[&str]) -> Vec<[bool
 /// Waits until exactly `n` deliveries are recorded as succeeded: a success is recorded just after
 /// the receiver answered, so a test that saw every request must still wait for the bookkeeping.
 pub async fn wait_for_succeeded(db: &TestDb, n: i64) {
-    testing::eventually(
+    db.wait_for_count(
         &format!("{n} deliveries recorded as succeeded"),
+        "select count(*) from deliveries where state = 'succeeded'",
+        n,
         Duration::from_secs(20),
-        || async {
-            let succeeded = db
-                .count("select count(*) from deliveries where state = 'succeeded'")
-                .await;
-            (succeeded == n).then_some(())
-        },
     )
     .await;
 }

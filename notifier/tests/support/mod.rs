@@ -272,6 +272,18 @@ pub fn channel_args(smtp: &SmtpServer, chat: &ChatServer) -> Vec<String> {
     ]
 }
 
+/// A real SMTP server, a chat API and the notifier with both channels enabled against them (and
+/// `extra` flags).
+pub async fn spawn_with_channels(extra: &[&str]) -> (SmtpServer, ChatServer, App) {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let args = channel_args(&smtp, &chat);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    let app = spawn_app(&args).await;
+    (smtp, chat, app)
+}
+
 /// An envelope as the consumer delivers it.
 pub fn envelope(id: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
@@ -412,6 +424,12 @@ impl App {
                 .then(|| value.trim().parse().ok())
                 .flatten()
         })
+    }
+
+    /// Asserts that the sample of `name` with every one of `labels` is `expected`.
+    pub async fn assert_metric(&self, name: &str, labels: &[(&str, &str)], expected: f64) {
+        let value = self.metric(name, labels).await;
+        assert_eq!(value, Some(expected), "{name} {labels:?}");
     }
 
     /// A channel's breaker as `GET /circuit-breaker` shows it.
