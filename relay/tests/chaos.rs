@@ -215,23 +215,14 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     let producer = support::spawn_producer(&db, &topic).await;
     let config = support::relay_config(&db, &kafka_brokers(), &topic);
     let relay = support::spawn_relay(&db, config).await;
-    let http = reqwest::Client::new();
-    let post = |content: String| {
-        let http = &http;
-        let producer_url = &producer.base;
-        async move {
-            http.post(format!("{producer_url}/messages"))
-                .json(&message(content, None))
-                .send()
-                .await
-                .unwrap()
-        }
-    };
+    // The producer's status and JSON answer (a request nothing answers fails the test).
+    let post = |content: String| producer.call("POST", "/messages", Some(message(content, None)));
+    let event_id = |body: serde_json::Value| body["event_id"].as_str().unwrap().to_owned();
     let mut ids = Vec::new();
     for i in 0..10 {
-        let r = post(format!("before-{i}")).await;
-        assert_eq!(r.status(), 201);
-        ids.push(event_id(r).await);
+        let (status, body) = post(format!("before-{i}")).await;
+        assert_eq!(status, 201);
+        ids.push(event_id(body));
     }
     db.wait_for_count(
         "the first rows sent",
@@ -242,9 +233,8 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     .await;
 
     chaos_stack("pg-stop");
-    let r = post("during".into()).await;
-    assert_eq!(r.status(), 503);
-    let body: serde_json::Value = r.json().await.unwrap();
+    let (status, body) = post("during".into()).await;
+    assert_eq!(status, 503);
     assert_eq!(body["code"], "unavailable");
     assert_eq!(relay.try_status("/ready").await, Some(503));
     assert_eq!(relay.try_status("/health").await, Some(200));
@@ -255,16 +245,16 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
 
     chaos_stack("pg-start");
     for i in 0..10 {
-        let r = eventually(
+        let body = eventually(
             "the producer writes again",
             Duration::from_secs(30),
             || async {
-                let r = post(format!("after-{i}")).await;
-                (r.status() == 201).then_some(r)
+                let (status, body) = post(format!("after-{i}")).await;
+                (status == 201).then_some(body)
             },
         )
         .await;
-        ids.push(event_id(r).await);
+        ids.push(event_id(body));
     }
     db.wait_for_count(
         "every row sent after PostgreSQL's return",
@@ -292,10 +282,4 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     assert_eq!(counts.len(), 20, "nothing unexpected");
     drop((producer, relay));
     chaos_stack("pg-stop");
-}
-
-/// The `event_id` of a producer's 201 answer.
-async fn event_id(created: reqwest::Response) -> String {
-    let body: serde_json::Value = created.json().await.expect("a JSON answer");
-    body["event_id"].as_str().expect("an event_id").to_owned()
 }

@@ -432,6 +432,13 @@ impl App {
         assert_eq!(value, Some(expected), "{name} {labels:?}");
     }
 
+    /// Asserts that `notifier_webhooks_received_total` of `route` and `outcome` is `expected`.
+    pub async fn assert_received(&self, route: &str, outcome: &str, expected: f64) {
+        let labels = [("route", route), ("outcome", outcome)];
+        self.assert_metric("notifier_webhooks_received_total", &labels, expected)
+            .await;
+    }
+
     /// A channel's breaker as `GET /circuit-breaker` shows it.
     pub async fn breaker(&self, channel: &str) -> ChannelBreaker {
         let breakers = self.admin().breakers().await.expect("GET /circuit-breaker");
