@@ -63,8 +63,8 @@ async fn a_message_and_its_event_are_written_together() {
     assert_eq!(row.get::<_, String>(4), "P");
     assert_eq!(app.rows().await, (1, 1));
 
-    let (_, stats) = app.get("/stats").await;
-    assert_eq!(stats["outbox"]["P"], 1);
+    let stats = app.admin().stats().await.unwrap();
+    assert_eq!(stats.outbox.P, 1);
 }
 
 #[tokio::test]
@@ -292,8 +292,8 @@ async fn an_escaped_backslash_before_u0000_is_text_not_a_nul() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let created: Value = response.json().await.unwrap();
     let id = created["id"].as_str().unwrap();
-    let (_, message) = app.get(&format!("/messages/{id}")).await;
-    assert_eq!(message["content"], "C:\\u0000", "{message}");
+    let message = app.admin().message(id).await.unwrap();
+    assert_eq!(message.content, "C:\\u0000", "{message:?}");
 }
 
 #[tokio::test]
@@ -375,8 +375,8 @@ async fn dead_rows_can_be_retried_and_admin_routes_need_the_token() {
     let db = TestDb::create().await;
     let url = db.url.clone();
     let app = spawn_app_with(db, &url, |c| c.admin_token = Some("s3cret".into())).await;
-    let (_, created) = app.post(json!({"content": "x"})).await;
-    let id: i64 = created["outbox_id"].as_i64().unwrap();
+    let created = app.admin().create_message(&NewMessage::new("x")).await;
+    let id = created.unwrap().outbox_id;
     app.db
         .client()
         .await
@@ -401,7 +401,8 @@ async fn dead_rows_can_be_retried_and_admin_routes_need_the_token() {
 async fn pages_openapi_and_metrics() {
     let app = spawn_app().await;
     for i in 0..5 {
-        app.post(json!({"content": format!("m{i}")})).await;
+        let message = NewMessage::new(&format!("m{i}"));
+        app.admin().create_message(&message).await.unwrap();
     }
     let page = app.admin().list_messages(3, None).await.unwrap();
     assert_eq!(page.items.len(), 3);
