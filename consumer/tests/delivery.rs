@@ -426,15 +426,15 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     .await;
 
     // Admin input.
-    let no_token = consumer
-        .http
-        .get(consumer.url("/endpoints"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(no_token.status().as_u16(), 401);
-    let body: serde_json::Value = no_token.json().await.unwrap();
-    assert_eq!(body["code"], "unauthorized");
+    let without_token = outbox_core::testing::ApiClient {
+        token: None,
+        ..consumer.admin()
+    };
+    let refused = without_token.list_endpoints().await.unwrap_err();
+    assert_eq!(
+        (refused.status, refused.code.as_str()),
+        (401, "unauthorized")
+    );
 
     let cases = [
         (
