@@ -89,6 +89,8 @@ impl<C: Clone + Send + 'static> TestApp<C> {
         let (listener, port) = listen(self.port).await;
         self.port = port;
         self.base = format!("http://127.0.0.1:{port}");
+        // What a killed predecessor spawned stops now, as when its handle is dropped.
+        self.shutdown.cancel();
         self.shutdown = CancellationToken::new();
         let running = (self.start)(self.config.clone(), listener, self.shutdown.clone());
         self.task = Some(tokio::spawn(running));
@@ -105,7 +107,9 @@ impl<C: Clone + Send + 'static> TestApp<C> {
         self.shutdown.cancel();
     }
 
-    /// Kills it as in a crash: its task is aborted wherever it is.
+    /// Kills it as in a crash: its task is aborted wherever it is. What the task spawned keeps
+    /// running until the shutdown token is cancelled: by [`TestApp::start`], [`TestApp::cancel`]
+    /// or dropping the handle.
     pub async fn kill(&mut self) {
         if let Some(task) = &self.task {
             task.abort();
