@@ -146,7 +146,7 @@ pub fn new_endpoint_id() -> String {
 
 /// An endpoint as the admin API shows it. The secret appears only where the contract says so
 /// (on creation and rotation, and at `GET /endpoints/{id}/secret`).
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoint {
     pub id: String,
     pub url: String,

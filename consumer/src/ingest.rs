@@ -370,7 +370,7 @@ pub async fn replay_poison(pool: &PgPool, id: i64) -> Result<PoisonReplay, Recor
 }
 
 /// A poison record as the admin API shows it.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct PoisonRecord {
     pub id: i64,
     pub topic: String,

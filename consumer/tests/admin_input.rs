@@ -10,7 +10,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_characters_non_objects_bad_queries_and_wrong_methods_get_json_4xx() {
     let (db, topic) = setup(1).await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
 
     let nul_body = json!({
         "url": "http://127.0.0.1:9/hook",
@@ -37,9 +37,7 @@ async fn nul_characters_non_objects_bad_queries_and_wrong_methods_get_json_4xx()
     );
     assert_eq!(db.count("select count(*) from endpoints").await, 0);
 
-    let (id, _) = consumer
-        .create_endpoint("http://127.0.0.1:9/hook", &["*"])
-        .await;
+    let (id, _) = create_endpoint(&consumer, "http://127.0.0.1:9/hook", &["*"]).await;
     let cases = [
         (
             "POST",
@@ -118,7 +116,7 @@ async fn nul_characters_non_objects_bad_queries_and_wrong_methods_get_json_4xx()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_is_valid_and_lists_every_route_with_typed_answers() {
     let (db, topic) = setup(1).await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
     let document =
         outbox_core::testing::assert_openapi_lists_every_route(&consumer.base, &every_route())
             .await;

@@ -6,6 +6,8 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use consumer::delivery::DeliveryState;
+use outbox_core::breaker::BreakerState;
 use outbox_core::testing::eventually;
 use serde_json::json;
 use support::*;
@@ -16,18 +18,16 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn signatures_verify_under_an_independent_implementation_also_during_rotation() {
     let (db, topic) = setup(1).await;
     let receiver = Receiver::start().await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
-    let (endpoint, old_secret) = consumer
-        .create_endpoint(&receiver.url, &["message.created"])
-        .await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
+    let (endpoint, old_secret) =
+        create_endpoint(&consumer, &receiver.url, &["message.created"]).await;
     let kafka = producer();
 
     let first = envelope(1);
     produce(&kafka, &topic, &first).await;
-    eventually("the first webhook arrives", WAIT, || async {
-        (receiver.count() == 1).then_some(())
-    })
-    .await;
+    receiver
+        .wait_for_count("the first webhook arrives", 1, WAIT)
+        .await;
     let request = &receiver.requests()[0];
     assert_eq!(request.header("webhook-id"), first.id);
     assert_eq!(request.header("x-webhook-id"), first.id);
@@ -43,23 +43,16 @@ async fn signatures_verify_under_an_independent_implementation_also_during_rotat
         "the endpoint's secret verifies in both conventions, another secret does not"
     );
 
-    let (status, rotated) = consumer
-        .call(
-            "POST",
-            &format!("/endpoints/{endpoint}/rotate-secret"),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{rotated}");
-    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    let rotated = consumer.admin().rotate_secret(&endpoint).await.unwrap();
+    let new_secret = rotated.secret;
     assert_ne!(new_secret, old_secret);
-    assert!(rotated["previous_secret_expires_at"].is_string());
+    // The answer's `previous_secret_expires_at` is a timestamp (the typed answer requires it).
+    assert!(rotated.previous_secret_expires_at > chrono::Utc::now());
 
     produce(&kafka, &topic, &envelope(2)).await;
-    eventually("the second webhook arrives", WAIT, || async {
-        (receiver.count() == 2).then_some(())
-    })
-    .await;
+    receiver
+        .wait_for_count("the second webhook arrives", 2, WAIT)
+        .await;
     let request = &receiver.requests()[1];
     assert_eq!(
         request.header("webhook-signature").split(' ').count(),
@@ -91,20 +84,18 @@ async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it
     c.endpoint_concurrency = 1;
     c.dispatch_workers = 2;
     c.breaker.breaker_open_for = Duration::from_millis(800);
-    let consumer = TestConsumer::start(c).await;
-    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["*"]).await;
+    let mut consumer = spawn_app(&db, c).await;
+    let (endpoint, _) = create_endpoint(&consumer, &receiver.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..8).map(envelope).collect();
-    for e in &events {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events).await;
 
     let opened = eventually("the breaker opens", WAIT, || async {
-        let b = consumer.breaker(&endpoint).await;
-        (b["state"] == "OPEN").then_some(b)
+        let b = consumer.admin().breaker(&endpoint).await?;
+        (b.view.breaker.state == BreakerState::Open).then_some(b)
     })
     .await;
-    assert_eq!(opened["failure_count"], 5);
+    assert_eq!(opened.view.breaker.failure_count, 5);
     let opened_seen = Instant::now();
     assert_eq!(receiver.count(), 5, "five failures open the breaker");
 
@@ -119,8 +110,8 @@ async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it
     receiver.succeed();
 
     eventually("the breaker closes", WAIT, || async {
-        let b = consumer.breaker(&endpoint).await;
-        (b["state"] == "CLOSED").then_some(())
+        let b = consumer.admin().breaker(&endpoint).await?;
+        (b.view.breaker.state == BreakerState::Closed).then_some(())
     })
     .await;
     let requests = receiver.requests();
@@ -146,8 +137,11 @@ async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it
         (ok.len() == events.len()).then_some(())
     })
     .await;
-    let dead = consumer.get("/deliveries?state=dead").await;
-    assert_eq!(dead["deliveries"].as_array().unwrap().len(), 0);
+    let dead = consumer
+        .admin()
+        .list_deliveries(&DeliveryFilter::state(DeliveryState::Dead))
+        .await;
+    assert_eq!(dead.unwrap().deliveries.len(), 0);
     consumer.stop().await;
 }
 
@@ -162,34 +156,24 @@ async fn a_receiver_answering_429_with_retry_after_is_not_retried_sooner() {
         .store(1, std::sync::atomic::Ordering::SeqCst);
     let mut c = config(&db, &topic);
     c.retry_schedule = "0ms,10ms,10ms".parse().unwrap();
-    let consumer = TestConsumer::start(c).await;
-    consumer
-        .create_endpoint(&receiver.url, &["message.*"])
-        .await;
+    let mut consumer = spawn_app(&db, c).await;
+    create_endpoint(&consumer, &receiver.url, &["message.*"]).await;
     let event = envelope(9);
     produce(&producer(), &topic, &event).await;
-    eventually("the first attempt", WAIT, || async {
-        (receiver.count() == 1).then_some(())
-    })
-    .await;
+    receiver.wait_for_count("the first attempt", 1, WAIT).await;
     receiver.succeed();
     receiver
         .state
         .retry_after_secs
         .store(0, std::sync::atomic::Ordering::SeqCst);
     let delivered = eventually("the delivery succeeds", WAIT, || async {
-        let page = consumer
-            .get(&format!("/deliveries?event_id={}", event.id))
-            .await;
-        page["deliveries"]
-            .as_array()
-            .unwrap()
-            .first()
-            .filter(|d| d["state"] == "succeeded")
-            .cloned()
+        let filter = DeliveryFilter::event(&event.id);
+        let page = consumer.admin().list_deliveries(&filter).await.unwrap();
+        let first = page.deliveries.into_iter().next();
+        first.filter(|d| d.fields.state == DeliveryState::Succeeded)
     })
     .await;
-    assert_eq!(delivered["attempts"], 2);
+    assert_eq!(delivered.attempts, 2);
     let requests = receiver.requests();
     assert_eq!(requests.len(), 2);
     let gap = requests[1].started - requests[0].finished;
@@ -208,21 +192,20 @@ async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_deli
     let mut c = config(&db, &topic);
     c.retry_schedule = "0ms,200ms,400ms".parse().unwrap();
     c.breaker.breaker_failures = 100;
-    let consumer = TestConsumer::start(c).await;
-    let (endpoint, _) = consumer
-        .create_endpoint(&receiver.url, &["message.*"])
-        .await;
+    let mut consumer = spawn_app(&db, c).await;
+    let (endpoint, _) = create_endpoint(&consumer, &receiver.url, &["message.*"]).await;
     let kafka = producer();
     let event = envelope(7);
     produce(&kafka, &topic, &event).await;
 
     let dead = eventually("the delivery is dead", WAIT, || async {
-        let page = consumer.get("/deliveries?state=dead").await;
-        page["deliveries"].as_array().unwrap().first().cloned()
+        let filter = DeliveryFilter::state(DeliveryState::Dead);
+        let page = consumer.admin().list_deliveries(&filter).await.unwrap();
+        page.deliveries.into_iter().next()
     })
     .await;
-    assert_eq!(dead["event_id"], event.id.as_str());
-    assert_eq!(dead["attempts"], 3);
+    assert_eq!(dead.fields.event_id, event.id);
+    assert_eq!(dead.attempts, 3);
     let requests = receiver.requests();
     assert_eq!(requests.len(), 3, "three attempts, no more");
     let gaps: Vec<Duration> = requests
@@ -234,27 +217,22 @@ async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_deli
     assert!(gaps[1] >= Duration::from_millis(320), "{gaps:?}");
     assert!(gaps[1] > gaps[0], "{gaps:?}");
 
-    let id = dead["id"].as_i64().unwrap();
-    let detail = consumer.get(&format!("/deliveries/{id}")).await;
-    let attempts = detail["attempts"].as_array().unwrap();
+    let id = dead.fields.id;
+    let detail = consumer.admin().delivery(id).await.unwrap();
+    let attempts = &detail.attempts;
     assert_eq!(attempts.len(), 3);
-    assert_eq!(attempts[0]["status_code"], 503);
-    assert_eq!(attempts[0]["response_body"], "answered 503");
-    assert_eq!(detail["correlation_id"], "req_test_7");
+    assert_eq!(attempts[0].status_code, Some(503));
+    assert_eq!(attempts[0].response_body.as_deref(), Some("answered 503"));
+    assert_eq!(detail.fields.correlation_id.as_deref(), Some("req_test_7"));
 
     receiver.succeed();
-    let (status, replay) = consumer
-        .call(
-            "POST",
-            &format!("/endpoints/{endpoint}/replay"),
-            Some(json!({"since": "2000-01-01T00:00:00Z"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{replay}");
-    assert_eq!(replay["replayed"], 1);
+    let since = "2000-01-01T00:00:00Z".parse().ok();
+    let window = ReplayWindow { since, until: None };
+    let replay = consumer.admin().replay_dead(&endpoint, &window).await;
+    assert_eq!(replay.unwrap().replayed, 1);
     eventually("the replay is delivered", WAIT, || async {
-        let d = consumer.get(&format!("/deliveries/{id}")).await;
-        (d["state"] == "succeeded").then_some(())
+        let d = consumer.admin().delivery(id).await.unwrap();
+        (d.fields.state == DeliveryState::Succeeded).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -275,38 +253,34 @@ async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_deli
     let aborted = envelope(8);
     produce(&kafka, &topic, &aborted).await;
     let d = eventually("the aborted delivery is dead", WAIT, || async {
-        let page = consumer
-            .get(&format!("/deliveries?state=dead&event_id={}", aborted.id))
-            .await;
-        page["deliveries"].as_array().unwrap().first().cloned()
+        let filter = DeliveryFilter::event(&aborted.id).and_state(DeliveryState::Dead);
+        let page = consumer.admin().list_deliveries(&filter).await.unwrap();
+        page.deliveries.into_iter().next()
     })
     .await;
-    assert_eq!(d["attempts"], 1, "no retry after abort-message");
+    assert_eq!(d.attempts, 1, "no retry after abort-message");
     // Retry of one dead delivery, then 409 for a delivery that is not dead.
     receiver
         .state
         .abort
         .store(false, std::sync::atomic::Ordering::SeqCst);
     receiver.succeed();
-    let (status, _) = consumer
-        .call("POST", &format!("/deliveries/{}/retry", d["id"]), None)
-        .await;
-    assert_eq!(status, 200);
+    let queued = consumer.admin().retry_delivery(d.fields.id).await.unwrap();
+    assert_eq!(queued.state, DeliveryState::Pending);
     eventually("the retried delivery succeeds", WAIT, || async {
-        let x = consumer.get(&format!("/deliveries/{}", d["id"])).await;
-        (x["state"] == "succeeded").then_some(())
+        let x = consumer.admin().delivery(d.fields.id).await.unwrap();
+        (x.fields.state == DeliveryState::Succeeded).then_some(())
     })
     .await;
-    let (status, body) = consumer
-        .call("POST", &format!("/deliveries/{}/retry", d["id"]), None)
-        .await;
-    assert_eq!((status, body["code"].as_str()), (409, Some("not_dead")));
+    let refused = consumer
+        .admin()
+        .retry_delivery(d.fields.id)
+        .await
+        .unwrap_err();
+    assert_eq!((refused.status, refused.code.as_str()), (409, "not_dead"));
     // Deleting the endpoint takes its deliveries and their attempts with it.
-    let endpoint_id = d["endpoint_id"].as_str().unwrap().to_owned();
-    let (status, _) = consumer
-        .call("DELETE", &format!("/endpoints/{endpoint_id}"), None)
-        .await;
-    assert_eq!(status, 204);
+    let endpoint_id = &d.fields.endpoint_id;
+    consumer.admin().delete_endpoint(endpoint_id).await.unwrap();
     let client = db.client().await;
     let left: (i64, i64) = {
         let row = client
@@ -342,14 +316,12 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
     c.endpoint_concurrency = 4;
     c.delivery_timeout = Duration::from_secs(1);
     c.delivery_lease = Duration::from_secs(2);
-    let first = TestConsumer::start(c.clone()).await;
-    let (ea, _) = first.create_endpoint(&a.url, &["message.created"]).await;
-    let (eb, _) = first.create_endpoint(&b.url, &["*"]).await;
+    let mut first = spawn_app(&db, c.clone()).await;
+    let (ea, _) = create_endpoint(&first, &a.url, &["message.created"]).await;
+    let (eb, _) = create_endpoint(&first, &b.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..300).map(envelope).collect();
-    for e in &events {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events).await;
     eventually("some deliveries arrived", WAIT, || async {
         (a.count() + b.count() >= 40).then_some(())
     })
@@ -359,21 +331,13 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
     assert!(at_kill < 2 * events.len(), "killed before the end");
 
     // The same events again: Kafka now holds every event twice.
-    for e in &events[..50] {
-        produce(&kafka, &topic, e).await;
-    }
-    let second = TestConsumer::start(c).await;
-    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    produce_all(&kafka, &topic, &events[..50]).await;
+    let mut second = spawn_app(&db, c).await;
     for receiver in [&a, &b] {
-        eventually(
-            "every event arrives at every endpoint",
-            Duration::from_secs(60),
-            || async {
-                let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
-                (seen == all).then_some(())
-            },
-        )
-        .await;
+        let what = "every event arrives at every endpoint";
+        receiver
+            .wait_for_events(what, &events, Duration::from_secs(60))
+            .await;
     }
     let count = |sql: &'static str| db.count(sql);
     assert_eq!(count("select count(*) from inbox").await, 300);
@@ -387,9 +351,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_delivers_everything_and_dupli
 
     // Without a crash, a record produced twice reaches each endpoint exactly once.
     let fresh: Vec<_> = (1000..1010).map(envelope).collect();
-    for e in fresh.iter().chain(fresh.iter()) {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, fresh.iter().chain(fresh.iter())).await;
     for receiver in [&a, &b] {
         eventually("the fresh events arrive", WAIT, || async {
             let counts = receiver.counts_by_event();
@@ -421,7 +383,7 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     let mut c = config(&db, &topic);
     c.allow_private_endpoints = false;
     c.admin_token = Some("s3cret".into());
-    let consumer = TestConsumer::start(c).await;
+    let mut consumer = spawn_app(&db, c).await;
     let kafka = producer();
     produce_raw(&kafka, &topic, b"this is not json").await;
     produce_raw(&kafka, &topic, br#"{"id": "evt_x"}"#).await;
@@ -429,30 +391,32 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     produce(&kafka, &topic, &good).await;
 
     let poison = eventually("poison records are listed", WAIT, || async {
-        let page = consumer.get("/events/poison").await;
-        let list = page["poison_records"].as_array().cloned().unwrap();
+        let list = consumer
+            .admin()
+            .poison_records()
+            .await
+            .unwrap()
+            .poison_records;
         (list.len() == 2).then_some(list)
     })
     .await;
-    assert_eq!(poison[0]["topic"], topic.as_str());
-    assert_eq!(poison[0]["partition"], 0);
-    assert_eq!(poison[0]["offset"], 0);
-    assert_eq!(poison[1]["offset"], 1);
-    assert!(poison[0]["error"].as_str().unwrap().contains("envelope"));
-    eventually(
+    assert_eq!(poison[0].topic, topic);
+    assert_eq!(poison[0].partition, 0);
+    assert_eq!(poison[0].offset, 0);
+    assert_eq!(poison[1].offset, 1);
+    assert!(poison[0].error.contains("envelope"));
+    db.wait_for_count(
         "the good event after the poison is recorded",
+        "select count(*) from inbox",
+        1,
         WAIT,
-        || async { (db.count("select count(*) from inbox").await == 1).then_some(()) },
     )
     .await;
 
     // Consumer lag comes from librdkafka's statistics once the offsets are committed.
     eventually("the lag gauge shows the partition", WAIT, || async {
-        let text = outbox_core::testing::try_get_text(
-            &consumer.http,
-            &format!("{}/metrics", consumer.base),
-        )
-        .await?;
+        let text =
+            outbox_core::testing::try_get_text(&consumer.http, &consumer.url("/metrics")).await?;
         text.lines()
             .any(|l| {
                 l.starts_with("consumer_lag_records") && l.contains(&topic) && l.ends_with(" 0")
@@ -462,15 +426,15 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     .await;
 
     // Admin input.
-    let no_token = consumer
-        .http
-        .get(format!("{}/endpoints", consumer.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(no_token.status().as_u16(), 401);
-    let body: serde_json::Value = no_token.json().await.unwrap();
-    assert_eq!(body["code"], "unauthorized");
+    let without_token = outbox_core::testing::ApiClient {
+        token: None,
+        ..consumer.admin()
+    };
+    let refused = without_token.list_endpoints().await.unwrap_err();
+    assert_eq!(
+        (refused.status, refused.code.as_str()),
+        (401, "unauthorized")
+    );
 
     let cases = [
         (
@@ -533,7 +497,7 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     }
     let raw = consumer
         .http
-        .post(format!("{}/endpoints", consumer.base))
+        .post(consumer.url("/endpoints"))
         .bearer_auth("s3cret")
         .header("content-type", "application/json")
         .body("{not json")
@@ -550,48 +514,33 @@ async fn poison_records_are_recorded_and_skipped_and_bad_admin_input_gets_json_e
     );
 
     // A good public endpoint (its event type matches nothing we produce, so nothing is sent).
-    let (status, created) = consumer
-        .call(
-            "POST",
-            "/endpoints",
-            Some(json!({"url": "https://example.com/hooks", "event_types": ["order.*"]})),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
-    let id = created["id"].as_str().unwrap();
-    let (status, patched) = consumer
-        .call(
-            "PATCH",
-            &format!("/endpoints/{id}"),
-            Some(json!({"url": "http://10.0.0.1/x"})),
-        )
-        .await;
+    let admin = consumer.admin();
+    let created = admin
+        .create_endpoint(&NewEndpoint::new("https://example.com/hooks", &["order.*"]))
+        .await
+        .unwrap();
+    assert!(created.secret.unwrap().starts_with("whsec_"));
+    let id = created.id.as_str();
+    let to_private = EndpointChange {
+        url: Some("http://10.0.0.1/x".into()),
+        ..EndpointChange::default()
+    };
+    let patched = admin.update_endpoint(id, &to_private).await.unwrap_err();
     assert_eq!(
-        (status, patched["code"].as_str()),
-        (422, Some("private_url"))
+        (patched.status, patched.code.as_str()),
+        (422, "private_url")
     );
-    let (status, disabled) = consumer
-        .call("POST", &format!("/endpoints/{id}/disable"), None)
-        .await;
-    assert_eq!((status, disabled["enabled"].as_bool()), (200, Some(false)));
-    let listed = consumer.get("/endpoints").await;
-    assert!(
-        listed["endpoints"][0].get("secret").is_none(),
-        "lists hide secrets"
-    );
+    let disabled = admin.set_enabled(id, false).await.unwrap();
+    assert!(!disabled.enabled);
+    let listed = admin.list_endpoints().await.unwrap();
+    assert!(listed[0].secret.is_none(), "lists hide secrets");
     let (status, _) = consumer.call("GET", "/deliveries/abc", None).await;
     assert_eq!(status, 400);
     let (status, _) = consumer.call("GET", "/deliveries?state=weird", None).await;
     assert_eq!(status, 400);
-    let (status, _) = consumer
-        .call("DELETE", &format!("/endpoints/{id}"), None)
-        .await;
-    assert_eq!(status, 204);
-    let (status, gone) = consumer
-        .call("GET", &format!("/endpoints/{id}"), None)
-        .await;
-    assert_eq!((status, gone["code"].as_str()), (404, Some("not_found")));
+    admin.delete_endpoint(id).await.unwrap();
+    let gone = admin.endpoint(id).await.unwrap_err();
+    assert_eq!((gone.status, gone.code.as_str()), (404, "not_found"));
     consumer.stop().await;
 }
 
@@ -605,7 +554,7 @@ async fn with_admin_token_every_admin_route_needs_it_and_operations_stay_open() 
     let (db, topic) = setup(1).await;
     let mut c = config(&db, &topic);
     c.admin_token = Some("s3cret".into());
-    let consumer = TestConsumer::start(c).await;
+    let mut consumer = spawn_app(&db, c).await;
     let calls = every_route();
     outbox_core::testing::assert_admin_token_guards(
         &consumer.base,

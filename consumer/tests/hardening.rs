@@ -5,8 +5,11 @@ mod support;
 
 use std::time::Duration;
 
+use consumer::delivery::{DeliveryState, Hold};
+use consumer::ingest::PoisonRecord;
+use outbox_core::breaker::BreakerState;
 use outbox_core::testing::{self, TestDb};
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 
 /// The envelope text of `e` with `data` replaced by `data_json`, exactly as a publisher might
@@ -21,19 +24,17 @@ fn nested(levels: usize) -> String {
     "[".repeat(levels) + &"]".repeat(levels)
 }
 
-async fn poison_records(consumer: &TestConsumer) -> Vec<Value> {
-    consumer.get("/events/poison").await["poison_records"]
-        .as_array()
-        .unwrap()
-        .clone()
+async fn poison_records(consumer: &TestConsumer) -> Vec<PoisonRecord> {
+    let page = consumer.admin().poison_records().await;
+    page.expect("GET /events/poison").poison_records
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_nested_at_any_depth_is_delivered_and_poison_records_can_be_replayed() {
     let (db, topic) = setup(1).await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
     let receiver = Receiver::start().await;
-    consumer.create_endpoint(&receiver.url, &["*"]).await;
+    create_endpoint(&consumer, &receiver.url, &["*"]).await;
     let kafka = producer();
 
     // 127 levels inside the envelope's object: past serde_json's default limit of 128.
@@ -48,12 +49,9 @@ async fn data_nested_at_any_depth_is_delivered_and_poison_records_can_be_replaye
     produce_raw(&kafka, &topic, deeper_text.as_bytes()).await;
     produce_raw(&kafka, &topic, br#"{"not": "an envelope"}"#).await;
 
-    testing::eventually(
-        "both deep events delivered",
-        Duration::from_secs(20),
-        || async { (receiver.count() == 2).then_some(()) },
-    )
-    .await;
+    receiver
+        .wait_for_count("both deep events delivered", 2, Duration::from_secs(20))
+        .await;
     let bodies: Vec<Vec<u8>> = receiver.requests().into_iter().map(|r| r.body).collect();
     assert!(
         bodies.contains(&deep_text.clone().into_bytes()),
@@ -71,12 +69,11 @@ async fn data_nested_at_any_depth_is_delivered_and_poison_records_can_be_replaye
     .await;
 
     // Still not an event: 422 with why, and the record stays listed.
-    let id = poison[0]["id"].as_i64().unwrap();
-    let (status, body) = consumer
-        .call("POST", &format!("/events/poison/{id}/replay"), None)
-        .await;
-    assert_eq!(status, 422, "{body}");
-    assert_eq!(body["code"], "still_poison");
+    let id = poison[0].id;
+    let refused = consumer.admin().replay_poison(&id.to_string()).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.status, 422, "{refused}");
+    assert_eq!(refused.code, "still_poison");
     assert_eq!(poison_records(&consumer).await.len(), 1);
 
     // A record an older consumer could not read, listed as poison: once readable, replayed once.
@@ -92,28 +89,23 @@ async fn data_nested_at_any_depth_is_delivered_and_poison_records_can_be_replaye
         .await
         .unwrap();
     let old_id: i64 = row.get(0);
-    let (status, body) = consumer
-        .call("POST", &format!("/events/poison/{old_id}/replay"), None)
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["event_id"], old.id.as_str());
-    assert_eq!(body["deliveries"], 1);
-    assert_eq!(body["duplicate"], false);
+    let replayed = consumer.admin().replay_poison(&old_id.to_string()).await;
+    let replayed = replayed.unwrap();
+    assert_eq!(replayed.event_id, old.id);
+    assert_eq!(replayed.deliveries, 1);
+    assert!(!replayed.duplicate);
     testing::eventually(
         "the replayed event delivered",
         Duration::from_secs(10),
         || async { (receiver.counts_by_event().get(&old.id) == Some(&1)).then_some(()) },
     )
     .await;
-    let (status, _) = consumer
-        .call("POST", &format!("/events/poison/{old_id}/replay"), None)
-        .await;
-    assert_eq!(status, 404, "a replayed record is no longer poison");
+    let again = consumer.admin().replay_poison(&old_id.to_string()).await;
+    let again = again.unwrap_err();
+    assert_eq!(again.status, 404, "a replayed record is no longer poison");
     for bad in ["abc", "0", "-1", "99999999999999999999"] {
-        let (status, body) = consumer
-            .call("POST", &format!("/events/poison/{bad}/replay"), None)
-            .await;
-        assert_eq!(status, 404, "{bad}: {body}");
+        let refused = consumer.admin().replay_poison(bad).await.unwrap_err();
+        assert_eq!(refused.status, 404, "{bad}: {refused}");
     }
     wait_for_succeeded(&db, 3).await;
     consumer.stop().await;
@@ -122,11 +114,11 @@ async fn data_nested_at_any_depth_is_delivered_and_poison_records_can_be_replaye
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_that_cannot_be_headers_are_poison_and_every_endpoint_keeps_flowing() {
     let (db, topic) = setup(1).await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
     let a = Receiver::start().await;
     let b = Receiver::start().await;
-    let (a_id, _) = consumer.create_endpoint(&a.url, &["*"]).await;
-    let (b_id, _) = consumer.create_endpoint(&b.url, &["*"]).await;
+    let (a_id, _) = create_endpoint(&consumer, &a.url, &["*"]).await;
+    let (b_id, _) = create_endpoint(&consumer, &b.url, &["*"]).await;
     let kafka = producer();
 
     for bad_id in [
@@ -146,17 +138,12 @@ async fn ids_that_cannot_be_headers_are_poison_and_every_endpoint_keeps_flowing(
     odd.metadata.correlation_id = "req\r\nx-injected: 1".into();
     produce(&kafka, &topic, &odd).await;
     let good: Vec<_> = (1..=10).map(envelope).collect();
-    for e in &good {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &good).await;
 
     for receiver in [&a, &b] {
-        testing::eventually(
-            "11 events at each endpoint",
-            Duration::from_secs(20),
-            || async { (receiver.count() == 11).then_some(()) },
-        )
-        .await;
+        receiver
+            .wait_for_count("11 events at each endpoint", 11, Duration::from_secs(20))
+            .await;
         let odd_request = receiver
             .requests()
             .into_iter()
@@ -172,17 +159,14 @@ async fn ids_that_cannot_be_headers_are_poison_and_every_endpoint_keeps_flowing(
     wait_for_succeeded(&db, 22).await;
     let poison = poison_records(&consumer).await;
     assert_eq!(poison.len(), 6, "{poison:?}");
-    assert!(
-        poison
-            .iter()
-            .all(|p| p["error"].as_str().unwrap().contains("id")),
-        "{poison:?}"
-    );
+    assert!(poison.iter().all(|p| p.error.contains("id")), "{poison:?}");
     for endpoint in [&a_id, &b_id] {
-        let breaker = consumer.breaker(endpoint).await;
+        let breaker = consumer.admin().breaker(endpoint).await;
         assert!(
-            breaker.is_null() || (breaker["state"] == "CLOSED" && breaker["failure_count"] == 0),
-            "{breaker}"
+            breaker.as_ref().is_none_or(|b| {
+                b.view.breaker.state == BreakerState::Closed && b.view.breaker.failure_count == 0
+            }),
+            "{breaker:?}"
         );
     }
     assert_eq!(
@@ -222,9 +206,9 @@ async fn a_delivery_that_cannot_be_built_is_dead_at_once_and_never_keeps_a_break
     let mut c = config(&db, &topic);
     // Long enough that a probe slot held by the bad delivery would outlast the test.
     c.breaker.breaker_open_for = Duration::from_secs(60);
-    let consumer = TestConsumer::start(c).await;
+    let mut consumer = spawn_app(&db, c).await;
     let receiver = Receiver::start().await;
-    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["*"]).await;
+    let (endpoint, _) = create_endpoint(&consumer, &receiver.url, &["*"]).await;
 
     // The breaker is half-open and the oldest due delivery, the probe, cannot be built.
     let client = db.client().await;
@@ -242,18 +226,14 @@ async fn a_delivery_that_cannot_be_built_is_dead_at_once_and_never_keeps_a_break
     }
     let kafka = producer();
     let good: Vec<_> = (1..=3).map(envelope).collect();
-    for e in &good {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &good).await;
 
-    testing::eventually(
-        "the good events delivered",
-        Duration::from_secs(10),
-        || async { (receiver.count() == 3).then_some(()) },
-    )
-    .await;
+    receiver
+        .wait_for_count("the good events delivered", 3, Duration::from_secs(10))
+        .await;
     testing::eventually("the breaker closed", Duration::from_secs(10), || async {
-        (consumer.breaker(&endpoint).await["state"] == "CLOSED").then_some(())
+        let breaker = consumer.admin().breaker(&endpoint).await?;
+        (breaker.view.breaker.state == BreakerState::Closed).then_some(())
     })
     .await;
     let rows = client
@@ -294,28 +274,28 @@ async fn a_delivery_that_cannot_be_built_is_dead_at_once_and_never_keeps_a_break
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_for_a_disabled_endpoint_are_held_and_sent_once_it_is_enabled() {
     let (db, topic) = setup(1).await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
     let receiver = Receiver::start().await;
     let other = Receiver::start().await;
-    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["*"]).await;
-    consumer.create_endpoint(&other.url, &["*"]).await;
-    let (status, body) = consumer
-        .call("POST", &format!("/endpoints/{endpoint}/disable"), None)
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let (endpoint, _) = create_endpoint(&consumer, &receiver.url, &["*"]).await;
+    create_endpoint(&consumer, &other.url, &["*"]).await;
+    consumer
+        .admin()
+        .set_enabled(&endpoint, false)
+        .await
+        .unwrap();
 
     let kafka = producer();
     let events: Vec<_> = (1..=5).map(envelope).collect();
-    for e in &events {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events).await;
     // The enabled endpoint got them all, so they were consumed and planned.
-    testing::eventually(
-        "delivered to the enabled endpoint",
-        Duration::from_secs(20),
-        || async { (other.count() == 5).then_some(()) },
-    )
-    .await;
+    other
+        .wait_for_count(
+            "delivered to the enabled endpoint",
+            5,
+            Duration::from_secs(20),
+        )
+        .await;
     let held = db
         .count(&format!(
             "select count(*) from deliveries where endpoint_id = '{endpoint}' and state = 'pending'"
@@ -325,14 +305,10 @@ async fn events_for_a_disabled_endpoint_are_held_and_sent_once_it_is_enabled() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.count(), 0, "nothing sent while disabled");
 
-    let (status, body) = consumer
-        .call("POST", &format!("/endpoints/{endpoint}/enable"), None)
+    consumer.admin().set_enabled(&endpoint, true).await.unwrap();
+    receiver
+        .wait_for_count("sent once enabled", 5, Duration::from_secs(20))
         .await;
-    assert_eq!(status, 200, "{body}");
-    testing::eventually("sent once enabled", Duration::from_secs(20), || async {
-        (receiver.count() == 5).then_some(())
-    })
-    .await;
     wait_for_succeeded(&db, 10).await;
     let ids: std::collections::HashSet<String> =
         receiver.requests().iter().map(|r| r.event_id()).collect();
@@ -349,14 +325,14 @@ async fn a_hung_endpoint_does_not_slow_a_healthy_one() {
     // The breaker must not be what rescues the healthy endpoint here.
     c.breaker.breaker_failures = 10_000;
     c.retry_schedule = "0ms,30s".parse().unwrap();
-    let consumer = TestConsumer::start(c).await;
+    let mut consumer = spawn_app(&db, c).await;
     let hung = Receiver::start().await;
     hung.state
         .delay_ms
         .store(60_000, std::sync::atomic::Ordering::SeqCst);
     let healthy = Receiver::start().await;
-    consumer.create_endpoint(&hung.url, &["*"]).await;
-    consumer.create_endpoint(&healthy.url, &["*"]).await;
+    create_endpoint(&consumer, &hung.url, &["*"]).await;
+    create_endpoint(&consumer, &healthy.url, &["*"]).await;
 
     let kafka = producer();
     let mut produced = std::collections::HashMap::new();
@@ -369,12 +345,13 @@ async fn a_hung_endpoint_does_not_slow_a_healthy_one() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let n = produced.len();
-    testing::eventually(
-        "the healthy endpoint got every event",
-        Duration::from_secs(30),
-        || async { (healthy.count() == n).then_some(()) },
-    )
-    .await;
+    healthy
+        .wait_for_count(
+            "the healthy endpoint got every event",
+            n,
+            Duration::from_secs(30),
+        )
+        .await;
     // From the moment Kafka acknowledged an event to its arrival at the healthy endpoint.
     let mut latencies: Vec<f64> = healthy
         .requests()
@@ -416,13 +393,10 @@ async fn a_breaker_reset_releases_every_delivery_the_breaker_held_and_only_those
     c.endpoint_concurrency = 1;
     // Far longer than the test: only the reset can release what the breaker holds.
     c.breaker.breaker_open_for = Duration::from_secs(600);
-    let consumer = TestConsumer::start(c).await;
-    let (endpoint, _) = consumer.create_endpoint(&receiver.url, &["*"]).await;
-    let (parked, _) = consumer.create_endpoint(&parked_receiver.url, &["*"]).await;
-    let (status, body) = consumer
-        .call("POST", &format!("/endpoints/{parked}/disable"), None)
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let mut consumer = spawn_app(&db, c).await;
+    let (endpoint, _) = create_endpoint(&consumer, &receiver.url, &["*"]).await;
+    let (parked, _) = create_endpoint(&consumer, &parked_receiver.url, &["*"]).await;
+    consumer.admin().set_enabled(&parked, false).await.unwrap();
 
     let kafka = producer();
     for n in 0..8 {
@@ -432,47 +406,48 @@ async fn a_breaker_reset_releases_every_delivery_the_breaker_held_and_only_those
         "every delivery of the failing endpoint is held by its open breaker",
         Duration::from_secs(20),
         || async {
-            let page = consumer
-                .get(&format!("/deliveries?endpoint_id={endpoint}&state=pending"))
-                .await;
-            let deliveries = page["deliveries"].as_array().cloned().unwrap_or_default();
-            (deliveries.len() == 8 && deliveries.iter().all(|d| d["held_by"] == "breaker"))
-                .then_some(deliveries)
+            let filter = DeliveryFilter::endpoint(&endpoint).and_state(DeliveryState::Pending);
+            let deliveries = consumer
+                .admin()
+                .list_deliveries(&filter)
+                .await
+                .ok()?
+                .deliveries;
+            (deliveries.len() == 8
+                && deliveries
+                    .iter()
+                    .all(|d| d.fields.held_by == Some(Hold::Breaker)))
+            .then_some(deliveries)
         },
     )
     .await;
     // Five failures opened it (a delivery may have failed more than once on its 20 ms schedule).
-    let attempts: i64 = held.iter().map(|d| d["attempts"].as_i64().unwrap()).sum();
+    let attempts: i32 = held.iter().map(|d| d.attempts).sum();
     assert_eq!(attempts, 5, "five failures opened it: {held:?}");
     assert!(
-        held.iter().any(|d| d["attempts"] != 0),
+        held.iter().any(|d| d.attempts != 0),
         "some held deliveries had failed before: {held:?}"
     );
-    assert_eq!(consumer.breaker(&endpoint).await["state"], "OPEN");
+    let breaker = consumer.admin().breaker(&endpoint).await.expect("listed");
+    assert_eq!(breaker.view.breaker.state, BreakerState::Open);
 
     let parked_page = consumer
-        .get(&format!("/deliveries?endpoint_id={parked}"))
+        .admin()
+        .list_deliveries(&DeliveryFilter::endpoint(&parked))
         .await;
-    let parked_rows = parked_page["deliveries"].as_array().unwrap();
+    let parked_rows = parked_page.unwrap().deliveries;
     assert_eq!(parked_rows.len(), 8);
-    for d in parked_rows {
-        assert_eq!(d["held_by"], "endpoint_disabled", "{d}");
+    for d in &parked_rows {
+        assert_eq!(d.fields.held_by, Some(Hold::EndpointDisabled), "{d:?}");
         assert_eq!(
-            d["next_attempt_at"],
-            Value::Null,
-            "parked: no next attempt {d}"
+            d.fields.next_attempt_at, None,
+            "parked: no next attempt {d:?}"
         );
     }
 
     receiver.succeed();
-    let (status, body) = consumer
-        .call("POST", &format!("/circuit-breakers/{endpoint}/reset"), None)
-        .await;
-    assert_eq!(
-        (status, body["state"].as_str()),
-        (200, Some("CLOSED")),
-        "{body}"
-    );
+    let reset = consumer.admin().reset_breaker(&endpoint).await.unwrap();
+    assert_eq!(reset.view.breaker.state, BreakerState::Closed, "{reset:?}");
     testing::eventually(
         "every held delivery arrives after the reset",
         Duration::from_secs(20),

@@ -4,11 +4,10 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox_core::testing::{self, chaos_stack, eventually, TestDb, CHAOS_POSTGRES};
-use support::{config, envelope, produce, producer, Receiver, TestConsumer};
+use support::{config, create_endpoint, envelope, produce_all, producer, spawn_app, Receiver};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_under_the_consumer_loses_nothing() {
@@ -17,13 +16,11 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     let topic = testing::unique_topic("consumer-pg-outage");
     testing::create_topic(&topic, 3).await;
     let receiver = Receiver::start().await;
-    let consumer = TestConsumer::start(config(&db, &topic)).await;
-    consumer.create_endpoint(&receiver.url, &["*"]).await;
+    let mut consumer = spawn_app(&db, config(&db, &topic)).await;
+    create_endpoint(&consumer, &receiver.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..150).map(envelope).collect();
-    for e in &events[..50] {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events[..50]).await;
     eventually(
         "the first events delivered",
         Duration::from_secs(30),
@@ -32,39 +29,26 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     .await;
 
     chaos_stack("pg-stop");
-    for e in &events[50..] {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events[50..]).await;
     eventually(
         "the consumer reports not-ready",
         Duration::from_secs(15),
-        || async {
-            let r = consumer
-                .http
-                .get(format!("{}/ready", consumer.base))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 503).then_some(())
-        },
+        || async { (consumer.try_status("/ready").await? == 503).then_some(()) },
     )
     .await;
     assert!(
-        !consumer.task.is_finished(),
+        !consumer.is_finished(),
         "the consumer keeps running while PostgreSQL is down"
     );
 
     chaos_stack("pg-start");
-    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
-    eventually(
-        "every event delivered after PostgreSQL's return",
-        Duration::from_secs(60),
-        || async {
-            let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
-            (seen == all).then_some(())
-        },
-    )
-    .await;
+    receiver
+        .wait_for_events(
+            "every event delivered after PostgreSQL's return",
+            &events,
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(db.count("select count(*) from inbox").await, 150);
     // One delivery per (event, endpoint); the unique constraint forbids a second.
     support::wait_for_succeeded(&db, 150).await;

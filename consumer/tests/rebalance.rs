@@ -3,47 +3,39 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox_core::testing::eventually;
-use support::{config, envelope, produce, producer, setup, Receiver, TestConsumer};
+use support::{
+    config, create_endpoint, envelope, produce_all, producer, setup, spawn_app, Receiver,
+    TestConsumer,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_joining_and_one_leaving_lose_nothing() {
     let (db, topic) = setup(6).await;
     let receiver = Receiver::start().await;
     let c = config(&db, &topic);
-    let first = TestConsumer::start(c.clone()).await;
-    first.create_endpoint(&receiver.url, &["*"]).await;
+    let mut first = spawn_app(&db, c.clone()).await;
+    create_endpoint(&first, &receiver.url, &["*"]).await;
     let kafka = producer();
     let events: Vec<_> = (0..600).map(envelope).collect();
 
-    for e in &events[..200] {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events[..200]).await;
     // A second member joins: the group rebalances while records are being read.
-    let second = TestConsumer::start(c.clone()).await;
-    for e in &events[200..400] {
-        produce(&kafka, &topic, e).await;
-    }
+    let mut second = spawn_app(&db, c.clone()).await;
+    produce_all(&kafka, &topic, &events[200..400]).await;
     // The first member leaves: its partitions move to the second.
     let consumed_by_first = consumed(&first).await;
     first.stop().await;
-    for e in &events[400..] {
-        produce(&kafka, &topic, e).await;
-    }
+    produce_all(&kafka, &topic, &events[400..]).await;
 
-    let all: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
-    eventually(
-        "every event at the endpoint",
-        Duration::from_secs(60),
-        || async {
-            let seen: HashSet<String> = receiver.counts_by_event().into_keys().collect();
-            (seen == all).then_some(())
-        },
-    )
-    .await;
+    receiver
+        .wait_for_events(
+            "every event at the endpoint",
+            &events,
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(db.count("select count(*) from inbox").await, 600);
     // One delivery per (event, endpoint); the unique constraint forbids a second.
     support::wait_for_succeeded(&db, 600).await;

@@ -259,7 +259,7 @@ async fn the_consumer_runs_retention_every_interval() {
     let mut config = config(&db, &topic);
     config.consumer_retention = Duration::from_secs(3600);
     config.consumer_retention_interval = Duration::from_millis(100);
-    let consumer = TestConsumer::start(config).await;
+    let mut consumer = spawn_app(&db, config).await;
     let rows = Rows(&db);
     rows.endpoint("ep_a").await;
     // Written after the first pass may have run: a later one must find them. Deliveries first,

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::testing::{self, eventually, TestDb};
-use serde_json::json;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -154,7 +153,7 @@ async fn a_stored_loopback_ip_literal_is_never_connected_to_and_the_delivery_say
     let (db, topic) = setup(1).await;
     let target = Listener::start().await;
     store_endpoint(&db, "stored-literal", &format!("{}/hook", target.url())).await;
-    let consumer = TestConsumer::start(guarded_config(&db, &topic)).await;
+    let mut consumer = spawn_app(&db, guarded_config(&db, &topic)).await;
 
     produce(&producer(), &topic, &envelope(1)).await;
     let errors = errors_once_dead(&db, "stored-literal").await;
@@ -186,7 +185,7 @@ async fn a_stored_name_resolving_to_loopback_is_never_connected_to() {
     let target = Listener::start().await;
     let url = format!("http://localhost:{}/hook", target.port);
     store_endpoint(&db, "stored-name", &url).await;
-    let consumer = TestConsumer::start(guarded_config(&db, &topic)).await;
+    let mut consumer = spawn_app(&db, guarded_config(&db, &topic)).await;
 
     produce(&producer(), &topic, &envelope(1)).await;
     let errors = errors_once_dead(&db, "stored-name").await;
@@ -253,13 +252,14 @@ async fn proxies_from_the_environment_are_ignored() {
         r.status().is_success().then_some(())
     })
     .await;
-    let created = admin
-        .post(format!("{base}/endpoints"))
-        .json(&json!({"url": receiver.url, "event_types": ["*"]}))
-        .send()
+    let api = outbox_core::testing::ApiClient {
+        base,
+        http: admin,
+        token: None,
+    };
+    api.create_endpoint(&NewEndpoint::new(&receiver.url, &["*"]))
         .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
+        .expect("POST /endpoints answers 201");
 
     produce(&producer(), &topic, &envelope(1)).await;
     wait_for_succeeded(&db, 1).await;
@@ -292,11 +292,9 @@ async fn a_configured_proxy_gets_only_targets_that_pass_the_guard() {
     let mut c = guarded_config(&db, &topic);
     // The proxy itself is on loopback: the operator's choice, not checked.
     c.webhook_proxy = Some(proxy.url());
-    let consumer = TestConsumer::start(c).await;
+    let mut consumer = spawn_app(&db, c).await;
     // A public address: the fake proxy answers for it, nothing leaves this machine.
-    let (public, _) = consumer
-        .create_endpoint("http://93.184.216.34/hook", &["*"])
-        .await;
+    let (public, _) = create_endpoint(&consumer, "http://93.184.216.34/hook", &["*"]).await;
 
     produce(&producer(), &topic, &envelope(1)).await;
     wait_for_succeeded(&db, 1).await;
@@ -337,10 +335,8 @@ async fn a_configured_proxy_gets_only_targets_that_pass_the_guard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_refuses_every_special_address_form() {
     let (db, topic) = setup(1).await;
-    let consumer = TestConsumer::start(guarded_config(&db, &topic)).await;
-    let (id, _) = consumer
-        .create_endpoint("http://93.184.216.34/hook", &["*"])
-        .await;
+    let mut consumer = spawn_app(&db, guarded_config(&db, &topic)).await;
+    let (id, _) = create_endpoint(&consumer, "http://93.184.216.34/hook", &["*"]).await;
 
     for url in [
         "http://127.0.0.1/hook",
@@ -361,56 +357,40 @@ async fn the_admin_api_refuses_every_special_address_form() {
         "http://[fd00::1]/hook",
         "http://[2001:db8::1]/hook",
     ] {
-        let (status, body) = consumer
-            .call(
-                "POST",
-                "/endpoints",
-                Some(json!({"url": url, "event_types": ["*"]})),
-            )
-            .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (422, Some("private_url")),
-            "POST {url}: {body}"
-        );
-        let (status, body) = consumer
-            .call(
+        let admin = consumer.admin();
+        let whole = NewEndpoint::new(url, &["*"]);
+        let change = EndpointChange {
+            url: Some(url.to_owned()),
+            ..EndpointChange::default()
+        };
+        let refusals = [
+            ("POST", admin.create_endpoint(&whole).await.map(|_| ())),
+            (
                 "PATCH",
-                &format!("/endpoints/{id}"),
-                Some(json!({"url": url})),
-            )
-            .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (422, Some("private_url")),
-            "PATCH {url}: {body}"
-        );
-        let (status, body) = consumer
-            .call(
-                "PUT",
-                &format!("/endpoints/{id}"),
-                Some(json!({"url": url, "event_types": ["*"]})),
-            )
-            .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (422, Some("private_url")),
-            "PUT {url}: {body}"
-        );
+                admin.update_endpoint(&id, &change).await.map(|_| ()),
+            ),
+            ("PUT", admin.replace_endpoint(&id, &whole).await.map(|_| ())),
+        ];
+        for (method, answer) in refusals {
+            let refused = answer.expect_err(method);
+            assert_eq!(
+                (refused.status, refused.code.as_str()),
+                (422, "private_url"),
+                "{method} {url}: {refused}"
+            );
+        }
     }
-    let (status, body) = consumer
-        .call(
-            "POST",
-            "/endpoints",
-            Some(json!({"url": "http://[::ffff:127.0.0.1]/hook", "event_types": ["*"]})),
-        )
-        .await;
-    assert_eq!(status, 422);
+    let refused = consumer
+        .admin()
+        .create_endpoint(&NewEndpoint::new("http://[::ffff:127.0.0.1]/hook", &["*"]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status, 422);
     assert!(
-        body["error"].as_str().unwrap().starts_with(
+        refused.error.starts_with(
             "::ffff:127.0.0.1 is the IPv4-mapped form of 127.0.0.1, a loopback address"
         ),
-        "{body}"
+        "{refused}"
     );
     assert_eq!(
         db.count("select count(*) from endpoints").await,
@@ -418,7 +398,7 @@ async fn the_admin_api_refuses_every_special_address_form() {
         "nothing was created"
     );
     assert_eq!(
-        consumer.get(&format!("/endpoints/{id}")).await["url"],
+        consumer.admin().endpoint(&id).await.unwrap().url,
         "http://93.184.216.34/hook",
         "nothing was changed"
     );

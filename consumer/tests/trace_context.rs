@@ -38,10 +38,8 @@ async fn a_retry_by_a_new_consumer_instance_continues_the_kafka_records_trace() 
     let mut cfg = config(&db, &topic);
     // The first attempt at once, the retry an hour later: only the test makes it due sooner.
     cfg.retry_schedule = "0ms,1h,1h".parse().unwrap();
-    let first = TestConsumer::start(cfg.clone()).await;
-    first
-        .create_endpoint(&receiver.url, &["message.created"])
-        .await;
+    let mut first = spawn_app(&db, cfg.clone()).await;
+    create_endpoint(&first, &receiver.url, &["message.created"]).await;
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let header = format!("00-{trace}-00f067aa0ba902b7-01");
@@ -71,7 +69,7 @@ async fn a_retry_by_a_new_consumer_instance_continues_the_kafka_records_trace() 
     assert_eq!(trace_id(&stored), trace, "stored: {stored}");
 
     receiver.succeed();
-    let second = TestConsumer::start(cfg).await;
+    let mut second = spawn_app(&db, cfg).await;
     db.client()
         .await
         .execute("update deliveries set next_attempt_at = now()", &[])

@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
     let brokers = outbox_core::testing::kafka_brokers();
     progress("starting producer, relay, consumer and notifier on a fresh database");
     let stack = Arc::new(support::Stack::start(&brokers).await);
-    stack.wait_until_consumer_ready().await;
+    stack.consumer.wait_ready().await;
     let content = "x".repeat(args.content_bytes);
     // Warm-up: the relay elected, the consumer assigned, every connection open.
     let warm: Vec<String> = {

@@ -29,7 +29,7 @@ async fn broker_lag_from_the_relay_agrees_with_kafka_consumer_groups_and_falls_t
         || async {
             let received = stack.received_ids().await;
             let lags = stack
-                .lags(&stack.relay_url, "kafka_consumergroup_lag")
+                .lags(&stack.relay.base, "kafka_consumergroup_lag")
                 .await;
             let done = {
                 let posted = warm_up.lock().unwrap();
@@ -53,25 +53,21 @@ async fn broker_lag_from_the_relay_agrees_with_kafka_consumer_groups_and_falls_t
             .await
             .expect("201");
     }
-    eventually(
-        "the backlog reached Kafka",
-        Duration::from_secs(30),
-        || async {
-            (stack
-                .db
-                .count("select count(*) from outbox where state <> 'E'")
-                .await
-                == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "the backlog reached Kafka",
+            "select count(*) from outbox where state <> 'E'",
+            0,
+            Duration::from_secs(30),
+        )
+        .await;
 
     let relay = eventually(
         "the relay reports the whole backlog as lag",
         Duration::from_secs(30),
         || async {
-            let text = stack.metrics(&stack.relay_url).await;
+            let text = stack.metrics(&stack.relay.base).await;
             let sum = outbox_core::testing::metric_total(
                 &text,
                 "kafka_consumergroup_lag_sum",
@@ -99,13 +95,13 @@ async fn broker_lag_from_the_relay_agrees_with_kafka_consumer_groups_and_falls_t
         Duration::from_secs(60),
         || async {
             let own = partition_lags(
-                &stack.metrics(&stack.consumer_url).await,
+                &stack.metrics(&stack.consumer.base).await,
                 "consumer_lag_records",
                 "",
                 &stack.topic,
             );
             let broker = partition_lags(
-                &stack.metrics(&stack.relay_url).await,
+                &stack.metrics(&stack.relay.base).await,
                 "kafka_consumergroup_lag",
                 &stack.group,
                 &stack.topic,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use outbox_core::testing::{chaos_stack, eventually, kafka_brokers, CHAOS_BROKER};
 use serde_json::{json, Value};
-use support::{Service, Stack};
+use support::Stack;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
@@ -39,15 +39,16 @@ async fn a_posted_message_reaches_the_notifier_signed_once_with_its_correlation_
     let events = stack.received().await;
     let first = events
         .iter()
-        .find(|e| e["webhook_id"] == ids[0].as_str())
+        .find(|e| e.webhook_id == ids[0])
         .expect("first event");
-    let body = &first["payload"];
+    let body = &first.payload;
     assert_eq!(body["id"], ids[0].as_str());
     assert_eq!(body["event"], "message.created");
     assert_eq!(body["data"]["content"], "hello 0");
     assert_eq!(body["metadata"]["correlation_id"], "req_e2e_0");
     assert_eq!(
-        first["correlation_id"], "req_e2e_0",
+        first.correlation_id.as_deref(),
+        Some("req_e2e_0"),
         "X-Correlation-Id travels to the receiver"
     );
     assert_eq!(
@@ -58,25 +59,16 @@ async fn a_posted_message_reaches_the_notifier_signed_once_with_its_correlation_
         20
     );
     // The consumer records a delivery's success after the receiver answered, a moment later.
-    eventually(
-        "20 deliveries recorded as succeeded",
-        Duration::from_secs(10),
-        || async {
-            let succeeded = stack
-                .db
-                .count("select count(*) from deliveries where state = 'succeeded'")
-                .await;
-            (succeeded == 20).then_some(())
-        },
-    )
-    .await;
-    let _ = (
-        &stack.producer,
-        &stack.relay,
-        &stack.consumer,
-        &stack.notifier,
-        &stack.group,
-    );
+    stack
+        .db
+        .wait_for_count(
+            "20 deliveries recorded as succeeded",
+            "select count(*) from deliveries where state = 'succeeded'",
+            20,
+            Duration::from_secs(10),
+        )
+        .await;
+    let _ = &stack.group;
 }
 
 #[tokio::test]
@@ -93,7 +85,7 @@ async fn kafka_stopped_consumer_killed_receiver_down_under_load_nothing_acknowle
             stop_posting.clone(),
         );
         let http = stack.http.clone();
-        let url = format!("{}/messages", stack.producer_url);
+        let url = stack.producer.url("/messages");
         tokio::spawn(async move {
             let mut i = 0;
             while !stop_posting.is_cancelled() {
@@ -135,17 +127,10 @@ async fn kafka_stopped_consumer_killed_receiver_down_under_load_nothing_acknowle
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.restart_consumer().await;
     // The receiver goes away for two seconds: deliveries fail, the breaker opens, they wait.
-    let notifier = std::mem::replace(
-        &mut stack.notifier,
-        Service {
-            stop: CancellationToken::new(),
-            task: tokio::spawn(async { Ok(()) }),
-        },
-    );
-    notifier.stop().await;
+    stack.notifier.stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (fresh, _) = Stack::start_notifier_on(&stack.db, &stack.secret, stack.notifier_port).await;
-    stack.notifier = fresh;
+    // The same notifier again, on its old address.
+    stack.notifier.start().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop_posting.cancel();
     load.await.unwrap();
@@ -207,9 +192,6 @@ async fn kafka_stopped_consumer_killed_receiver_down_under_load_nothing_acknowle
             .await,
         0
     );
-    stack.producer.stop().await;
-    stack.relay.stop().await;
-    stack.consumer.stop().await;
-    stack.notifier.stop().await;
+    stack.stop().await;
     chaos_stack("kafka-stop");
 }

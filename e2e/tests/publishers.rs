@@ -7,9 +7,12 @@ mod support;
 
 use std::time::Duration;
 
+use consumer::delivery::DeliveryState;
+use outbox_core::breaker::BreakerState;
 use outbox_core::testing::{eventually, kafka_brokers, unique_topic, TestDb};
 use serde_json::{json, Value};
-use support::Stack;
+use support::consumer_admin::DeliveryFilter;
+use support::{ConsumerAdmin, Stack};
 
 /// A database an earlier release made (every table in `public`) with rows in every state, as a
 /// running system leaves it.
@@ -94,22 +97,19 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
         .await
         .expect("topic");
     let (db, unsent) = legacy_database_with_rows(&topic).await;
-    let stack = Stack::start_on(db, &topic, &brokers).await;
+    let mut stack = Stack::start_on(db, &topic, &brokers).await;
 
     // Every table left public, with its rows, and the legacy history went with them, once each
     // of the four services has applied its own schema's migrations.
-    eventually(
-        "nothing of the product stays in public",
-        Duration::from_secs(30),
-        || async {
-            let left = stack
-                .db
-                .count("select count(*) from pg_tables where schemaname = 'public'")
-                .await;
-            (left == 0).then_some(())
-        },
-    )
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "nothing of the product stays in public",
+            "select count(*) from pg_tables where schemaname = 'public'",
+            0,
+            Duration::from_secs(30),
+        )
+        .await;
     for (table, rows) in [
         ("outbox.outbox", 5),
         ("outbox.outbox_payloads", 5),
@@ -127,19 +127,15 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
         assert!(n >= rows, "{table}: {n} rows, expected at least {rows}");
     }
     // The outbox keeps flowing: P and X rows are sent, E and D stay as they were.
-    eventually(
-        "the legacy unsent rows are sent",
-        Duration::from_secs(30),
-        || async {
-            (stack
-                .db
-                .count("select count(*) from outbox.outbox where state in ('P', 'X')")
-                .await
-                == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "the legacy unsent rows are sent",
+            "select count(*) from outbox.outbox where state in ('P', 'X')",
+            0,
+            Duration::from_secs(30),
+        )
+        .await;
     assert_eq!(
         stack
             .db
@@ -162,23 +158,23 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
 
     // The consumer's state came along: its breaker is still open, the dead letter listed and
     // replayable, and the pending delivery goes out once its endpoint has an address.
-    let breakers: Value = stack
-        .get_json(&format!("{}/circuit-breakers", stack.consumer_url))
-        .await;
-    let legacy = breakers["circuit_breakers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["endpoint_id"] == "ep_legacy")
-        .cloned()
+    let admin = stack.consumer.admin();
+    let legacy = admin
+        .breaker("ep_legacy")
+        .await
         .expect("the legacy breaker");
-    assert_eq!(legacy["state"], "OPEN", "{legacy}");
-    let dead: Value = stack
-        .get_json(&format!("{}/deliveries?state=dead", stack.consumer_url))
-        .await;
-    assert!(dead.to_string().contains("evt_legacy_dead"), "{dead}");
+    assert_eq!(legacy.view.breaker.state, BreakerState::Open, "{legacy:?}");
+    let dead = admin
+        .list_deliveries(&DeliveryFilter::state(DeliveryState::Dead))
+        .await
+        .unwrap()
+        .deliveries;
+    assert!(
+        dead.iter().any(|d| d.fields.event_id == "evt_legacy_dead"),
+        "{dead:?}"
+    );
     // The operator points the old endpoint at the notifier (its secret is the notifier's).
-    let logger = format!("http://127.0.0.1:{}/webhooks/logger", stack.notifier_port);
+    let logger = stack.notifier.url("/webhooks/logger");
     stack
         .db
         .client()
@@ -189,25 +185,14 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
         )
         .await
         .unwrap();
-    let r = stack
-        .http
-        .post(format!(
-            "{}/circuit-breakers/ep_legacy/reset",
-            stack.consumer_url
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    eventually("the legacy pending delivery is delivered", Duration::from_secs(30), || async {
-        (stack
-            .db
-            .count("select count(*) from webhooks.deliveries where event_id = 'evt_legacy_pending' and state = 'succeeded'")
-            .await
-            == 1)
-            .then_some(())
-    })
-    .await;
+    admin.reset_breaker("ep_legacy").await.unwrap();
+    let delivered = "select count(*) from webhooks.deliveries
+                      where event_id = 'evt_legacy_pending' and state = 'succeeded'";
+    let what = "the legacy pending delivery is delivered";
+    stack
+        .db
+        .wait_for_count(what, delivered, 1, Duration::from_secs(30))
+        .await;
     // And a new message goes all the way, as on a fresh database.
     let id = stack
         .post("after the upgrade".into(), "req_after_upgrade")
@@ -219,10 +204,7 @@ async fn a_database_of_the_release_before_schemas_is_upgraded_in_place_and_keeps
         || async { stack.received_ids().await.contains(&id).then_some(()) },
     )
     .await;
-    stack.producer.stop().await;
-    stack.relay.stop().await;
-    stack.consumer.stop().await;
-    stack.notifier.stop().await;
+    stack.stop().await;
 }
 
 /// An example service from `examples/`, run as its own process against the stack's database.
@@ -287,14 +269,15 @@ async fn stack_for_examples() -> Stack {
         .expect("topic");
     let routes = format!("product.*={topic},order.*={topic}");
     let stack = Stack::start_routed(TestDb::create().await, &topic, &brokers, &routes).await;
-    eventually("TOPIC_ROUTES stored", Duration::from_secs(20), || async {
-        let routed = stack
-            .db
-            .count("select count(*) from outbox.routes where pattern in ('product.*', 'order.*')")
-            .await;
-        (routed == 2).then_some(())
-    })
-    .await;
+    stack
+        .db
+        .wait_for_count(
+            "TOPIC_ROUTES stored",
+            "select count(*) from outbox.routes where pattern in ('product.*', 'order.*')",
+            2,
+            Duration::from_secs(20),
+        )
+        .await;
     stack
 }
 
@@ -333,7 +316,7 @@ async fn the_node_products_example_publishes_in_its_transactions_and_a_rollback_
         || async {
             let events = stack.received().await;
             ids.iter()
-                .all(|id| events.iter().any(|e| e["webhook_id"] == id.as_str()))
+                .all(|id| events.iter().any(|e| &e.webhook_id == id))
                 .then_some(events)
         },
     )
@@ -343,9 +326,10 @@ async fn the_node_products_example_publishes_in_its_transactions_and_a_rollback_
         .map(|id| {
             received
                 .iter()
-                .find(|e| e["webhook_id"] == id.as_str())
-                .unwrap()["event_type"]
-                .as_str()
+                .find(|e| &e.webhook_id == id)
+                .unwrap()
+                .event_type
+                .as_deref()
                 .unwrap_or("")
         })
         .collect();

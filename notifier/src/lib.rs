@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub use channels::{Channel, ChannelError};
 pub use metrics::Metrics;
 pub use routes::OPEN_ROUTES;
+pub use store::{Notification, ReceivedEvent};
 
 outbox_core::impl_service!(Config, SCHEMAS);
 

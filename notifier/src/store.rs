@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use outbox_core::db::Client;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_postgres::Row;
 
@@ -154,7 +154,7 @@ pub async fn record_notification(
 }
 
 /// A received event as listed by `GET /webhooks/events`.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReceivedEvent {
     pub seq: i64,
     pub webhook_id: String,
@@ -198,7 +198,7 @@ pub async fn list_events(
 }
 
 /// A notification attempt as listed by `GET /notifications`.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Notification {
     pub id: i64,
     pub webhook_id: String,

@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
+use outbox_core::breaker::BreakerState;
 use outbox_core::signature::Secret;
 use outbox_core::testing::{eventually, RouteCall, TestDb};
 use reqwest::StatusCode;
@@ -17,10 +18,7 @@ const LOGGER: &str = "/webhooks/logger";
 
 #[tokio::test]
 async fn a_signed_webhook_notifies_once_by_email_and_chat_and_its_duplicate_not_at_all() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let id = new_event_id();
 
     let (status, body) = app.deliver(NOTIFY, &id).await;
@@ -58,27 +56,19 @@ async fn a_signed_webhook_notifies_once_by_email_and_chat_and_its_duplicate_not_
     assert_eq!(smtp.mails().len(), 1, "no second email");
     assert_eq!(chat.messages().len(), 1, "no second chat message");
 
-    let (_, events) = app.get("/webhooks/events").await;
-    let events = events["events"].as_array().cloned().unwrap_or_default();
+    let events = app.admin().events("").await.unwrap().events;
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0]["webhook_id"], id.as_str());
-    assert_eq!(events[0]["route"], NOTIFY);
-    assert_eq!(events[0]["event_type"], "message.created");
-    assert_eq!(events[0]["correlation_id"], "req_test");
-    assert_eq!(events[0]["payload"]["data"]["content"], "hello");
+    assert_eq!(events[0].webhook_id, id);
+    assert_eq!(events[0].route, NOTIFY);
+    assert_eq!(events[0].event_type.as_deref(), Some("message.created"));
+    assert_eq!(events[0].correlation_id.as_deref(), Some("req_test"));
+    assert_eq!(events[0].payload["data"]["content"], "hello");
 
-    let (_, notifications) = app.get(&format!("/notifications?webhook_id={id}")).await;
-    let mut sent: Vec<(String, String)> = notifications["notifications"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|n| {
-            (
-                n["channel"].as_str().unwrap_or_default().to_owned(),
-                n["outcome"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
+    let notifications = app.admin().notifications_of(&id).await.unwrap();
+    let mut sent: Vec<(String, String)> = notifications
+        .notifications
+        .into_iter()
+        .map(|n| (n.channel, n.outcome))
         .collect();
     sent.sort();
     assert_eq!(
@@ -89,38 +79,21 @@ async fn a_signed_webhook_notifies_once_by_email_and_chat_and_its_duplicate_not_
         ]
     );
 
-    let accepted = [("route", NOTIFY), ("outcome", "accepted")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &accepted)
-            .await,
-        Some(1.0)
-    );
-    let duplicate = [("route", NOTIFY), ("outcome", "duplicate")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &duplicate)
-            .await,
-        Some(1.0)
-    );
+    app.assert_received(NOTIFY, "accepted", 1.0).await;
+    app.assert_received(NOTIFY, "duplicate", 1.0).await;
     for channel in ["email", "chat"] {
         let labels = [("channel", channel), ("outcome", "sent")];
-        assert_eq!(
-            app.metric("notifier_notifications_total", &labels).await,
-            Some(1.0)
-        );
+        app.assert_metric("notifier_notifications_total", &labels, 1.0)
+            .await;
         let closed = [("channel", channel), ("state", "closed")];
-        assert_eq!(
-            app.metric("notifier_circuit_breaker_state", &closed).await,
-            Some(1.0)
-        );
+        app.assert_metric("notifier_circuit_breaker_state", &closed, 1.0)
+            .await;
     }
 }
 
 #[tokio::test]
 async fn replays_tampered_bodies_and_missing_signatures_are_refused_and_nothing_is_stored() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let id = new_event_id();
     let body = envelope(&id);
 
@@ -187,22 +160,9 @@ async fn replays_tampered_bodies_and_missing_signatures_are_refused_and_nothing_
     assert_eq!(app.count("select count(*) from notifications").await, 0);
     assert!(smtp.mails().is_empty());
     assert_eq!(chat.attempts(), 0);
-    let stale = [("route", NOTIFY), ("outcome", "stale")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &stale).await,
-        Some(1.0)
-    );
-    let bad = [("route", NOTIFY), ("outcome", "bad_signature")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &bad).await,
-        Some(2.0)
-    );
-    let invalid = [("route", NOTIFY), ("outcome", "invalid")];
-    assert_eq!(
-        app.metric("notifier_webhooks_received_total", &invalid)
-            .await,
-        Some(1.0)
-    );
+    app.assert_received(NOTIFY, "stale", 1.0).await;
+    app.assert_received(NOTIFY, "bad_signature", 2.0).await;
+    app.assert_received(NOTIFY, "invalid", 1.0).await;
 
     // The genuine request still goes through afterwards.
     let (status, _) = app.deliver(NOTIFY, &id).await;
@@ -212,10 +172,7 @@ async fn replays_tampered_bodies_and_missing_signatures_are_refused_and_nothing_
 
 #[tokio::test]
 async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_closes_it() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let first = new_event_id();
     chat.fail(true);
 
@@ -231,11 +188,12 @@ async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_close
         1,
         "the email went out once, on the first attempt"
     );
-    let breaker = app.breaker("chat").await;
-    assert_eq!(breaker["state"], "OPEN", "{breaker}");
-    assert_eq!(breaker["failure_count"], 5);
-    assert!(breaker["opened_at"].is_string());
-    assert_eq!(app.breaker("email").await["state"], "CLOSED");
+    let breaker = app.breaker("chat").await.view.breaker;
+    assert_eq!(breaker.state, BreakerState::Open, "{breaker:?}");
+    assert_eq!(breaker.failure_count, 5);
+    assert!(breaker.opened_at.is_some());
+    let email = app.breaker("email").await.view.breaker;
+    assert_eq!(email.state, BreakerState::Closed);
 
     // Open: the chat API is not called and the sender is told to come back later.
     let response = app
@@ -264,10 +222,8 @@ async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_close
     assert_eq!(body["code"], "channel_unavailable");
     assert_eq!(chat.attempts(), 5);
     let open = [("channel", "chat"), ("state", "open")];
-    assert_eq!(
-        app.metric("notifier_circuit_breaker_state", &open).await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_circuit_breaker_state", &open, 1.0)
+        .await;
 
     // The chat API recovers; once the open period has passed, the retry is the probe.
     chat.fail(false);
@@ -286,22 +242,21 @@ async fn a_failing_chat_opens_its_breaker_the_sender_gets_503_and_recovery_close
         1,
         "the retries never sent a second email"
     );
-    assert_eq!(app.breaker("chat").await["state"], "HALF_OPEN");
+    let chat_breaker = app.breaker("chat").await.view.breaker;
+    assert_eq!(chat_breaker.state, BreakerState::HalfOpen);
 
     // A second successful probe closes it.
     let second = new_event_id();
     let (status, body) = app.deliver(NOTIFY, &second).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let breaker = app.breaker("chat").await;
-    assert_eq!(breaker["state"], "CLOSED", "{breaker}");
-    assert_eq!(breaker["failure_count"], 0);
+    let breaker = app.breaker("chat").await.view.breaker;
+    assert_eq!(breaker.state, BreakerState::Closed, "{breaker:?}");
+    assert_eq!(breaker.failure_count, 0);
     assert_eq!(chat.messages().len(), 2);
     assert_eq!(smtp.mails().len(), 2);
     let closed = [("channel", "chat"), ("state", "closed")];
-    assert_eq!(
-        app.metric("notifier_circuit_breaker_state", &closed).await,
-        Some(1.0)
-    );
+    app.assert_metric("notifier_circuit_breaker_state", &closed, 1.0)
+        .await;
 
     // Every attempt is on record.
     let count = |outcome: &str| {
@@ -351,22 +306,23 @@ async fn the_logger_route_takes_the_older_headers_and_any_one_of_several_signatu
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["received"], true);
 
-    let (_, events) = app.get(&format!("/webhooks/events?route={LOGGER}")).await;
-    assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
+    let events = app.admin().events(&format!("?route={LOGGER}")).await;
+    assert_eq!(events.unwrap().events.len(), 1);
     assert_eq!(app.count("select count(*) from received_events").await, 2);
     assert_eq!(app.count("select count(*) from notifications").await, 0);
 
     // Pagination: newest first, one page at a time.
-    let (_, page) = app.get("/webhooks/events?limit=1").await;
-    assert_eq!(page["events"][0]["route"], NOTIFY);
-    let before = page["next_before"].as_i64().expect("a next page");
-    let (_, page) = app
-        .get(&format!("/webhooks/events?limit=1&before={before}"))
-        .await;
-    assert_eq!(page["events"][0]["route"], LOGGER);
-    let (status, answer) = app.get("/webhooks/events?limit=0").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(answer["code"], "invalid_limit");
+    let page = app.admin().events("?limit=1").await.unwrap();
+    assert_eq!(page.events[0].route, NOTIFY);
+    let before = page.next_before.expect("a next page");
+    let query = format!("?limit=1&before={before}");
+    let page = app.admin().events(&query).await.unwrap();
+    assert_eq!(page.events[0].route, LOGGER);
+    let refused = app.admin().events("?limit=0").await.unwrap_err();
+    assert_eq!(
+        (refused.status, refused.code.as_str()),
+        (400, "invalid_limit")
+    );
 }
 
 #[tokio::test]
@@ -388,21 +344,22 @@ async fn an_operator_resets_an_open_breaker() {
         let (status, _) = app.deliver(NOTIFY, &new_event_id()).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
     }
-    assert_eq!(app.breaker("chat").await["state"], "OPEN");
-    assert_eq!(app.breaker("email").await["enabled"], false);
+    assert_eq!(
+        app.breaker("chat").await.view.breaker.state,
+        BreakerState::Open
+    );
+    assert!(!app.breaker("email").await.enabled);
 
-    let (status, answer) = app.post("/circuit-breaker/reset?channel=fax").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(answer["code"], "unknown_channel");
+    let refused = app.admin().reset_breaker("fax").await.unwrap_err();
+    assert_eq!(
+        (refused.status, refused.code.as_str()),
+        (400, "unknown_channel")
+    );
 
-    let (status, answer) = app.post("/circuit-breaker/reset?channel=chat").await;
-    assert_eq!(status, StatusCode::OK);
-    let chat_breaker = answer["breakers"]
-        .as_array()
-        .and_then(|b| b.iter().find(|b| b["channel"] == "chat").cloned())
-        .unwrap_or(Value::Null);
-    assert_eq!(chat_breaker["state"], "CLOSED");
-    assert_eq!(chat_breaker["failure_count"], 0);
+    let after = app.admin().reset_breaker("chat").await.unwrap();
+    let chat_breaker = find_channel(after, "chat").view.breaker;
+    assert_eq!(chat_breaker.state, BreakerState::Closed);
+    assert_eq!(chat_breaker.failure_count, 0);
 
     chat.fail(false);
     let (status, _) = app.deliver(NOTIFY, &new_event_id()).await;
@@ -488,10 +445,7 @@ async fn a_missing_or_invalid_secret_is_a_configuration_error() {
 
 #[tokio::test]
 async fn concurrent_deliveries_of_one_webhook_notify_once() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let id = new_event_id();
 
     // Two consumer instances (or a retry after a timeout) deliver the same event at once.
@@ -514,11 +468,8 @@ async fn concurrent_deliveries_of_one_webhook_notify_once() {
 
 #[tokio::test]
 async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
-    let smtp = SmtpServer::start().await;
+    let (smtp, chat, app) = spawn_with_channels(&[]).await;
     let port = smtp.port;
-    let chat = ChatServer::start().await;
-    let args = channel_args(&smtp, &chat);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     drop(smtp);
     let id = new_event_id();
 
@@ -534,7 +485,7 @@ async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
         "the chat channel does not wait for email"
     );
     assert_eq!(app.count("select count(*) from received_events").await, 0);
-    assert_eq!(app.breaker("email").await["failure_count"], 1);
+    assert_eq!(app.breaker("email").await.view.breaker.failure_count, 1);
 
     let smtp = SmtpServer::start_on(port).await;
     let (status, body) = app.deliver(NOTIFY, &id).await;
@@ -545,7 +496,7 @@ async fn while_smtp_is_down_the_retry_sends_only_the_missing_email() {
     );
     assert_eq!(smtp.mails().len(), 1);
     assert_eq!(chat.messages().len(), 1, "no second chat message");
-    assert_eq!(app.breaker("email").await["failure_count"], 0);
+    assert_eq!(app.breaker("email").await.view.breaker.failure_count, 0);
 }
 
 #[tokio::test]
@@ -603,21 +554,8 @@ async fn with_admin_token_stored_events_and_breakers_need_it_and_webhooks_stay_o
     )
     .await;
     // The events sent above were stored, and the token reads them.
-    let events: Value = app
-        .http
-        .get(format!("{}/webhooks/events", app.base))
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        events["events"].as_array().map(Vec::len),
-        Some(2),
-        "{events}"
-    );
+    let events = app.admin().with_token("s3cret").events("").await.unwrap();
+    assert_eq!(events.events.len(), 2, "{events:?}");
 }
 
 #[tokio::test]
@@ -751,11 +689,7 @@ async fn a_stale_timestamp_is_explained_as_in_the_past_or_in_the_future() {
 
 #[tokio::test]
 async fn with_a_pool_of_one_connection_a_notification_is_delivered() {
-    let smtp = SmtpServer::start().await;
-    let chat = ChatServer::start().await;
-    let mut args = channel_args(&smtp, &chat);
-    args.extend(["--database-pool-size".into(), "1".into()]);
-    let app = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (smtp, chat, app) = spawn_with_channels(&["--database-pool-size", "1"]).await;
     let id = new_event_id();
 
     let (status, body) = app.deliver(NOTIFY, &id).await;
@@ -773,7 +707,6 @@ async fn with_a_pool_of_one_connection_a_notification_is_delivered() {
     })
     .await;
     // The one connection went back to the pool: the read routes still answer.
-    let (status, events) = app.get("/webhooks/events").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
+    let events = app.admin().events("").await.unwrap();
+    assert_eq!(events.events.len(), 1);
 }

@@ -9,12 +9,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::chrono_duration;
 
 /// The breaker's state, spelled as the admin API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum BreakerState {
     Closed,
@@ -80,7 +80,7 @@ impl Default for BreakerPolicy {
 }
 
 /// One breaker's state and counters.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Breaker {
     pub state: BreakerState,
     /// Consecutive failures (CLOSED), reset by a success.
@@ -206,7 +206,7 @@ impl Breaker {
 ///  "opened_at": "2026-01-01T00:00:00Z", "probe_at": "2026-01-01T00:01:00Z",
 ///  "probe_until": null, "updated_at": "2026-01-01T00:00:00Z"}
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BreakerView {
     /// State and counters, as stored.
     #[serde(flatten)]

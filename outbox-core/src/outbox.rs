@@ -1,10 +1,10 @@
 //! Outbox rows: their states (contract) and how a service writes one inside its own transaction.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_postgres::GenericClient;
 
 /// An outbox row's state (contract): P pending, E sent, X retry later, D dead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum OutboxState {
     /// `P`: written, not yet sent.
     #[serde(rename = "P")]

@@ -13,9 +13,11 @@ use tokio_postgres::NoTls;
 
 use crate::db::{self, PgPool};
 
+mod app;
 pub mod bench;
 mod calls;
 mod openapi;
+pub use app::{listen, ApiClient, Refusal, TestApp};
 pub use calls::{assert_refused, get_json, get_text, try_get_text};
 pub use openapi::{assert_openapi_lists_every_route, openapi_problems, operations};
 
@@ -31,7 +33,8 @@ pub fn kafka_brokers() -> String {
         .unwrap_or_else(|_| crate::config::DEFAULT_KAFKA_BROKERS.into())
 }
 
-/// A fresh, migrated database of its own.
+/// A fresh, migrated database of its own. Clones share it (the pool and the name).
+#[derive(Clone)]
 pub struct TestDb {
     pub url: String,
     pub name: String,
@@ -138,6 +141,16 @@ impl TestDb {
         self.pool.get().await.expect("test database connection")
     }
 
+    /// Waits (up to `timeout`) until [`TestDb::count`] of `sql` is `expected`; panics naming
+    /// `what` and the last count otherwise.
+    pub async fn wait_for_count(&self, what: &str, sql: &str, expected: i64, timeout: Duration) {
+        let what = format!("{what} ({sql} = {expected})");
+        eventually(&what, timeout, || async {
+            (self.count(sql).await == expected).then_some(())
+        })
+        .await;
+    }
+
     /// The first column of the first row of `sql`, as i64 (for counts).
     pub async fn count(&self, sql: &str) -> i64 {
         self.client()
@@ -182,6 +195,54 @@ pub async fn create_topic(name: &str, partitions: i32) {
                 kafka_brokers()
             )
         });
+}
+
+/// Produces `envelope` as the relay does: key = its idempotency key, the envelope JSON as the
+/// value, and the `event_id`, `event_type` and `correlation_id` headers.
+pub async fn produce_envelope(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    envelope: &crate::envelope::Envelope,
+) -> Result<(), rdkafka::error::KafkaError> {
+    produce_envelope_with_headers(producer, topic, envelope, &[]).await
+}
+
+/// [`produce_envelope`] with more record headers after the contract's three (a `traceparent`,
+/// say).
+pub async fn produce_envelope_with_headers(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    envelope: &crate::envelope::Envelope,
+    extra: &[(&str, &str)],
+) -> Result<(), rdkafka::error::KafkaError> {
+    use crate::envelope::{HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
+    use rdkafka::message::{Header, OwnedHeaders};
+    let value = serde_json::to_vec(envelope).expect("an envelope is JSON");
+    let headers = [
+        (HEADER_EVENT_ID, envelope.id.as_str()),
+        (HEADER_EVENT_TYPE, envelope.event.as_str()),
+        (
+            HEADER_CORRELATION_ID,
+            envelope.metadata.correlation_id.as_str(),
+        ),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(Header {
+            key,
+            value: Some(value),
+        })
+    });
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .key(&envelope.idempotency_key)
+        .payload(&value)
+        .headers(headers);
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.

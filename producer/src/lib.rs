@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
-pub use routes::OPEN_ROUTES;
+pub use routes::{MessageList, OutboxList, OPEN_ROUTES};
+pub use store::{CreatedMessage, MessageView, OutboxCounts, OutboxRow, Stats};
 
 outbox_core::impl_service!(Config, SCHEMAS);
 

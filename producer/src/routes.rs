@@ -257,7 +257,7 @@ pub struct MessagePage {
 const PAGE: PageLimit = PageLimit::new(50, 500);
 
 /// A page of messages, newest first.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MessageList {
     pub items: Vec<store::MessageView>,
     /// The `before` of the next page; null on the last page.
@@ -308,7 +308,7 @@ pub struct OutboxPage {
 }
 
 /// A page of outbox rows in id order.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct OutboxList {
     pub items: Vec<store::OutboxRow>,
     /// The `after` of the next page; null on the last page.

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use outbox_core::http::ApiError;
 use outbox_core::outbox::{self, OutboxState};
 use outbox_core::retention::BatchDelete;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_postgres::types::Json;
 use tokio_postgres::Row;
@@ -53,7 +53,7 @@ pub fn idempotency_key_retention(retention: Duration, interval: Duration) -> Bat
 }
 
 /// The answer to `POST /messages`: the message and its outbox event, as committed.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedMessage {
     pub id: Uuid,
     pub event_id: String,
@@ -185,7 +185,7 @@ pub async fn create_message(
 }
 
 /// A message with its event's delivery state.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MessageView {
     pub id: Uuid,
     pub content: String,
@@ -267,7 +267,7 @@ pub async fn list_messages(
 }
 
 /// One outbox row as the admin API shows it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OutboxRow {
     pub id: i64,
     pub event_id: String,
@@ -334,7 +334,7 @@ pub async fn list_outbox(
 }
 
 /// The answer to `GET /stats`.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Stats {
     /// Outbox rows by state (every state present, zero when none).
     pub outbox: OutboxCounts,
@@ -344,7 +344,7 @@ pub struct Stats {
 }
 
 /// Outbox rows by state.
-#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[allow(non_snake_case)]
 pub struct OutboxCounts {
     /// Pending.

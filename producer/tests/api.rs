@@ -1,89 +1,21 @@
 //! The producer's HTTP API against a real PostgreSQL (a fresh database per test).
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::Duration;
 
-use outbox_core::testing::{eventually, TestDb};
+use outbox_core::outbox::OutboxState;
+use outbox_core::testing::TestDb;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-
-struct App {
-    base: String,
-    db: TestDb,
-    http: reqwest::Client,
-    shutdown: CancellationToken,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn spawn_app_with(
-    db: TestDb,
-    database_url: &str,
-    tweak: impl FnOnce(&mut producer::Config),
-) -> App {
-    let mut config: producer::Config = outbox_core::config::from_env().expect("defaults parse");
-    config.database.database_url = database_url.to_owned();
-    config.kafka_topic = "messages-test".into();
-    // An ADMIN_TOKEN in the developer's environment must not close the routes tests read.
-    config.admin_token = None;
-    tweak(&mut config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(producer::run(config, listener, shutdown.clone()));
-    App {
-        base: format!("http://{addr}"),
-        db,
-        http: reqwest::Client::new(),
-        shutdown,
-    }
-}
-
-async fn spawn_app() -> App {
-    let db = TestDb::create().await;
-    let url = db.url.clone();
-    spawn_app_with(db, &url, |_| {}).await
-}
-
-impl App {
-    async fn post(&self, body: Value) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .post(format!("{}/messages", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.json().await.unwrap_or(Value::Null))
-    }
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.json().await.unwrap_or(Value::Null))
-    }
-    async fn rows(&self) -> (i64, i64) {
-        (
-            self.db.count("select count(*) from messages").await,
-            self.db.count("select count(*) from outbox").await,
-        )
-    }
-}
+use support::*;
 
 #[tokio::test]
 async fn a_message_and_its_event_are_written_together() {
     let app = spawn_app().await;
     let r = app
         .http
-        .post(format!("{}/messages", app.base))
+        .post(app.url("/messages"))
         .header("x-correlation-id", "req_test_1")
         .json(&json!({"content": "hello", "key": "customer-7", "data": {"n": 1}}))
         .send()
@@ -131,8 +63,8 @@ async fn a_message_and_its_event_are_written_together() {
     assert_eq!(row.get::<_, String>(4), "P");
     assert_eq!(app.rows().await, (1, 1));
 
-    let (_, stats) = app.get("/stats").await;
-    assert_eq!(stats["outbox"]["P"], 1);
+    let stats = app.admin().stats().await.unwrap();
+    assert_eq!(stats.outbox.P, 1);
 }
 
 #[tokio::test]
@@ -140,7 +72,7 @@ async fn an_idempotency_key_replays_the_first_answer_and_refuses_another_body() 
     let app = spawn_app().await;
     let send = |body: Value| {
         app.http
-            .post(format!("{}/messages", app.base))
+            .post(app.url("/messages"))
             .header("idempotency-key", "order-42")
             .json(&body)
             .send()
@@ -163,7 +95,7 @@ async fn an_idempotency_key_replays_the_first_answer_and_refuses_another_body() 
     // Racing requests with one new key: exactly one write, every one answered 201.
     let key2 = (0..8).map(|_| {
         app.http
-            .post(format!("{}/messages", app.base))
+            .post(app.url("/messages"))
             .header("idempotency-key", "race-1")
             .json(&json!({"content": "race"}))
             .send()
@@ -186,7 +118,7 @@ async fn an_idempotency_key_older_than_the_retention_is_deleted_then_new_again()
     .await;
     let send = |content: &str| {
         app.http
-            .post(format!("{}/messages", app.base))
+            .post(app.url("/messages"))
             .header("idempotency-key", "order-43")
             .json(&json!({ "content": content }))
             .send()
@@ -196,14 +128,14 @@ async fn an_idempotency_key_older_than_the_retention_is_deleted_then_new_again()
     let reused = send("second").await.unwrap();
     assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
 
-    eventually(
-        "the expired key is deleted",
-        Duration::from_secs(10),
-        || async {
-            (app.db.count("select count(*) from idempotency_keys").await == 0).then_some(())
-        },
-    )
-    .await;
+    app.db
+        .wait_for_count(
+            "the expired key is deleted",
+            "select count(*) from idempotency_keys",
+            0,
+            Duration::from_secs(10),
+        )
+        .await;
     let again = send("second").await.unwrap();
     assert_eq!(again.status(), StatusCode::CREATED);
     assert!(again.headers().get("idempotent-replayed").is_none());
@@ -228,7 +160,7 @@ async fn bad_input_gets_a_json_error_and_writes_nothing() {
     let db = TestDb::create().await;
     let url = db.url.clone();
     let app = spawn_app_with(db, &url, |c| c.max_body_bytes = 1024).await;
-    let url = format!("{}/messages", app.base);
+    let url = app.url("/messages");
     let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
         (
             app.http
@@ -351,7 +283,7 @@ async fn an_escaped_backslash_before_u0000_is_text_not_a_nul() {
     let body = r#"{"content": "C:\\u0000", "data": {"path": "C:\\u0000"}}"#;
     let response = app
         .http
-        .post(format!("{}/messages", app.base))
+        .post(app.url("/messages"))
         .header("content-type", "application/json; charset=UTF-8")
         .body(body)
         .send()
@@ -360,8 +292,8 @@ async fn an_escaped_backslash_before_u0000_is_text_not_a_nul() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let created: Value = response.json().await.unwrap();
     let id = created["id"].as_str().unwrap();
-    let (_, message) = app.get(&format!("/messages/{id}")).await;
-    assert_eq!(message["content"], "C:\\u0000", "{message}");
+    let message = app.admin().message(id).await.unwrap();
+    assert_eq!(message.content, "C:\\u0000", "{message:?}");
 }
 
 #[tokio::test]
@@ -376,7 +308,7 @@ async fn refused_paths_queries_and_methods_answer_the_json_shape() {
         ("GET", "/nowhere", 404, "not_found"),
     ];
     for (method, path, status, code) in cases {
-        let url = format!("{}{path}", app.base);
+        let url = app.url(path);
         outbox_core::testing::assert_refused(&app.http, method, &url, status, code).await;
     }
     assert_eq!(app.rows().await, (0, 0));
@@ -443,8 +375,8 @@ async fn dead_rows_can_be_retried_and_admin_routes_need_the_token() {
     let db = TestDb::create().await;
     let url = db.url.clone();
     let app = spawn_app_with(db, &url, |c| c.admin_token = Some("s3cret".into())).await;
-    let (_, created) = app.post(json!({"content": "x"})).await;
-    let id: i64 = created["outbox_id"].as_i64().unwrap();
+    let created = app.admin().create_message(&NewMessage::new("x")).await;
+    let id = created.unwrap().outbox_id;
     app.db
         .client()
         .await
@@ -454,60 +386,38 @@ async fn dead_rows_can_be_retried_and_admin_routes_need_the_token() {
         )
         .await
         .unwrap();
-    let retry = format!("{}/outbox/{id}/retry", app.base);
-    let r = app.http.post(&retry).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let retry_with_token = || app.http.post(&retry).bearer_auth("s3cret").send();
-    let r = retry_with_token().await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let row: Value = r.json().await.unwrap();
-    assert_eq!(
-        (row["state"].as_str(), row["attempts"].as_i64()),
-        (Some("P"), Some(0))
-    );
-    let r = retry_with_token().await.unwrap();
-    assert_eq!(r.status(), StatusCode::CONFLICT);
-    let r = app
-        .http
-        .get(format!("{}/outbox?state=P", app.base))
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["items"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    let refused = app.admin().retry_outbox(id).await.unwrap_err();
+    assert_eq!(refused.status, 401, "{refused}");
+    let admin = app.admin().with_token("s3cret");
+    let row = admin.retry_outbox(id).await.unwrap();
+    assert_eq!((row.state.as_str(), row.attempts), ("P", 0));
+    let again = admin.retry_outbox(id).await.unwrap_err();
+    assert_eq!(again.status, 409, "{again}");
+    let pending = admin.list_outbox(OutboxState::Pending).await.unwrap();
+    assert_eq!(pending.items.len(), 1);
 }
 
 #[tokio::test]
 async fn pages_openapi_and_metrics() {
     let app = spawn_app().await;
     for i in 0..5 {
-        app.post(json!({"content": format!("m{i}")})).await;
+        let message = NewMessage::new(&format!("m{i}"));
+        app.admin().create_message(&message).await.unwrap();
     }
-    let (_, page) = app.get("/messages?limit=3").await;
-    assert_eq!(page["items"].as_array().unwrap().len(), 3);
-    assert_eq!(page["items"][0]["content"], "m4", "newest first");
-    let next = page["next_before"].as_str().unwrap();
-    let (_, rest) = app.get(&format!("/messages?limit=3&before={next}")).await;
-    let contents: Vec<&str> = rest["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["content"].as_str().unwrap())
-        .collect();
+    let page = app.admin().list_messages(3, None).await.unwrap();
+    assert_eq!(page.items.len(), 3);
+    assert_eq!(page.items[0].content, "m4", "newest first");
+    let next = page.next_before.expect("a next page");
+    let rest = app.admin().list_messages(3, Some(next)).await.unwrap();
+    let contents: Vec<&str> = rest.items.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(contents, ["m1", "m0"]);
-    assert!(rest["next_before"].is_null());
+    assert!(rest.next_before.is_none());
 
     let (_, doc) = app.get("/openapi.json").await;
     assert!(doc["paths"]["/messages"]["post"].is_object());
     assert!(doc["paths"]["/messages/{id}"]["get"].is_object());
 
-    let metrics = outbox_core::testing::get_text(&app.http, &format!("{}/metrics", app.base)).await;
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("producer_messages_created_total 5"),
         "{metrics}"
@@ -551,7 +461,7 @@ async fn a_correlation_id_that_cannot_travel_as_a_header_is_refused() {
     for value in bad {
         let r = app
             .http
-            .post(format!("{}/messages", app.base))
+            .post(app.url("/messages"))
             .header(
                 "x-correlation-id",
                 reqwest::header::HeaderValue::from_bytes(value).unwrap(),
@@ -662,7 +572,7 @@ async fn a_query_cut_by_a_postgres_shutdown_answers_503_with_retry_after() {
         .await
         .unwrap();
     let request = tokio::spawn({
-        let (http, url) = (app.http.clone(), format!("{}/messages", app.base));
+        let (http, url) = (app.http.clone(), app.url("/messages"));
         async move { http.get(url).send().await.unwrap() }
     });
     let waiting = "select count(*) from pg_stat_activity
@@ -713,12 +623,17 @@ async fn data_with_extreme_numbers_reads_back_as_written() {
     let app = spawn_app().await;
     let data =
         json!({"max": f64::MAX, "tiny": 5e-324, "big": 12345678901234567890u64, "neg": -1.5e300});
-    let (status, body) = app.post(json!({"content": "numbers", "data": data})).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let id = body["id"].as_str().unwrap().to_owned();
-    let (status, one) = app.get(&format!("/messages/{id}")).await;
-    assert_eq!(status, StatusCode::OK, "{one}");
-    assert_eq!(one["data"], data);
+    let created = app
+        .admin()
+        .create_message(&NewMessage {
+            data: Some(data.clone()),
+            ..NewMessage::new("numbers")
+        })
+        .await
+        .unwrap();
+    let one = app.admin().message(&created.id.to_string()).await.unwrap();
+    assert_eq!(one.data.as_ref(), Some(&data));
+    // The raw JSON of the list too: no typed reading stands between the bytes and the check.
     let (status, page) = app.get("/messages").await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert_eq!(page["items"][0]["data"], data);

@@ -49,15 +49,9 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
         || async { (p.count_state("X").await > 0).then_some(()) },
     )
     .await;
-    let ready = p
-        .http
-        .get(format!("{}/ready", p.relay_url))
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        ready.status(),
-        503,
+        p.relay.try_status("/ready").await,
+        Some(503),
         "the relay reports not-ready while Kafka is down"
     );
     assert_eq!(
@@ -65,10 +59,7 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
         0,
         "an outage never makes a row dead"
     );
-    assert!(
-        !p.relay.as_ref().unwrap().is_finished(),
-        "the relay keeps running"
-    );
+    assert!(!p.relay.is_finished(), "the relay keeps running");
 
     chaos_stack("kafka-start");
     let back = Instant::now();
@@ -77,7 +68,7 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
         "all rows sent {:?} after Kafka answered again",
         back.elapsed()
     );
-    assert!(!p.relay.as_ref().unwrap().is_finished());
+    assert!(!p.relay.is_finished());
 
     let records = read_topic_from(CHAOS_BROKER, &p.topic, 80, Duration::from_secs(30)).await;
     let counts = id_counts(&records);
@@ -99,7 +90,7 @@ async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
             "order of key {key} through the outage"
         );
     }
-    p.relay_stop.cancel();
+    p.relay.cancel();
     chaos_stack("kafka-stop");
 }
 
@@ -152,8 +143,7 @@ async fn is_leader(http: &reqwest::Client, relay: &RelayProcess) -> Option<bool>
 async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
     let db = outbox_core::testing::TestDb::create().await;
     let topic = outbox_core::testing::unique_topic("relay-failover");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
+    let producer = support::spawn_producer(&db, &topic).await;
     let lock_key = (uuid::Uuid::new_v4().as_u128() as i64).abs();
     let http = reqwest::Client::new();
 
@@ -172,21 +162,9 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
 
     let total = 600;
     let post = |i: usize| {
-        let http = &http;
-        let producer_url = &producer_url;
-        async move {
-            let r = http
-                .post(format!("{producer_url}/messages"))
-                .json(&message(format!("f{i}"), None))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 201);
-            r.json::<serde_json::Value>().await.unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        }
+        let body = message(format!("f{i}"), None);
+        let posted = support::post_message(&producer, body);
+        async move { posted.await.expect("the producer answers 201") }
     };
     let mut ids = Vec::new();
     let mut first = Some(first);
@@ -209,12 +187,12 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
         "standby leads {:?} after the leader was killed",
         killed_at.unwrap().elapsed()
     );
-    eventually("every row sent", Duration::from_secs(60), || async {
-        (db.count("select count(*) from outbox where state = 'E'")
-            .await
-            == total as i64)
-            .then_some(())
-    })
+    db.wait_for_count(
+        "every row sent",
+        "select count(*) from outbox where state = 'E'",
+        total as i64,
+        Duration::from_secs(60),
+    )
     .await;
 
     let records = read_topic(&topic, total, Duration::from_secs(30)).await;
@@ -225,7 +203,7 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
     eprintln!("failover: {total} acknowledged, {} received, {missing} missing, {unexpected} unexpected, {duplicates} duplicates", records.len());
     assert_eq!(missing, 0, "no acknowledged event may be lost");
     assert_eq!(unexpected, 0);
-    stop.cancel();
+    drop(producer);
     drop(second);
 }
 
@@ -234,59 +212,32 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
     chaos_stack("pg-start");
     let db = outbox_core::testing::TestDb::create_on(outbox_core::testing::CHAOS_POSTGRES).await;
     let topic = outbox_core::testing::unique_topic("relay-pg-outage");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
-    let (relay_url, relay) = support::start_relay(
-        support::relay_config(&db, &kafka_brokers(), &topic),
-        stop.clone(),
-    )
-    .await;
-    let http = reqwest::Client::new();
-    let post = |content: String| {
-        let http = &http;
-        let producer_url = &producer_url;
-        async move {
-            http.post(format!("{producer_url}/messages"))
-                .json(&message(content, None))
-                .send()
-                .await
-                .unwrap()
-        }
-    };
+    let producer = support::spawn_producer(&db, &topic).await;
+    let config = support::relay_config(&db, &kafka_brokers(), &topic);
+    let relay = support::spawn_relay(&db, config).await;
+    // The producer's status and JSON answer (a request nothing answers fails the test).
+    let post = |content: String| producer.call("POST", "/messages", Some(message(content, None)));
+    let event_id = |body: serde_json::Value| body["event_id"].as_str().unwrap().to_owned();
     let mut ids = Vec::new();
     for i in 0..10 {
-        let r = post(format!("before-{i}")).await;
-        assert_eq!(r.status(), 201);
-        ids.push(
-            r.json::<serde_json::Value>().await.unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        let (status, body) = post(format!("before-{i}")).await;
+        assert_eq!(status, 201);
+        ids.push(event_id(body));
     }
-    eventually("the first rows sent", Duration::from_secs(30), || async {
-        (db.count("select count(*) from outbox where state = 'E'")
-            .await
-            == 10)
-            .then_some(())
-    })
+    db.wait_for_count(
+        "the first rows sent",
+        "select count(*) from outbox where state = 'E'",
+        10,
+        Duration::from_secs(30),
+    )
     .await;
 
     chaos_stack("pg-stop");
-    let r = post("during".into()).await;
-    assert_eq!(r.status(), 503);
-    let body: serde_json::Value = r.json().await.unwrap();
+    let (status, body) = post("during".into()).await;
+    assert_eq!(status, 503);
     assert_eq!(body["code"], "unavailable");
-    let ready = http.get(format!("{relay_url}/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), 503);
-    assert_eq!(
-        http.get(format!("{relay_url}/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(relay.try_status("/ready").await, Some(503));
+    assert_eq!(relay.try_status("/health").await, Some(200));
     assert!(
         !relay.is_finished(),
         "the relay keeps running while PostgreSQL is down"
@@ -294,31 +245,22 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
 
     chaos_stack("pg-start");
     for i in 0..10 {
-        let r = eventually(
+        let body = eventually(
             "the producer writes again",
             Duration::from_secs(30),
             || async {
-                let r = post(format!("after-{i}")).await;
-                (r.status() == 201).then_some(r)
+                let (status, body) = post(format!("after-{i}")).await;
+                (status == 201).then_some(body)
             },
         )
         .await;
-        ids.push(
-            r.json::<serde_json::Value>().await.unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(event_id(body));
     }
-    eventually(
+    db.wait_for_count(
         "every row sent after PostgreSQL's return",
+        "select count(*) from outbox where state = 'E'",
+        20,
         Duration::from_secs(30),
-        || async {
-            (db.count("select count(*) from outbox where state = 'E'")
-                .await
-                == 20)
-                .then_some(())
-        },
     )
     .await;
     assert_eq!(
@@ -338,6 +280,6 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
         "no acknowledged event lost"
     );
     assert_eq!(counts.len(), 20, "nothing unexpected");
-    stop.cancel();
+    drop((producer, relay));
     chaos_stack("pg-stop");
 }

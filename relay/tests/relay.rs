@@ -77,10 +77,10 @@ async fn events_of_one_key_keep_their_order() {
 
 #[tokio::test]
 async fn an_older_row_waiting_for_retry_holds_back_newer_rows_of_its_key() {
-    let p = Pipeline::start(&kafka_brokers(), |_| {}).await;
+    let mut p = Pipeline::start(&kafka_brokers(), |_| {}).await;
     // Stop the relay so the rows can be arranged before it sees them.
-    p.relay_stop.cancel();
-    let _ = p.relay.as_ref().map(|h| h.abort());
+    p.relay.cancel();
+    p.relay.kill().await;
     let first = p.post(message("first", Some("held"))).await;
     p.post(message("second", Some("held"))).await;
     p.post(message("other", Some("free"))).await;
@@ -92,9 +92,9 @@ async fn an_older_row_waiting_for_retry_holds_back_newer_rows_of_its_key() {
         )
         .await
         .unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let config = support::relay_config(&p.db, &kafka_brokers(), &p.topic);
-    let _relay = support::start_relay(config, stop.clone()).await;
+    // A relay of its own election, as a fresh one would be.
+    p.relay.config.lock_key = support::rand_key();
+    p.relay.start().await;
     eventually(
         "the free key's row sent",
         Duration::from_secs(10),
@@ -110,7 +110,7 @@ async fn an_older_row_waiting_for_retry_holds_back_newer_rows_of_its_key() {
     p.all_sent(3, Duration::from_secs(15)).await;
     let records = read_topic(&p.topic, 3, Duration::from_secs(20)).await;
     assert_eq!(contents_by_key(&records)["held"], ["first", "second"]);
-    stop.cancel();
+    p.relay.stop().await;
 }
 
 #[tokio::test]
@@ -132,27 +132,21 @@ async fn a_record_kafka_refuses_turns_dead_after_the_configured_attempts_and_oth
             .unwrap();
     }
     let db = outbox_core::testing::TestDb::create().await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let producer_url = support::start_producer(&db, &topic, stop.clone()).await;
-    let http = reqwest::Client::new();
+    let producer = support::spawn_producer(&db, &topic).await;
     // Random text does not compress below the limit.
     let big: String = (0..200)
         .map(|_| uuid::Uuid::new_v4().simple().to_string())
         .collect();
     for content in ["small-1", big.as_str(), "small-2"] {
-        let r = http
-            .post(format!("{producer_url}/messages"))
-            .json(&serde_json::json!({"content": content, "key": content.len().to_string()}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
+        let body = serde_json::json!({"content": content, "key": content.len().to_string()});
+        let created = support::post_message(&producer, body).await;
+        assert!(created.is_some(), "the producer answers 201");
     }
     // The relay starts after the posts, so all three share one batch on the one partition: the
     // refused record must not take its batch-mates down with it.
     let mut config = support::relay_config(&db, &brokers, &topic);
     config.max_attempts = 2;
-    let (relay_url, _relay) = support::start_relay(config, stop.clone()).await;
+    let relay = support::spawn_relay(&db, config).await;
     eventually(
         "the large row dead, the small ones sent",
         Duration::from_secs(30),
@@ -179,9 +173,8 @@ async fn a_record_kafka_refuses_turns_dead_after_the_configured_attempts_and_oth
     assert_eq!(row.get::<_, i32>(0), 2);
     let error: String = row.get(1);
     assert!(error.to_lowercase().contains("too large"), "{error}");
-    let metrics = outbox_core::testing::get_text(&http, &format!("{relay_url}/metrics")).await;
+    let metrics = relay.metrics().await;
     assert!(metrics.contains("relay_events_dead_total 1"), "{metrics}");
-    stop.cancel();
 }
 
 #[tokio::test]
@@ -203,9 +196,12 @@ async fn retention_deletes_old_sent_rows_only() {
         )
         .await
         .unwrap();
-    eventually("old sent rows deleted", Duration::from_secs(10), || async {
-        (p.db.count("select count(*) from outbox").await == 2).then_some(())
-    })
+    p.db.wait_for_count(
+        "old sent rows deleted",
+        "select count(*) from outbox",
+        2,
+        Duration::from_secs(10),
+    )
     .await;
     assert_eq!(
         p.db.count("select count(*) from outbox_payloads").await,
@@ -220,8 +216,7 @@ async fn retention_deletes_old_sent_rows_only() {
             .await
             .unwrap()
             .get(0);
-    let view: serde_json::Value =
-        outbox_core::testing::get_json(&p.http, &format!("{}/messages/{id}", p.producer_url)).await;
+    let view: serde_json::Value = p.producer.get_json(&format!("/messages/{id}")).await;
     assert_eq!(view["state"], "E");
 }
 
@@ -348,10 +343,11 @@ async fn retention_drops_whole_partitions_and_keeps_the_one_with_an_unsent_row()
         )
         .await
         .unwrap();
-    eventually(
+    p.db.wait_for_count(
         "the first partition dropped",
+        "select count(*) from outbox",
+        1,
         Duration::from_secs(20),
-        || async { (p.db.count("select count(*) from outbox").await == 1).then_some(()) },
     )
     .await;
     for table in &first_parts {

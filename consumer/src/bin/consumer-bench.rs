@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use outbox_core::envelope::{Envelope, Metadata, HEADER_CORRELATION_ID, HEADER_EVENT_ID};
+use outbox_core::envelope::{Envelope, Metadata};
 use outbox_core::testing::{self, TestDb};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -284,26 +283,7 @@ async fn produce(topic: &str, n: usize) -> anyhow::Result<()> {
             let producer = producer.clone();
             let topic = topic.to_owned();
             async move {
-                let value = serde_json::to_vec(&e)?;
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: HEADER_EVENT_ID,
-                        value: Some(e.id.as_str()),
-                    })
-                    .insert(Header {
-                        key: HEADER_CORRELATION_ID,
-                        value: Some(e.metadata.correlation_id.as_str()),
-                    });
-                producer
-                    .send(
-                        FutureRecord::to(&topic)
-                            .key(&e.idempotency_key)
-                            .payload(&value)
-                            .headers(headers),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)?;
+                testing::produce_envelope(&producer, &topic, &e).await?;
                 anyhow::Ok(())
             }
         });

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_postgres::{GenericClient, Row};
 
 use super::{DeliveryState, Hold};
@@ -632,7 +632,7 @@ pub async fn delete_finished(
 // ------------------------------------------------------------------------------- read views
 
 /// A delivery as the admin API shows it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeliveryFields {
     pub id: i64,
     pub event_id: String,
@@ -653,7 +653,7 @@ pub struct DeliveryFields {
 }
 
 /// A delivery in a list: its fields and how many attempts it has had.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeliveryView {
     #[serde(flatten)]
     pub fields: DeliveryFields,
@@ -661,14 +661,14 @@ pub struct DeliveryView {
 }
 
 /// One delivery with its attempts, oldest first.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeliveryDetail {
     #[serde(flatten)]
     pub fields: DeliveryFields,
     pub attempts: Vec<AttemptView>,
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptView {
     pub attempt: i32,
     pub status_code: Option<i32>,

@@ -4,7 +4,10 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+pub mod admin;
+pub use admin::*;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,14 +17,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use consumer::Config;
-use outbox_core::envelope::{
-    Envelope, Metadata, HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
-};
-use outbox_core::testing::{self, TestDb};
-use rdkafka::message::{Header, OwnedHeaders};
+use outbox_core::envelope::{Envelope, Metadata};
+use outbox_core::testing::{self, TestApp, TestDb};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
+use serde_json::json;
 
 /// One request a receiver saw.
 #[derive(Debug, Clone)]
@@ -89,6 +88,26 @@ impl Receiver {
 
     pub fn count(&self) -> usize {
         self.state.requests.lock().unwrap().len()
+    }
+
+    /// Waits (up to `timeout`) until exactly `n` requests arrived.
+    pub async fn wait_for_count(&self, what: &str, n: usize, timeout: Duration) {
+        testing::eventually(what, timeout, || async {
+            (self.count() == n).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits (up to `timeout`) until the events that arrived are exactly `events` (each at least
+    /// once).
+    pub async fn wait_for_events(&self, what: &str, events: &[Envelope], timeout: Duration) {
+        let all: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        testing::eventually(what, timeout, || async {
+            let counts = self.counts_by_event();
+            let seen: HashSet<&str> = counts.keys().map(String::as_str).collect();
+            (seen == all).then_some(())
+        })
+        .await;
     }
 
     /// How often each event id arrived.
@@ -173,119 +192,32 @@ pub fn config(db: &TestDb, topic: &str) -> Config {
     c
 }
 
-/// The consumer running in-process.
-pub struct TestConsumer {
-    pub base: String,
-    pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    pub http: reqwest::Client,
-    pub token: Option<String>,
+/// The consumer running in-process (see [`spawn_app`]).
+pub type TestConsumer = TestApp<Config>;
+
+/// Starts the consumer with `config` on `db` and waits until it is ready; its admin client
+/// sends the config's admin token.
+pub async fn spawn_app(db: &TestDb, config: Config) -> TestConsumer {
+    let token = config.admin_token.clone();
+    let app = TestApp::spawn(db.clone(), config, consumer::run)
+        .await
+        .with_token(token);
+    app.wait_ready().await;
+    app
 }
 
-impl TestConsumer {
-    pub async fn start(config: Config) -> TestConsumer {
-        outbox_core::telemetry::init_logging();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let token = config.admin_token.clone();
-        let task = tokio::spawn(consumer::run(config, listener, shutdown.clone()));
-        let consumer = TestConsumer {
-            base,
-            shutdown,
-            task,
-            http: reqwest::Client::new(),
-            token,
-        };
-        testing::eventually("the consumer is ready", Duration::from_secs(30), || async {
-            let r = consumer
-                .http
-                .get(format!("{}/ready", consumer.base))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        consumer
-    }
-
-    /// Stops gracefully and waits.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
-    }
-
-    /// Kills it: the task is aborted wherever it is, as in a crash.
-    pub async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let r = self.http.request(method, format!("{}{}", self.base, path));
-        match &self.token {
-            Some(t) => r.bearer_auth(t),
-            None => r,
-        }
-    }
-
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut r = self.request(method, path);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let response = r.send().await.expect("admin API answers");
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    /// The Prometheus text of `/metrics`.
-    pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .expect("metrics answer")
-            .text()
-            .await
-            .expect("metrics text")
-    }
-
-    pub async fn get(&self, path: &str) -> Value {
-        let (status, body) = self.call("GET", path, None).await;
-        assert_eq!(status, 200, "GET {path}: {body}");
-        body
-    }
-
-    /// Creates an endpoint for `url` with the given event types; returns (id, secret).
-    pub async fn create_endpoint(&self, url: &str, types: &[&str]) -> (String, String) {
-        let (status, body) = self
-            .call(
-                "POST",
-                "/endpoints",
-                Some(json!({"url": url, "event_types": types, "description": "test"})),
-            )
-            .await;
-        assert_eq!(status, 201, "{body}");
-        (
-            body["id"].as_str().unwrap().to_owned(),
-            body["secret"].as_str().unwrap().to_owned(),
-        )
-    }
-
-    pub async fn breaker(&self, endpoint_id: &str) -> Value {
-        let all = self.get("/circuit-breakers").await;
-        all["circuit_breakers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["endpoint_id"] == endpoint_id)
-            .cloned()
-            .unwrap_or(Value::Null)
-    }
+/// Creates an endpoint for `url` with the given event types (described as "test"); returns
+/// (id, secret).
+pub async fn create_endpoint(app: &TestConsumer, url: &str, types: &[&str]) -> (String, String) {
+    let endpoint = app
+        .admin()
+        .create_endpoint(&NewEndpoint::new(url, types).description("test"))
+        .await
+        .unwrap_or_else(|refusal| panic!("POST /endpoints: {refusal}"));
+    (
+        endpoint.id,
+        endpoint.secret.expect("a new endpoint shows its secret"),
+    )
 }
 
 /// Every route the consumer serves, called in an order in which each reaches its handler, with
@@ -395,7 +327,8 @@ pub fn envelope(n: usize) -> Envelope {
     )
 }
 
-/// Produces an envelope as the relay does: key = aggregate, headers with id, type, correlation.
+/// Produces an envelope as the relay does: key = idempotency key, headers with id, type,
+/// correlation.
 pub async fn produce(producer: &FutureProducer, topic: &str, e: &Envelope) {
     produce_with_headers(producer, topic, e, &[]).await
 }
@@ -407,38 +340,20 @@ pub async fn produce_with_headers(
     e: &Envelope,
     extra: &[(&str, &str)],
 ) {
-    let value = serde_json::to_vec(e).unwrap();
-    let mut headers = OwnedHeaders::new()
-        .insert(Header {
-            key: HEADER_EVENT_ID,
-            value: Some(e.id.as_str()),
-        })
-        .insert(Header {
-            key: HEADER_EVENT_TYPE,
-            value: Some(e.event.as_str()),
-        })
-        .insert(Header {
-            key: HEADER_CORRELATION_ID,
-            value: Some(e.metadata.correlation_id.as_str()),
-        });
-    for (key, value) in extra {
-        headers = headers.insert(Header {
-            key,
-            value: Some(*value),
-        });
-    }
-    let key = e.idempotency_key.clone();
-    producer
-        .send(
-            FutureRecord::to(topic)
-                .key(&key)
-                .payload(&value)
-                .headers(headers),
-            Duration::from_secs(10),
-        )
+    testing::produce_envelope_with_headers(producer, topic, e, extra)
         .await
-        .map_err(|(e, _)| e)
         .expect("Kafka accepts the record");
+}
+
+/// Produces each of `events` in order, with [`produce`].
+pub async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    events: impl IntoIterator<Item = &Envelope>,
+) {
+    for e in events {
+        produce(producer, topic, e).await;
+    }
 }
 
 /// Produces raw bytes (for poison records).
@@ -515,15 +430,11 @@ pub async fn verify_in_python(request: &Received, secrets: &[&str]) -> Vec<[bool
 /// Waits until exactly `n` deliveries are recorded as succeeded: a success is recorded just after
 /// the receiver answered, so a test that saw every request must still wait for the bookkeeping.
 pub async fn wait_for_succeeded(db: &TestDb, n: i64) {
-    testing::eventually(
+    db.wait_for_count(
         &format!("{n} deliveries recorded as succeeded"),
+        "select count(*) from deliveries where state = 'succeeded'",
+        n,
         Duration::from_secs(20),
-        || async {
-            let succeeded = db
-                .count("select count(*) from deliveries where state = 'succeeded'")
-                .await;
-            (succeeded == n).then_some(())
-        },
     )
     .await;
 }

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+pub mod api;
+pub use api::*;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,7 +18,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
 use outbox_core::signature::{sign_headers, Secret};
-use outbox_core::testing::{eventually, TestDb};
+use outbox_core::testing::{eventually, TestApp, TestDb};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -194,18 +196,17 @@ pub enum Headers {
     Older,
 }
 
-/// A running notifier.
+/// A running notifier: the shared harness ([`TestApp`], through `Deref`) and the secret senders
+/// sign with.
 pub struct App {
-    pub base: String,
-    pub db: TestDb,
-    pub http: reqwest::Client,
+    pub app: TestApp<notifier::Config>,
     pub secret: Secret,
-    shutdown: CancellationToken,
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+impl std::ops::Deref for App {
+    type Target = TestApp<notifier::Config>;
+    fn deref(&self) -> &Self::Target {
+        &self.app
     }
 }
 
@@ -217,9 +218,9 @@ pub async fn spawn_app(args: &[&str]) -> App {
     spawn_app_on(db, &url, args).await
 }
 
-/// [`spawn_app`] with another `DATABASE_URL` (one that is down, say).
-pub async fn spawn_app_on(db: TestDb, database_url: &str, args: &[&str]) -> App {
-    let secret = Secret::generate();
+/// The notifier's configuration from `args` with `secret` as `--webhook-secret` (the args may
+/// name others) on `database_url`, with short test durations unless the args choose their own.
+pub fn config(database_url: &str, secret: &Secret, args: &[&str]) -> notifier::Config {
     let mut argv = vec![
         "notifier",
         "--webhook-secret",
@@ -227,7 +228,6 @@ pub async fn spawn_app_on(db: TestDb, database_url: &str, args: &[&str]) -> App 
         "--database-url",
         database_url,
     ];
-    // Short test durations unless the test chose its own.
     for (flag, value) in [("--breaker-open-for", "800ms"), ("--notify-timeout", "3s")] {
         if !args.contains(&flag) {
             argv.extend([flag, value]);
@@ -241,18 +241,16 @@ pub async fn spawn_app_on(db: TestDb, database_url: &str, args: &[&str]) -> App 
     if !args.contains(&"--admin-token") {
         config.admin_token = None;
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr: SocketAddr = listener.local_addr().expect("addr");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(notifier::run(config, listener, shutdown.clone()));
+    config
+}
+
+/// [`spawn_app`] with another `DATABASE_URL` (one that is down, say).
+pub async fn spawn_app_on(db: TestDb, database_url: &str, args: &[&str]) -> App {
+    let secret = Secret::generate();
+    let config = config(database_url, &secret, args);
     App {
-        base: format!("http://{addr}"),
-        db,
-        http: reqwest::Client::new(),
+        app: TestApp::spawn(db, config, notifier::run).await,
         secret,
-        shutdown,
     }
 }
 
@@ -272,6 +270,18 @@ pub fn channel_args(smtp: &SmtpServer, chat: &ChatServer) -> Vec<String> {
         "--chat-id".into(),
         CHAT_ID.into(),
     ]
+}
+
+/// A real SMTP server, a chat API and the notifier with both channels enabled against them (and
+/// `extra` flags).
+pub async fn spawn_with_channels(extra: &[&str]) -> (SmtpServer, ChatServer, App) {
+    let smtp = SmtpServer::start().await;
+    let chat = ChatServer::start().await;
+    let args = channel_args(&smtp, &chat);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    let app = spawn_app(&args).await;
+    (smtp, chat, app)
 }
 
 /// An envelope as the consumer delivers it.
@@ -308,23 +318,14 @@ impl App {
         secrets: &[&Secret],
         convention: Headers,
     ) -> (reqwest::StatusCode, Value) {
-        let mut request = self
-            .http
-            .post(format!("{}{route}", self.base))
-            .header("content-type", "application/json")
-            .header("x-correlation-id", "req_test");
-        for (name, value) in sign_headers(secrets, id, timestamp, body) {
-            if name.starts_with("x-") == (convention == Headers::Older) {
-                request = request.header(name, value);
-            }
-        }
-        let response = request
-            .body(body.to_vec())
-            .send()
-            .await
-            .expect("notifier answers");
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let mut headers = vec![("x-correlation-id".to_owned(), "req_test".to_owned())];
+        headers.extend(
+            sign_headers(secrets, id, timestamp, body)
+                .into_iter()
+                .filter(|(name, _)| name.starts_with("x-") == (convention == Headers::Older))
+                .map(|(name, value)| (name.to_owned(), value)),
+        );
+        self.send_with_headers(route, headers, body).await
     }
 
     /// Sends `body` with the timestamp header written as `timestamp`, signed with the app's secret
@@ -360,9 +361,20 @@ impl App {
                 ),
             ],
         };
+        let headers = headers.map(|(name, value)| (name.to_owned(), value));
+        self.send_with_headers(route, headers.into(), body).await
+    }
+
+    /// POSTs `body` as JSON to `route` with `headers`; the status and the JSON answer.
+    async fn send_with_headers(
+        &self,
+        route: &str,
+        headers: Vec<(String, String)>,
+        body: &[u8],
+    ) -> (reqwest::StatusCode, Value) {
         let mut request = self
             .http
-            .post(format!("{}{route}", self.base))
+            .post(self.url(route))
             .header("content-type", "application/json");
         for (name, value) in headers {
             request = request.header(name, value);
@@ -389,37 +401,16 @@ impl App {
         .await
     }
 
+    /// `GET path`: the status and the JSON answer (`Null` when not JSON).
     pub async fn get(&self, path: &str) -> (reqwest::StatusCode, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("notifier answers");
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let (code, body) = self.call("GET", path, None).await;
+        (status(code), body)
     }
 
+    /// `POST path` without a body: the status and the JSON answer (`Null` when not JSON).
     pub async fn post(&self, path: &str) -> (reqwest::StatusCode, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("notifier answers");
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .expect("notifier answers")
-            .text()
-            .await
-            .expect("metrics text")
+        let (code, body) = self.call("POST", path, None).await;
+        (status(code), body)
     }
 
     /// The value of the sample of `name` whose labels include every one of `labels`.
@@ -435,16 +426,30 @@ impl App {
         })
     }
 
-    /// The state of a channel's breaker as `GET /circuit-breaker` shows it.
-    pub async fn breaker(&self, channel: &str) -> Value {
-        let (_, body) = self.get("/circuit-breaker").await;
-        body["breakers"]
-            .as_array()
-            .and_then(|list| list.iter().find(|b| b["channel"] == channel).cloned())
-            .unwrap_or(Value::Null)
+    /// Asserts that the sample of `name` with every one of `labels` is `expected`.
+    pub async fn assert_metric(&self, name: &str, labels: &[(&str, &str)], expected: f64) {
+        let value = self.metric(name, labels).await;
+        assert_eq!(value, Some(expected), "{name} {labels:?}");
+    }
+
+    /// Asserts that `notifier_webhooks_received_total` of `route` and `outcome` is `expected`.
+    pub async fn assert_received(&self, route: &str, outcome: &str, expected: f64) {
+        let labels = [("route", route), ("outcome", outcome)];
+        self.assert_metric("notifier_webhooks_received_total", &labels, expected)
+            .await;
+    }
+
+    /// A channel's breaker as `GET /circuit-breaker` shows it.
+    pub async fn breaker(&self, channel: &str) -> ChannelBreaker {
+        let breakers = self.admin().breakers().await.expect("GET /circuit-breaker");
+        find_channel(breakers, channel)
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
         self.db.count(sql).await
     }
+}
+
+fn status(code: u16) -> reqwest::StatusCode {
+    reqwest::StatusCode::from_u16(code).expect("an HTTP status")
 }

@@ -5,30 +5,23 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use outbox_core::testing::{eventually, TestDb};
+use outbox_core::testing::{eventually, TestApp, TestDb};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
+/// The producer running in-process.
+pub type TestProducer = TestApp<producer::Config>;
+/// The relay running in-process.
+pub type TestRelay = TestApp<relay::Config>;
+
+/// The producer and the relay on one fresh database, sending to a fresh topic.
 pub struct Pipeline {
     pub db: TestDb,
     pub topic: String,
-    pub producer_url: String,
-    pub relay_url: String,
-    pub http: reqwest::Client,
-    pub producer_stop: CancellationToken,
-    pub relay_stop: CancellationToken,
-    pub relay: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        self.producer_stop.cancel();
-        self.relay_stop.cancel();
-    }
+    pub producer: TestProducer,
+    pub relay: TestRelay,
 }
 
 pub fn relay_config(db: &TestDb, brokers: &str, topic: &str) -> relay::Config {
-    outbox_core::telemetry::init_logging();
     let mut config: relay::Config = outbox_core::config::from_env().expect("relay defaults");
     config.database.database_url = db.url.clone();
     config.kafka.kafka_brokers = brokers.to_owned();
@@ -43,63 +36,44 @@ pub fn relay_config(db: &TestDb, brokers: &str, topic: &str) -> relay::Config {
     config
 }
 
-fn rand_key() -> i64 {
+pub fn rand_key() -> i64 {
     (uuid::Uuid::new_v4().as_u128() as i64).abs()
 }
 
-pub async fn start_producer(db: &TestDb, topic: &str, stop: CancellationToken) -> String {
+/// Starts the producer on `db`, writing events for `topic` (not waiting for `/ready`).
+pub async fn spawn_producer(db: &TestDb, topic: &str) -> TestProducer {
     let mut config: producer::Config = outbox_core::config::from_env().expect("producer defaults");
     config.database.database_url = db.url.clone();
     config.kafka_topic = topic.to_owned();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(producer::run(config, listener, stop));
-    url
+    TestApp::spawn(db.clone(), config, producer::run).await
 }
 
-pub async fn start_relay(
-    config: relay::Config,
-    stop: CancellationToken,
-) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    (url, tokio::spawn(relay::run(config, listener, stop)))
+/// Starts the relay with `config` on `db` (not waiting for `/ready`).
+pub async fn spawn_relay(db: &TestDb, config: relay::Config) -> TestRelay {
+    TestApp::spawn(db.clone(), config, relay::run).await
 }
 
 impl Pipeline {
     pub async fn start(brokers: &str, tweak: impl FnOnce(&mut relay::Config)) -> Pipeline {
         let db = TestDb::create().await;
         let topic = outbox_core::testing::unique_topic("relay-test");
-        let producer_stop = CancellationToken::new();
-        let relay_stop = CancellationToken::new();
-        let producer_url = start_producer(&db, &topic, producer_stop.clone()).await;
+        let producer = spawn_producer(&db, &topic).await;
         let mut config = relay_config(&db, brokers, &topic);
         tweak(&mut config);
-        let (relay_url, relay) = start_relay(config, relay_stop.clone()).await;
+        let relay = spawn_relay(&db, config).await;
         Pipeline {
             db,
             topic,
-            producer_url,
-            relay_url,
-            http: reqwest::Client::new(),
-            producer_stop,
-            relay_stop,
-            relay: Some(relay),
+            producer,
+            relay,
         }
     }
 
     /// POSTs a message; returns its event id. Panics unless the answer is 201.
     pub async fn post(&self, body: Value) -> String {
-        let response = self
-            .http
-            .post(format!("{}/messages", self.producer_url))
-            .json(&body)
-            .send()
+        post_message(&self.producer, body)
             .await
-            .expect("producer answers");
-        assert_eq!(response.status(), reqwest::StatusCode::CREATED);
-        let body: Value = response.json().await.unwrap();
-        body["event_id"].as_str().unwrap().to_owned()
+            .expect("the producer answers 201")
     }
 
     /// POSTs `contents` with at most `concurrency` requests in flight; returns the event ids.
@@ -129,16 +103,27 @@ impl Pipeline {
         .await;
     }
 
+    /// The relay's `/metrics`.
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.relay_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.relay.metrics().await
     }
+}
+
+/// POSTs a message to the producer: `Some(event id)` when it answered 201, `None` otherwise
+/// (or when it did not answer).
+pub async fn post_message(producer: &TestProducer, body: Value) -> Option<String> {
+    let response = producer
+        .http
+        .post(producer.url("/messages"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    if response.status() != reqwest::StatusCode::CREATED {
+        return None;
+    }
+    let body: Value = response.json().await.ok()?;
+    body["event_id"].as_str().map(str::to_owned)
 }
 
 pub fn message(content: impl Into<String>, key: Option<&str>) -> Value {
