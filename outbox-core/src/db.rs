@@ -79,6 +79,11 @@ impl Schema {
                     "unsent_ids_by_index",
                     include_str!("../../sql/outbox/V4__unsent_ids_by_index.sql"),
                 ),
+                (
+                    5,
+                    "notify_only_when_waited_for",
+                    include_str!("../../sql/outbox/V5__notify_only_when_waited_for.sql"),
+                ),
             ],
             Schema::Producer => &[
                 (

@@ -103,7 +103,7 @@ pub const CLAIM_UNSENT: &str = "
 /// as P and the failed ones as X or D. Answers 1, or 0 if the cursor had moved.
 pub const MARK_BATCH: &str = "
     with moved as (
-        update relay_cursor set xmin_done = $1::bigint::text::xid8, id_done = $2, version = version + 1,
+        update relay_cursor set xmin_done = $1::bigint::text::xid8, id_done = $2, version = version + 1, waiting = false,
                ahead_xid = nullif($21::bigint, 9223372036854775807), ahead_max_xid = $22, ahead_max_id = $23
          where version = $3
         returning 1
@@ -130,6 +130,10 @@ pub const MARK_BATCH: &str = "
                last_error_kind = excluded.last_error_kind, next_attempt_at = excluded.next_attempt_at
     )
     select count(*) from moved";
+
+/// Publishers NOTIFY while this is set (see V5__notify_only_when_waited_for.sql); the next mark
+/// clears it.
+const ANNOUNCE_WAITING: &str = "update relay_cursor set waiting = true where not waiting";
 
 /// When the next unsent row falls due (to sleep exactly that long when nothing is due now).
 const NEXT_DUE: &str = "select min(next_attempt_at) from unsent where state in ('P', 'X')";
@@ -390,8 +394,18 @@ impl Publisher {
         self.ensure_topics(&self.configured_topics).await;
         let mut db_backoff = Backoff::new();
         let mut pipeline = Pipeline::default();
+        // Whether publishers were told to NOTIFY (`relay_cursor.waiting`) since the last mark.
+        let mut announced = false;
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
             match self.publish_batch(&mut pipeline, leadership).await {
+                Ok(0) if !announced => {
+                    // Asks for a NOTIFY, then looks once more: a publish that committed without
+                    // one (it saw a busy relay) is found by that look.
+                    announced = self.announce_waiting().await;
+                    if !announced {
+                        sleep_or_cancel(self.poll_interval, leadership).await;
+                    }
+                }
                 Ok(0) => {
                     let wait = self.until_next_due().await;
                     tokio::select! {
@@ -401,7 +415,11 @@ impl Publisher {
                         _ = shutdown.cancelled() => {}
                     }
                 }
-                Ok(_) => db_backoff.reset(),
+                Ok(_) => {
+                    // Its mark cleared `waiting`.
+                    announced = false;
+                    db_backoff.reset();
+                }
                 Err(error) => {
                     let delay = db_backoff.next_delay();
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "batch not claimed or not marked; its rows stay unsent and are sent again");
@@ -415,6 +433,18 @@ impl Publisher {
         }
         // Leadership lost or shutting down: the marks in flight still get their chance.
         let _ = pipeline.settle().await;
+    }
+
+    /// Sets `relay_cursor.waiting`, so that publishers NOTIFY; false if it could not be set.
+    async fn announce_waiting(&self) -> bool {
+        match self.pool.get().await {
+            Ok(client) => client
+                .execute(ANNOUNCE_WAITING, &[])
+                .await
+                .map_err(|error| tracing::debug!(%error, "waiting not announced"))
+                .is_ok(),
+            Err(_) => false,
+        }
     }
 
     async fn until_next_due(&self) -> Duration {

@@ -456,3 +456,32 @@ async fn the_committed_cursor_passes_every_event_once_the_writers_stop() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn an_idle_relay_asks_for_a_notify_and_the_next_publish_wakes_it() {
+    // An hour between polls: only a NOTIFY wakes this relay in time.
+    let p = Pipeline::start(&kafka_brokers(), |c| {
+        c.poll_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let client = p.db.client().await;
+    let waiting = || async {
+        client
+            .query_one("select waiting from relay_cursor", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    for round in 1..=3 {
+        // Idle: it asked publishers to wake it (each batch's mark cleared the request)...
+        eventually(
+            "the idle relay announces it waits",
+            Duration::from_secs(10),
+            || async { waiting().await.then_some(()) },
+        )
+        .await;
+        // ...and the next publish does, long before the poll would have.
+        p.post(message(format!("wake {round}"), None)).await;
+        p.all_sent(round, Duration::from_secs(10)).await;
+    }
+}
