@@ -541,28 +541,10 @@ impl Publisher {
         let producer = self.producer();
         let mut rows = rows;
         let (span, per_event) = batch_spans(&mut rows);
-        // The next mark expects the version this one leaves.
-        if let Some(reading) = pipeline.reading.cursor.as_mut() {
-            reading.version = cursor.version + 1;
-        }
-        // The next batch is claimed while this one is in Kafka's hands (PostgreSQL reads while
-        // the broker writes), from the cursor this batch's marks will commit and without this
-        // batch's rows. It is only used, and so only sent, if every row of this batch is
-        // acknowledged; otherwise it is dropped and claimed again once the failures are marked
-        // (they hold their keys back).
-        let this_cursor = pipeline.reading.cursor;
-        let mut excluded = pipeline.unmarked();
-        excluded.extend(rows.iter().map(|r| r.id));
-        let (outcomes, claimed_next) = if rows.is_empty() {
-            (Vec::new(), None)
-        } else {
-            let (outcomes, next) = tokio::join!(
-                self.send_in_order(&producer, &rows)
-                    .instrument(span.clone()),
-                self.claim(&mut pipeline.reading, &excluded)
-            );
-            (outcomes, Some(next))
-        };
+        let outcomes = self
+            .send_in_order(&producer, &rows)
+            .instrument(span.clone())
+            .await;
         span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
         drop(per_event);
         let mut sent = Sent::default();
@@ -636,16 +618,20 @@ impl Publisher {
             held,
             failed,
         };
-        if let (true, Some(claimed_next)) = (marks.failed.ids.is_empty(), claimed_next) {
+        // The next mark expects the version this one leaves.
+        if let Some(reading) = pipeline.reading.cursor.as_mut() {
+            reading.version = cursor.version + 1;
+        }
+        if marks.failed.ids.is_empty() && !rows.is_empty() {
             pipeline.make_room().await?;
             pipeline.marking.push_back(Marking {
                 ids: marks.sent.ids.clone(),
                 task: tokio::spawn(marks.write_until_done(leadership.clone())),
             });
-            pipeline.next = Some(claimed_next?);
+            let marking = pipeline.unmarked();
+            pipeline.next = Some(self.claim(&mut pipeline.reading, &marking).await?);
             tracing::debug!(sent = rows.len(), "batch published");
         } else {
-            pipeline.reading.cursor = this_cursor;
             pipeline.settle().await?;
             marks.write().await?;
             if let Some(first_error) = marks.failed.errors.first() {
