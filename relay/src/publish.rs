@@ -398,14 +398,9 @@ impl Publisher {
         let mut announced = false;
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
             match self.publish_batch(&mut pipeline, leadership).await {
-                Ok(0) if !announced => {
-                    // Asks for a NOTIFY, then looks once more: a publish that committed without
-                    // one (it saw a busy relay) is found by that look.
-                    announced = self.announce_waiting().await;
-                    if !announced {
-                        sleep_or_cancel(self.poll_interval, leadership).await;
-                    }
-                }
+                // Asks for a NOTIFY, then looks once more: a publish that committed without one
+                // (it saw a busy relay) is found by that look. Not announced: it sleeps as below.
+                Ok(0) if !announced && self.announce_waiting().await => announced = true,
                 Ok(0) => {
                     let wait = self.until_next_due().await;
                     tokio::select! {
@@ -801,10 +796,11 @@ impl Publisher {
             .await?;
         let in_flight: HashSet<i64> = marking.iter().copied().collect();
         for r in &found {
+            let id: i64 = r.get(0);
             let event = Found {
-                id: r.get(0),
+                id,
                 xid: r.get(9),
-                in_flight: in_flight.contains(&r.get::<_, i64>(0)),
+                in_flight: in_flight.contains(&id),
                 own: r.get(6),
                 key_held: r.get(7),
                 sent: r.get::<_, Option<bool>>(8).unwrap_or(false),
