@@ -32,7 +32,8 @@
 #   --warmup D (10s)  --gap D (10s)  --recovery-timeout D (2m)  --drain-timeout D (3m)
 #   --private       a stack of the drill's own (CHAOS_PRIVATE=1): OUTBOX_STACK_DIR
 #                   /var/tmp/outbox-drill, PG_PORT 5445, KAFKA_PORT 19140 (controllers 19141),
-#                   SERVICE_PORT_BASE 19190 unless set; no .env; stopped at the end unless --keep
+#                   SERVICE_PORT_BASE 19190 unless set; no .env; wiped first (what a killed run
+#                   left is not counted again); stopped at the end unless --keep
 #   --keep          leave the private stack running
 #   --no-up         use the stack as it runs (do not call scripts/stack.sh up)
 #   --results DIR   default target/chaos/<UTC time>
@@ -107,6 +108,13 @@ up_args=()
 [ -n "$brokers" ] && up_args+=(--brokers "$brokers")
 [ -n "$relays" ] && up_args+=(--relays "$relays")
 [ -n "$consumers" ] && up_args+=(--consumers "$consumers")
+if [ -n "$private" ] && [ -z "$no_up" ] && [ -d "$OUTBOX_STACK_DIR" ]; then
+  # The private stack is the drill's alone: what a killed run left (its processes, an outbox in
+  # whatever state that run ended) would be counted by this one, so it starts from nothing.
+  log "wiping the private stack left in $OUTBOX_STACK_DIR"
+  "$STACK" down >/dev/null 2>&1 || true
+  rm -rf "$OUTBOX_STACK_DIR"
+fi
 if [ -z "$no_up" ]; then
   log "scripts/stack.sh up ${up_args[*]}"
   "$STACK" up ${up_args[@]+"${up_args[@]}"} >&2 || die "the stack did not come up"

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub published: IntCounterVec,
     pub failures: IntCounterVec,
     pub dead: IntCounter,
+    pub resent: IntCounter,
     pub batch_size: Histogram,
     pub commit_to_ack: Histogram,
     pub retention_deleted: IntCounter,
@@ -95,6 +96,14 @@ impl Metrics {
             dead: register(
                 r,
                 IntCounter::new("relay_events_dead_total", "Rows turned D").expect("metric"),
+            ),
+            resent: register(
+                r,
+                IntCounter::new(
+                    "relay_events_resent_total",
+                    "Events sent again although already marked sent (Kafka holds them twice; consumers drop the second by event id)",
+                )
+                .expect("metric"),
             ),
             batch_size: register(
                 r,

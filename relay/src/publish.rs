@@ -100,7 +100,10 @@ pub const CLAIM_UNSENT: &str = "
 /// A batch's outcome in one statement, so it is all or nothing: the cursor moves (only from the
 /// version this leader read: a relay that lost the lead writes nothing), the sent rows' partitions
 /// and offsets are appended, the sent `unsent` rows go, the held-back rows are put in `unsent`
-/// as P and the failed ones as X or D. Answers 1, or 0 if the cursor had moved.
+/// as P and the failed ones as X or D. Answers 1, or 0 if the cursor had moved, and how many sent
+/// rows already had a sent fact: the first fact stays, the row's `unsent` entry goes, and Kafka
+/// holds the event twice (consumers drop the second by its event id). That heals a row found both
+/// sent and unsent (put back by hand, or by a bug) instead of refusing every mark after it.
 pub const MARK_BATCH: &str = "
     with moved as (
         update relay_cursor set xmin_done = $1::bigint::text::xid8, id_done = $2, version = version + 1, waiting = false,
@@ -111,6 +114,8 @@ pub const MARK_BATCH: &str = "
         insert into sent (id, created_at, kafka_partition, kafka_offset, attempts)
         select * from unnest($4::bigint[], $5::timestamptz[], $6::int[], $7::bigint[], $8::int[])
          where exists (select 1 from moved)
+        on conflict (id, created_at) do nothing
+        returning 1
     ), resolved as (
         delete from unsent where id = any($9::bigint[]) and exists (select 1 from moved)
     ), held as (
@@ -129,7 +134,7 @@ pub const MARK_BATCH: &str = "
            set state = excluded.state, attempts = excluded.attempts, last_error = excluded.last_error,
                last_error_kind = excluded.last_error_kind, next_attempt_at = excluded.next_attempt_at
     )
-    select count(*) from moved";
+    select (select count(*) from moved), (select count(*) from sent_rows)";
 
 /// Publishers NOTIFY while this is set (see V5__notify_only_when_waited_for.sql); the next mark
 /// clears it.
@@ -607,6 +612,7 @@ impl Publisher {
         let mark_started = std::time::Instant::now();
         let marks = Marks {
             pool: self.pool.clone(),
+            metrics: self.metrics.clone(),
             expected_version: cursor.version,
             cursor,
             sent,
@@ -931,6 +937,7 @@ impl Marking {
 /// A batch's outcome, written in one statement (`MARK_BATCH`).
 struct Marks {
     pool: PgPool,
+    metrics: Metrics,
     expected_version: i64,
     cursor: Cursor,
     sent: Sent,
@@ -946,7 +953,7 @@ impl Marks {
         let held_ids: Vec<i64> = self.held.iter().map(|h| h.id).collect();
         let held_created: Vec<DateTime<Utc>> = self.held.iter().map(|h| h.created_at).collect();
         let held_keys: Vec<&str> = self.held.iter().map(|h| h.key.as_str()).collect();
-        let moved: i64 = client
+        let row = client
             .query_one(
                 &mark,
                 &[
@@ -975,13 +982,20 @@ impl Marks {
                     &self.cursor.ahead_max_id,
                 ],
             )
-            .await?
-            .get(0);
-        if moved == 1 {
-            Ok(())
-        } else {
-            Err(BatchError::CursorMoved)
+            .await?;
+        let (moved, appended): (i64, i64) = (row.get(0), row.get(1));
+        if moved != 1 {
+            return Err(BatchError::CursorMoved);
         }
+        let resent = sent.ids.len() as u64 - appended as u64;
+        if resent > 0 {
+            self.metrics.resent.inc_by(resent);
+            tracing::warn!(
+                events = resent,
+                "events sent again although already marked sent: Kafka has them twice (consumers drop the second by event id); their unsent entries are gone"
+            );
+        }
+        Ok(())
     }
 
     /// Retries until written: the next batch is already in Kafka, so giving up would send these
@@ -993,12 +1007,6 @@ impl Marks {
             match self.write().await {
                 Ok(()) => return Ok(()),
                 Err(BatchError::CursorMoved) => return Err(BatchError::CursorMoved),
-                // A sent fact already there: another relay sent these rows too; start over.
-                Err(BatchError::Query(error))
-                    if error.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
-                {
-                    return Err(BatchError::Query(error))
-                }
                 Err(error) if leadership.is_cancelled() => return Err(error),
                 Err(error) => {
                     let delay = backoff.next_delay();

@@ -485,3 +485,30 @@ async fn an_idle_relay_asks_for_a_notify_and_the_next_publish_wakes_it() {
         p.all_sent(round, Duration::from_secs(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_row_found_both_sent_and_unsent_is_sent_again_once_and_the_relay_goes_on() {
+    let p = Pipeline::start(&kafka_brokers(), |_| {}).await;
+    let first = p.post(message("first", None)).await;
+    p.all_sent(1, Duration::from_secs(15)).await;
+    // The state a bug (or a hand) can leave: a sent event that also waits in `unsent`.
+    p.db.client()
+        .await
+        .execute(
+            "insert into unsent (id, created_at, aggregate_id, state)
+             select id, created_at, aggregate_id, 'P' from events where event_id = $1",
+            &[&first],
+        )
+        .await
+        .unwrap();
+    let second = p.post(message("second", None)).await;
+    // Marking the row again must not fail every batch after it: both end E, nothing unsent.
+    p.all_sent(2, Duration::from_secs(15)).await;
+    assert_eq!(p.db.count("select count(*) from unsent").await, 0);
+    let records = read_topic(&p.topic, 3, Duration::from_secs(20)).await;
+    let counts = id_counts(&records);
+    assert_eq!(counts.get(&first), Some(&2), "sent again, once: {counts:?}");
+    assert_eq!(counts.get(&second), Some(&1), "{counts:?}");
+    let metrics = p.metrics().await;
+    assert!(metrics.contains("relay_events_resent_total 1"), "{metrics}");
+}
