@@ -30,7 +30,8 @@ pub type Migration = (i32, &'static str, &'static str);
 /// pointing the relay at an application's database adds `outbox` and nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Schema {
-    /// What publishers write and the relay reads: `outbox`, `outbox_payloads`, `routes`, and the
+    /// What publishers write and the relay reads: `events` with their envelopes, the relay's `sent`,
+    /// `unsent` and cursor, the `outbox` view over them, `routes`, and the
     /// `outbox.publish` function with its `outbox_publisher` role.
     Outbox,
     /// The producer's demo domain (`messages`) and its idempotency keys.
@@ -83,6 +84,11 @@ impl Schema {
                     5,
                     "notify_only_when_waited_for",
                     include_str!("../../sql/outbox/V5__notify_only_when_waited_for.sql"),
+                ),
+                (
+                    6,
+                    "envelope_in_events",
+                    include_str!("../../sql/outbox/V6__envelope_in_events.sql"),
                 ),
             ],
             Schema::Producer => &[

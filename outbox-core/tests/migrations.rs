@@ -170,3 +170,102 @@ async fn a_legacy_database_ends_with_nothing_in_public_whichever_service_upgrade
         }
     }
 }
+
+#[tokio::test]
+async fn the_envelopes_move_into_their_events_and_the_side_table_goes() {
+    let url = empty_database().await;
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // The outbox as the release before left it (V1 to V5), with events published then.
+    client
+        .batch_execute(
+            "create schema outbox; set search_path = outbox;
+             create table outbox.schema_migrations (
+                 version integer primary key, name text not null,
+                 applied_at timestamptz not null default now())",
+        )
+        .await
+        .unwrap();
+    for (version, name, sql) in &db::Schema::Outbox.migrations()[..5] {
+        client.batch_execute(sql).await.unwrap();
+        client
+            .execute(
+                "insert into outbox.schema_migrations (version, name) values ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            "select outbox.add_partition(now() - interval '1 hour', now() + interval '1 hour')",
+        )
+        .await
+        .unwrap();
+    let before: Vec<String> = first_column(
+        &client,
+        "select outbox.publish('order.created', 'k' || i, jsonb_build_object('n', i), 'orders') from generate_series(1, 3) i",
+    )
+    .await;
+    let envelopes: Vec<String> = first_column(
+        &client,
+        "select p.payload::text from outbox.outbox_payloads p order by p.outbox_id",
+    )
+    .await;
+    assert_eq!(envelopes.len(), 3);
+
+    let pool = db::pool(&url, 1, &[db::Schema::Outbox]).unwrap();
+    let applied = db::migrate(&pool, &[db::Schema::Outbox]).await.unwrap();
+    assert_eq!(applied, ["outbox/6"]);
+
+    // Each event holds its own envelope, word for word.
+    let moved: Vec<String> = first_column(
+        &client,
+        "select payload::text from outbox.events order by id",
+    )
+    .await;
+    assert_eq!(moved, envelopes);
+    let tables: Vec<String> = first_column(
+        &client,
+        "select tablename::text from pg_tables where schemaname = 'outbox' and tablename like '%payloads%'",
+    )
+    .await;
+    assert!(tables.is_empty(), "{tables:?}");
+    // Publishing, hand edits, new partitions and retention work on the new layout.
+    let after: Vec<String> = first_column(
+        &client,
+        "select outbox.publish('order.created', 'k9', '{\"n\": 9}', 'orders')",
+    )
+    .await;
+    let envelope: Vec<serde_json::Value> = first_column(
+        &client,
+        &format!(
+            "select payload::jsonb from outbox.events where event_id = '{}'",
+            after[0]
+        ),
+    )
+    .await;
+    assert_eq!(envelope[0]["id"], after[0].as_str());
+    assert_eq!(envelope[0]["data"]["n"], 9);
+    client
+        .batch_execute(&format!(
+            "update outbox.outbox set state = 'E' where event_id = '{}';
+             delete from outbox.outbox where event_id = '{}';
+             select outbox.add_partition(now() + interval '1 hour', now() + interval '2 hours');",
+            before[0], before[1]
+        ))
+        .await
+        .unwrap();
+    let left: Vec<i64> = first_column(&client, "select count(*) from outbox.outbox").await;
+    assert_eq!(left, [3]);
+    let dropped: Vec<i64> = first_column(
+        &client,
+        "select outbox.drop_old_partitions(now() + interval '3 hours')",
+    )
+    .await;
+    // The first partition holds unsent rows, so it stays; the empty second one goes.
+    assert_eq!(dropped, [0]);
+    let partitions: Vec<i64> =
+        first_column(&client, "select count(*) from outbox.partitions").await;
+    assert_eq!(partitions, [1]);
+}

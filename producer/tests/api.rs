@@ -42,8 +42,8 @@ async fn a_message_and_its_event_are_written_together() {
         .client()
         .await
         .query_one(
-            "select p.payload, o.headers, o.aggregate_id, o.topic, o.state::text
-               from outbox o join outbox_payloads p on p.outbox_id = o.id",
+            "select e.payload, o.headers, o.aggregate_id, o.topic, o.state::text
+               from outbox o join events e on e.id = o.id",
             &[],
         )
         .await
@@ -324,7 +324,7 @@ async fn a_failed_insert_on_either_side_leaves_no_row_on_the_other() {
         .batch_execute(
             "create function refuse() returns trigger language plpgsql as $$
                begin raise exception 'refused by test trigger'; end $$;
-             create trigger refuse_outbox before insert on outbox_payloads for each row
+             create trigger refuse_outbox before insert on events for each row
                when (new.payload->'data'->>'content' = 'fail-outbox') execute function refuse();
              create trigger refuse_message before insert on messages for each row
                when (new.content = 'fail-message') execute function refuse();",

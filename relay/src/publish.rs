@@ -52,23 +52,21 @@ pub const LOAD_CURSOR: &str = "
 /// row (held back behind it).
 pub const CLAIM_CURSOR: &str = "
     with fresh as (
-        select e.id, e.xid, e.topic, e.aggregate_id, e.headers, e.created_at from events e
+        select e.id, e.xid, e.topic, e.aggregate_id, e.payload, e.headers, e.created_at from events e
          where e.id > $3 and e.xid < $4::bigint::text::xid8
          order by e.id
          limit $1
     ), late as (
-        select e.id, e.xid, e.topic, e.aggregate_id, e.headers, e.created_at from events e
+        select e.id, e.xid, e.topic, e.aggregate_id, e.payload, e.headers, e.created_at from events e
          where e.xid >= $2::bigint::text::xid8 and e.xid < $4::bigint::text::xid8 and e.id <= $3
     ), cut as (
         select case when count(*) >= $1 then coalesce(max(id), $3) else 9223372036854775807 end as id
           from fresh
     ), ahead as (
-        select e.id, e.xid, e.topic, e.aggregate_id, e.headers, e.created_at from events e
+        select e.id, e.xid, e.topic, e.aggregate_id, e.payload, e.headers, e.created_at from events e
          where e.xid >= $4::bigint::text::xid8 and e.id <= (select id from cut)
     )
-    select c.id, c.topic, c.aggregate_id,
-           (select p.payload::text from outbox_payloads p where p.outbox_id = c.id and p.created_at = c.created_at),
-           c.headers, c.created_at,
+    select c.id, c.topic, c.aggregate_id, c.payload::text, c.headers, c.created_at,
            exists (select 1 from unsent u where u.id = c.id) as own,
            exists (select 1 from unsent u where u.aggregate_id = c.aggregate_id and u.state in ('P', 'X')) as held,
            (c.xid >= $5::bigint::text::xid8 or c.xid >= $4::bigint::text::xid8)
@@ -85,9 +83,7 @@ pub const CLAIM_UNSENT: &str = "
         select aggregate_id, min(id) as from_id from unsent
          where state in ('P', 'X') and next_attempt_at > now()
          group by aggregate_id)
-    select e.id, e.topic, e.aggregate_id,
-           (select p.payload::text from outbox_payloads p where p.outbox_id = e.id and p.created_at = e.created_at),
-           e.headers, u.attempts, e.created_at,
+    select e.id, e.topic, e.aggregate_id, e.payload::text, e.headers, u.attempts, e.created_at,
            u.last_error_kind = 'permanent' as solo
       from unsent u join events e on e.id = u.id and e.created_at = u.created_at
      where u.state in ('P', 'X') and u.next_attempt_at <= now()
@@ -241,8 +237,8 @@ struct Claimed {
     id: i64,
     topic: String,
     key: String,
-    /// None only if the row's `outbox_payloads` row was deleted by hand: sent as a record Kafka
-    /// refuses, so the row turns dead after its attempts instead of blocking its key.
+    /// None only if the row's envelope was set to null by hand: sent as a record Kafka refuses,
+    /// so the row turns dead after its attempts instead of blocking its key.
     payload: Option<String>,
     headers: Value,
     attempts: i32,

@@ -1,5 +1,4 @@
-//! Retention without dead rows: events live in time-range partitions (of `events`,
-//! `outbox_payloads` and `sent`,
+//! Retention without dead rows: events live in time-range partitions (of `events` and `sent`,
 //! made ahead by the leader); a partition whose time range ended more than `OUTBOX_RETENTION`
 //! ago and whose events are all sent is dropped whole. Only the default partition (events stamped
 //! before any partition covered their time) is trimmed row by row, a small batch at a time.
@@ -32,8 +31,6 @@ const DELETE_OLD_SENT_DEFAULT: &str = "
     ), gone as (
         delete from events_default e using old where e.id = old.id and e.created_at = old.created_at
         returning e.id
-    ), envelopes as (
-        delete from outbox_payloads_default p using old where p.outbox_id = old.id and p.created_at = old.created_at
     ), facts as (
         delete from sent_default s using old where s.id = old.id and s.created_at = old.created_at
     )

@@ -148,11 +148,7 @@ async fn bad_arguments_fail_the_callers_transaction_with_stable_sqlstates() {
     }
     assert_eq!(db.count("select count(*) from public.orders").await, 0);
     assert_eq!(db.count("select count(*) from outbox.outbox").await, 0);
-    assert_eq!(
-        db.count("select count(*) from outbox.outbox_payloads")
-            .await,
-        0
-    );
+    assert_eq!(db.count("select count(*) from outbox.events").await, 0);
     // The same call with good arguments publishes, routed by outbox.routes.
     client
         .query_one(
@@ -195,7 +191,7 @@ async fn the_publisher_role_may_publish_and_nothing_else() {
     assert!(id.starts_with("evt_"));
     for forbidden in [
         "select * from outbox.outbox",
-        "select * from outbox.outbox_payloads",
+        "select * from outbox.events",
         "select * from outbox.routes",
         "update outbox.outbox set state = 'D'",
         "delete from outbox.outbox",

@@ -67,24 +67,19 @@ async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> 
     let client = db.client().await;
     client
         .execute(
-            "with row as (
-                 insert into events (event_id, event_type, aggregate_id, topic, headers)
-                 select 'evt_bench_' || g, 'message.created', 'key-' || (g % $3), $1,
-                        jsonb_build_object('event_id', 'evt_bench_' || g, 'event_type', 'message.created', 'correlation_id', 'req_bench')
-                   from generate_series(1, $2::bigint) g
-                 returning id, event_id, created_at
-             )
-             insert into outbox_payloads (outbox_id, created_at, payload)
-             select id, created_at, json_build_object('id', event_id, 'event', 'message.created', 'version', '1.0',
-                        'idempotency_key', 'message.created-bench-' || event_id, 'timestamp', '2026-11-23T10:30:45.123Z',
+            "insert into events (event_id, event_type, aggregate_id, topic, headers, payload)
+             select 'evt_bench_' || g, 'message.created', 'key-' || (g % $3), $1,
+                    jsonb_build_object('event_id', 'evt_bench_' || g, 'event_type', 'message.created', 'correlation_id', 'req_bench'),
+                    json_build_object('id', 'evt_bench_' || g, 'event', 'message.created', 'version', '1.0',
+                        'idempotency_key', 'message.created-bench-evt_bench_' || g, 'timestamp', '2026-11-23T10:30:45.123Z',
                         'data', json_build_object('content', $4::text),
                         'metadata', json_build_object('source', 'bench', 'environment', 'bench', 'correlation_id', 'req_bench'))
-               from row",
+               from generate_series(1, $2::bigint) g",
             &[&topic, &args.events, &args.keys, &content],
         )
         .await?;
     client
-        .batch_execute("vacuum analyze events, outbox_payloads, sent, unsent")
+        .batch_execute("vacuum analyze events, sent, unsent")
         .await?;
     Ok(())
 }
