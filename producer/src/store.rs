@@ -132,7 +132,7 @@ pub async fn create_message(
     let headers = outbox_core::trace_context::traceparent(&tracing::Span::current())
         .map(|tp| json!({ outbox_core::trace_context::TRACEPARENT: tp }));
     let published = outbox::publish_returning_row(
-        &*tx,
+        &tx,
         &outbox::NewEvent {
             event_type: &new.event_type,
             key: &aggregate_id,
@@ -145,10 +145,15 @@ pub async fn create_message(
     )
     .await?;
     let outbox_id = published.outbox_id;
-    let row = tx
-        .query_one(
+    let insert = tx
+        .prepare_cached(
             "insert into messages (id, content, aggregate_id, event_type, event_id, outbox_id, data, correlation_id)
              values ($1, $2, $3, $4, $5, $6, $7, $8) returning created_at",
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            &insert,
             &[
                 &id,
                 &new.content,
