@@ -752,8 +752,10 @@ impl Publisher {
                 cursor
             }
         };
-        let xmin: i64 = client.query_one(SNAPSHOT_XMIN, &[]).await?.get(0);
-        // Prepared: planning these cost about as much as running them for small batches.
+        // Prepared: planning these cost about as much as running them for small batches, and an
+        // unprepared statement takes two round trips.
+        let snapshot_xmin = client.prepare_cached(SNAPSHOT_XMIN).await?;
+        let xmin: i64 = client.query_one(&snapshot_xmin, &[]).await?.get(0);
         let unsent = client.prepare_cached(CLAIM_UNSENT).await?;
         let mut rows: Vec<Claimed> = client
             .query(
