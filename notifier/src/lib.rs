@@ -180,7 +180,7 @@ pub async fn run(
         config.database.database_pool_size,
         SCHEMAS,
     )?;
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(&[routes::LOGGER, routes::NOTIFY]);
     let state = AppState {
         pool: pool.clone(),
         verifier: Arc::new(Verifier::new(
