@@ -18,6 +18,17 @@ pub struct DatabaseArgs {
     pub database_pool_size: usize,
 }
 
+impl DatabaseArgs {
+    /// The service's pool: `DATABASE_POOL_SIZE` connections to `DATABASE_URL` with `schemas` as
+    /// their `search_path`, opened lazily (see [`crate::db::pool`]).
+    pub fn pool(
+        &self,
+        schemas: &[crate::db::Schema],
+    ) -> Result<crate::db::PgPool, crate::db::DbError> {
+        crate::db::pool(&self.database_url, self.database_pool_size, schemas)
+    }
+}
+
 /// `KAFKA_BROKERS`, shared by the services that talk to Kafka.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
