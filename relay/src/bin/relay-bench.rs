@@ -208,7 +208,7 @@ async fn start_relay(
 
 /// Unsent: in `unsent` as P or X, or beyond the committed cursor without a sent fact. (A few
 /// index probes: polling it must not slow the relay down.)
-const UNSENT: &str = "select id from outbox.unsent_ids()";
+const UNSENT: &str = "select id from outbox.unsent_ids() id";
 
 /// Whether any row is unsent.
 async fn any_unsent(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
