@@ -4,15 +4,12 @@
 //! A row is marked `E` only after Kafka acknowledged it (acks=all, idempotent producer), so a crash
 //! at any point re-sends rather than loses; consumers deduplicate by event id.
 
+#[cfg(feature = "bench")]
+pub mod bench;
 mod group_lag;
 mod leader;
 mod metrics;
 mod publish;
-/// The relay's claim and mark statements, for relay-bench's PostgreSQL-only ceiling.
-#[cfg(feature = "bench")]
-pub mod statements {
-    pub use crate::publish::{Cursor, CLAIM_CURSOR, LOAD_CURSOR, MARK_BATCH, SNAPSHOT_XMIN};
-}
 mod retention;
 
 use std::sync::Arc;
