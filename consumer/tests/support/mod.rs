@@ -222,13 +222,13 @@ pub async fn create_endpoint(app: &TestConsumer, url: &str, types: &[&str]) -> (
 
 /// Every route the consumer serves, called in an order in which each reaches its handler, with
 /// the status the handler answers: the first creates the endpoint `ep-auth` the later ones use,
-/// the last deletes it.
+/// the last of its own deletes it (the routes every service serves follow).
 pub fn every_route() -> Vec<outbox_core::testing::RouteCall> {
     use outbox_core::testing::RouteCall;
     // One real endpoint, created through the guarded route itself, so the routes on it answer
     // as their handlers do; `nope` does not exist.
     let ep = "/endpoints/ep-auth";
-    vec![
+    RouteCall::served([
         RouteCall::new("POST", "/endpoints", "/endpoints", 201).json(json!({
             "id": "ep-auth", "url": "http://127.0.0.1:9/hook", "event_types": ["*"]
         })),
@@ -291,11 +291,7 @@ pub fn every_route() -> Vec<outbox_core::testing::RouteCall> {
         ),
         RouteCall::new("DELETE", "/endpoints/{id}", "/endpoints/nope", 404),
         RouteCall::new("DELETE", "/endpoints/{id}", ep, 204),
-        RouteCall::new("GET", "/health", "/health", 200),
-        RouteCall::new("GET", "/ready", "/ready", 200),
-        RouteCall::new("GET", "/metrics", "/metrics", 200),
-        RouteCall::new("GET", "/openapi.json", "/openapi.json", 200),
-    ]
+    ])
 }
 
 /// A fresh database and a fresh single-partition topic.
