@@ -423,6 +423,23 @@ pub async fn verify_in_python(request: &Received, secrets: &[&str]) -> Vec<[bool
     serde_json::from_slice(&out.stdout).expect("verifier prints JSON")
 }
 
+/// Waits (up to 60 s; `what` names the wait) until every one of `events` reached `receiver`,
+/// then checks nothing was recorded twice: one inbox row per event and, the endpoint being the
+/// only one, one succeeded delivery per event (the unique constraint forbids a second).
+pub async fn wait_for_each_delivered_once(
+    db: &TestDb,
+    receiver: &Receiver,
+    what: &str,
+    events: &[Envelope],
+) {
+    receiver
+        .wait_for_events(what, events, Duration::from_secs(60))
+        .await;
+    let n = events.len() as i64;
+    assert_eq!(db.count("select count(*) from inbox").await, n);
+    wait_for_succeeded(db, n).await;
+}
+
 /// Waits until exactly `n` deliveries are recorded as succeeded: a success is recorded just after
 /// the receiver answered, so a test that saw every request must still wait for the bookkeeping.
 pub async fn wait_for_succeeded(db: &TestDb, n: i64) {
