@@ -181,7 +181,7 @@ async fn start_relay(
     let mut config: relay::Config = outbox_core::config::from_env()?;
     config.database.database_url = db.url.clone();
     config.kafka.kafka_brokers = brokers.to_owned();
-    config.kafka_topic = topic.clone();
+    config.topics.kafka_topic = topic.clone();
     config.batch_size = load.batch_size;
     config.topic_partitions = load.partitions;
     let stop = CancellationToken::new();
