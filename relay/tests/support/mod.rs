@@ -109,6 +109,17 @@ impl Pipeline {
     }
 }
 
+/// Waits (up to `timeout`) until `n` outbox rows are sent (state E); `what` names the wait.
+pub async fn wait_for_sent(db: &TestDb, what: &str, n: i64, timeout: Duration) {
+    db.wait_for_count(
+        what,
+        "select count(*) from outbox where state = 'E'",
+        n,
+        timeout,
+    )
+    .await;
+}
+
 /// POSTs a message to the producer: `Some(event id)` when it answered 201, `None` otherwise
 /// (or when it did not answer).
 pub async fn post_message(producer: &TestProducer, body: Value) -> Option<String> {
