@@ -74,6 +74,13 @@ impl Receiver {
         Receiver { url, state }
     }
 
+    /// A receiver that answers `status` to every request until told otherwise.
+    pub async fn failing_with(status: u16) -> Receiver {
+        let receiver = Receiver::start().await;
+        receiver.fail_with(status);
+        receiver
+    }
+
     pub fn fail_with(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
     }
