@@ -203,11 +203,7 @@ pub async fn run(
         Some(path) => endpoints::read_file(path, config.allow_private_endpoints)?,
         None => Vec::new(),
     };
-    let pool = db::pool(
-        &config.database.database_url,
-        config.database.database_pool_size,
-        SCHEMAS,
-    )?;
+    let pool = config.database.pool(SCHEMAS)?;
     let metrics = Metrics::new();
     metrics.init_series(
         &config.consumer_topics,

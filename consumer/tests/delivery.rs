@@ -69,8 +69,7 @@ async fn signatures_verify_under_an_independent_implementation_also_during_rotat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it() {
     let (db, topic) = setup(1).await;
-    let receiver = Receiver::start().await;
-    receiver.fail_with(500);
+    let receiver = Receiver::failing_with(500).await;
     let mut c = config(&db, &topic);
     // Enough attempts that nothing dies during the test; one request at a time per endpoint, so
     // "exactly five failures" is exact; two dispatchers compete for the probe slot.
@@ -148,8 +147,7 @@ async fn a_failing_endpoint_opens_the_breaker_then_one_probe_at_a_time_closes_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_answering_429_with_retry_after_is_not_retried_sooner() {
     let (db, topic) = setup(1).await;
-    let receiver = Receiver::start().await;
-    receiver.fail_with(429);
+    let receiver = Receiver::failing_with(429).await;
     receiver
         .state
         .retry_after_secs
@@ -187,8 +185,7 @@ async fn a_receiver_answering_429_with_retry_after_is_not_retried_sooner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_delivers_it_once() {
     let (db, topic) = setup(1).await;
-    let receiver = Receiver::start().await;
-    receiver.fail_with(503);
+    let receiver = Receiver::failing_with(503).await;
     let mut c = config(&db, &topic);
     c.retry_schedule = "0ms,200ms,400ms".parse().unwrap();
     c.breaker.breaker_failures = 100;

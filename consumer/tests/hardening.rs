@@ -380,8 +380,7 @@ async fn a_hung_endpoint_does_not_slow_a_healthy_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_reset_releases_every_delivery_the_breaker_held_and_only_those() {
     let (db, topic) = setup(1).await;
-    let receiver = Receiver::start().await;
-    receiver.fail_with(500);
+    let receiver = Receiver::failing_with(500).await;
     let parked_receiver = Receiver::start().await;
     let mut c = config(&db, &topic);
     c.retry_schedule = std::iter::once("0ms")

@@ -42,16 +42,13 @@ async fn postgres_stopped_under_the_consumer_loses_nothing() {
     );
 
     chaos_stack("pg-start");
-    receiver
-        .wait_for_events(
-            "every event delivered after PostgreSQL's return",
-            &events,
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(db.count("select count(*) from inbox").await, 150);
-    // One delivery per (event, endpoint); the unique constraint forbids a second.
-    support::wait_for_succeeded(&db, 150).await;
+    support::wait_for_each_delivered_once(
+        &db,
+        &receiver,
+        "every event delivered after PostgreSQL's return",
+        &events,
+    )
+    .await;
     consumer.stop().await;
     chaos_stack("pg-stop");
 }

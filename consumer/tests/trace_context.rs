@@ -33,8 +33,7 @@ async fn export_spans() {
 async fn a_retry_by_a_new_consumer_instance_continues_the_kafka_records_trace() {
     export_spans().await;
     let (db, topic) = setup(1).await;
-    let receiver = Receiver::start().await;
-    receiver.fail_with(500);
+    let receiver = Receiver::failing_with(500).await;
     let mut cfg = config(&db, &topic);
     // The first attempt at once, the retry an hour later: only the test makes it due sooner.
     cfg.retry_schedule = "0ms,1h,1h".parse().unwrap();

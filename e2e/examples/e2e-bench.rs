@@ -17,14 +17,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::Parser;
-use outbox_core::testing::bench::{percentile, quiet_logging, write_results};
+use outbox_core::testing::bench::{open_loop, percentile, quiet_logging, write_results};
 use serde_json::{json, Value};
 
+/// POST /messages → webhook at the notifier, latency at offered rates.
 #[derive(Parser)]
-#[command(
-    name = "e2e-bench",
-    about = "POST /messages → webhook at the notifier, latency at offered rates"
-)]
+#[command(name = "e2e-bench")]
 struct Args {
     /// Offered rates, requests per second, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "500,2000")]
@@ -77,29 +75,20 @@ async fn measure(
         "offering {rate} requests/s for {:?}",
         args.duration
     ));
-    let total = (rate as f64 * args.duration.as_secs_f64()).max(1.0) as u64;
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let mut requests = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        ticker.tick().await;
+    let (requests, achieved) = open_loop(rate, args.duration, |i| {
         let (stack, content) = (stack.clone(), format!("{content} {rate}-{i}"));
-        requests.push(tokio::spawn(async move {
+        async move {
             let sent = Utc::now();
             stack
                 .post(content, &format!("req_bench_{rate}_{i}"))
                 .await
                 .map(|id| (id, sent))
-        }));
-    }
-    let mut sent_at = HashMap::with_capacity(requests.len());
-    for r in requests {
-        if let Some((id, at)) = r.await.expect("request task") {
-            sent_at.insert(id, at);
         }
-    }
-    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    })
+    .await
+    .expect("request task");
+    let total = requests.len() as u64;
+    let sent_at: HashMap<String, DateTime<Utc>> = requests.into_iter().flatten().collect();
     let refused = total - sent_at.len() as u64;
     let ids: Vec<String> = sent_at.keys().cloned().collect();
     let deadline = Instant::now() + args.timeout;

@@ -129,13 +129,6 @@ pub struct Config {
     pub max_body_bytes: usize,
 }
 
-impl Config {
-    /// The breaker thresholds, a probe being one notification.
-    pub fn breaker_policy(&self) -> BreakerPolicy {
-        self.breaker.policy(self.notify_timeout)
-    }
-}
-
 /// Handles shared by every request.
 #[derive(Clone)]
 pub struct AppState {
@@ -175,12 +168,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let channels = channels::from_config(&config)?;
-    let pool = db::pool(
-        &config.database.database_url,
-        config.database.database_pool_size,
-        SCHEMAS,
-    )?;
-    let metrics = Metrics::new();
+    let pool = config.database.pool(SCHEMAS)?;
+    let metrics = Metrics::new(&[routes::LOGGER, routes::NOTIFY]);
     let state = AppState {
         pool: pool.clone(),
         verifier: Arc::new(Verifier::new(
@@ -188,7 +177,8 @@ pub async fn run(
             config.webhook_tolerance,
         )),
         channels: Arc::new(channels),
-        policy: config.breaker_policy(),
+        // A probe is one notification.
+        policy: config.breaker.policy(config.notify_timeout),
         metrics: metrics.clone(),
         migrated: Arc::new(AtomicBool::new(false)),
         notify_slots: Arc::new(Semaphore::new(

@@ -45,7 +45,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The metrics of one instance, with a series at 0 for every channel's outcomes and for every
+    /// outcome of each of `webhook_routes` (the `route` labels).
+    pub fn new(webhook_routes: &[&str]) -> Self {
         let registry = Registry::new();
         let metrics = Metrics {
             webhooks_received: register(
@@ -91,7 +93,7 @@ impl Metrics {
                 metrics.notifications.with_label_values(&[channel, outcome]);
             }
         }
-        for route in [crate::routes::LOGGER, crate::routes::NOTIFY] {
+        for &route in webhook_routes {
             for outcome in received::ALL {
                 metrics
                     .webhooks_received
@@ -120,12 +122,6 @@ impl Metrics {
         self.notifications
             .with_label_values(&[channel, outcome])
             .inc();
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use outbox_core::admin_auth::{with_operational_routes, RouteSpec};
 use outbox_core::breaker::{self, Admission, BreakerView};
-use outbox_core::config::time_until;
+use outbox_core::duration::time_until;
 use outbox_core::http::{next_cursor, openapi, ApiError, PageLimit, QueryParams};
 use outbox_core::signature::VerifyError;
 use serde::{Deserialize, Serialize};

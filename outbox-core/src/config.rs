@@ -18,6 +18,17 @@ pub struct DatabaseArgs {
     pub database_pool_size: usize,
 }
 
+impl DatabaseArgs {
+    /// The service's pool: `DATABASE_POOL_SIZE` connections to `DATABASE_URL` with `schemas` as
+    /// their `search_path`, opened lazily (see [`crate::db::pool`]).
+    pub fn pool(
+        &self,
+        schemas: &[crate::db::Schema],
+    ) -> Result<crate::db::PgPool, crate::db::DbError> {
+        crate::db::pool(&self.database_url, self.database_pool_size, schemas)
+    }
+}
+
 /// `KAFKA_BROKERS`, shared by the services that talk to Kafka.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
@@ -119,20 +130,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// `d` as a `chrono::Duration`, to add to a timestamp; a duration too long for chrono (which
-/// holds ±292 years) becomes `chrono::Duration::MAX` rather than failing.
-pub fn chrono_duration(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
-/// How long from `now` until `at`; zero when `at` has passed.
-pub fn time_until(
-    at: chrono::DateTime<chrono::Utc>,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Duration {
-    (at - now).to_std().unwrap_or(Duration::ZERO)
-}
-
 /// `url` with its password replaced by `***`, for logs and messages: `postgres://user:***@host/db`.
 /// Also masks a `password=` query parameter and `password=…` in a key/value connection string
 /// (`host=h password=p`). Anything without a password comes back unchanged.
@@ -186,24 +183,6 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_convert_to_chrono_saturating_and_back_from_instants() {
-        assert_eq!(
-            chrono_duration(Duration::from_millis(1500)),
-            chrono::Duration::milliseconds(1500)
-        );
-        assert_eq!(chrono_duration(Duration::MAX), chrono::Duration::MAX);
-        let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
-        assert_eq!(
-            time_until(now + chrono::Duration::milliseconds(250), now),
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            time_until(now - chrono::Duration::seconds(1), now),
-            Duration::ZERO
-        );
-    }
 
     #[test]
     fn durations_in_every_unit() {

@@ -2,11 +2,11 @@
 //!
 //! Each module is one noun of the product: [`envelope`] (the event JSON), [`outbox`] (row states),
 //! [`signature`] (sign and verify webhooks), [`breaker`] (the circuit breaker and its persistence),
-//! [`schedule`] (retry delays), [`config`] (environment parsing), [`db`] (pool and migrations),
-//! [`kafka`] (client settings), [`telemetry`] (logs and metrics), [`http`] (the routes and error
-//! shape every service has), [`admin_auth`] (the `ADMIN_TOKEN` check), [`retention`] (periodic
-//! batched deletes), [`reconnect`] (the one reconnect backoff) and [`shutdown`] (the signal and
-//! the cancellable sleep).
+//! [`schedule`] (retry delays), [`config`] (environment parsing), [`duration`] (durations against
+//! timestamps), [`db`] (pool and migrations), [`kafka`] (client settings), [`telemetry`] (logs and
+//! metrics), [`http`] (the routes and error shape every service has), [`admin_auth`] (the
+//! `ADMIN_TOKEN` check), [`retention`] (periodic batched deletes), [`reconnect`] (the one
+//! reconnect backoff) and [`shutdown`] (the signal and the cancellable sleep).
 
 // glibc's malloc was a fifth of the consumer's CPU under load (perf: _int_malloc, _int_free,
 // malloc_consolidate); mimalloc serves the many short-lived HTTP and SQL buffers far cheaper.
@@ -17,6 +17,7 @@ pub mod admin_auth;
 pub mod breaker;
 pub mod config;
 pub mod db;
+pub mod duration;
 pub mod envelope;
 pub mod http;
 pub mod kafka;

@@ -1,6 +1,26 @@
 //! Which Kafka topic an event type goes to (`TOPIC_ROUTES`), shared by the producer, which stamps
 //! each outbox row with its topic, and the relay, which creates those topics at start-up.
 
+/// `KAFKA_TOPIC` and `TOPIC_ROUTES`, which the producer and the relay are given alike: the producer
+/// stamps each outbox row with its topic, the relay creates every topic at start-up.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicArgs {
+    /// Topic of `message.*` events (the relay creates it at start-up when missing).
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "messages")]
+    pub kafka_topic: String,
+    /// Further event type → topic rules, first match wins: `order.*=orders,user.deleted=gdpr`
+    /// (the relay creates their topics too).
+    #[arg(long, env = "TOPIC_ROUTES", default_value = "")]
+    pub topic_routes: String,
+}
+
+impl TopicArgs {
+    /// The routes these settings name ([`TopicRoutes::parse`]).
+    pub fn routes(&self) -> Result<TopicRoutes, String> {
+        TopicRoutes::parse(&self.topic_routes, &self.kafka_topic)
+    }
+}
+
 /// Event type → topic rules, first match wins: `message.*=messages,order.created=orders`.
 /// A pattern is an exact type, a prefix ending in `.*`, or `*`.
 #[derive(Debug, Clone, PartialEq)]

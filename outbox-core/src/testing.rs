@@ -141,6 +141,20 @@ impl TestDb {
         self.pool.get().await.expect("test database connection")
     }
 
+    /// Runs `sql` with `params` (a change a test makes by hand, as an operator would); returns
+    /// the rows it touched and panics, naming `sql`, when it fails.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> u64 {
+        self.client()
+            .await
+            .execute(sql, params)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Waits (up to `timeout`) until [`TestDb::count`] of `sql` is `expected`; panics naming
     /// `what` and the last count otherwise.
     pub async fn wait_for_count(&self, what: &str, sql: &str, expected: i64, timeout: Duration) {

@@ -1,7 +1,17 @@
 //! `outbox.unsent_ids()`, the list the backlog gauges, `/stats` and `/outbox?state=` read,
 //! against a real PostgreSQL: what it lists, and that it reads indexes, not every sent event.
 
+use outbox_core::db::Client;
 use outbox_core::testing::TestDb;
+
+/// A fresh database with `sql` run on it (the tables as a relay would leave them), and a
+/// connection to it.
+async fn database_after(sql: &str) -> (TestDb, Client) {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client.batch_execute(sql).await.unwrap();
+    (db, client)
+}
 
 async fn unsent(db: &TestDb, with_dead: bool) -> Vec<i64> {
     let client = db.client().await;
@@ -18,13 +28,10 @@ async fn unsent(db: &TestDb, with_dead: bool) -> Vec<i64> {
 
 #[tokio::test]
 async fn lists_the_events_beyond_the_cursor_without_a_sent_fact_and_the_unsent_rows() {
-    let db = TestDb::create().await;
-    let client = db.client().await;
     // Ten events in one transaction (one xid), then the cursor past the first six, of which 1-5
     // were sent; 6 was put in unsent as X, 5 as D (by hand: the tables as the relay leaves them).
-    client
-        .batch_execute(
-            "select outbox.publish('order.created', 'k', '{}', 'orders') from generate_series(1, 10);
+    let (db, client) = database_after(
+        "select outbox.publish('order.created', 'k', '{}', 'orders') from generate_series(1, 10);
              update relay_cursor set xmin_done = ((select max(xid) from events)::text::bigint + 1)::text::xid8, id_done = 6;
              insert into sent (id, created_at, kafka_partition, kafka_offset)
                   select id, created_at, 0, id from events where id <= 4;
@@ -33,9 +40,8 @@ async fn lists_the_events_beyond_the_cursor_without_a_sent_fact_and_the_unsent_r
              -- 9 was sent ahead of the cursor.
              insert into sent (id, created_at, kafka_partition, kafka_offset)
                   select id, created_at, 0, id from events where id = 9;",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     assert_eq!(unsent(&db, false).await, vec![6, 7, 8, 10]);
     assert_eq!(unsent(&db, true).await, vec![5, 6, 7, 8, 10]);
 
@@ -51,19 +57,15 @@ async fn lists_the_events_beyond_the_cursor_without_a_sent_fact_and_the_unsent_r
 
 #[tokio::test]
 async fn reads_indexes_not_every_sent_event() {
-    let db = TestDb::create().await;
-    let client = db.client().await;
-    client
-        .batch_execute(
-            "select outbox.publish('order.created', 'k' || i, '{}', 'orders') from generate_series(1, 20000) i;
+    let (_db, client) = database_after(
+        "select outbox.publish('order.created', 'k' || i, '{}', 'orders') from generate_series(1, 20000) i;
              insert into sent (id, created_at, kafka_partition, kafka_offset)
                   select id, created_at, 0, id from events;
              update relay_cursor set xmin_done = ((select max(xid) from events)::text::bigint + 1)::text::xid8,
                                      id_done = 20000;
              analyze events, sent, unsent, relay_cursor;",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     // The function itself, with the tables' scan counters around it: any sequential scan of an
     // events partition would read every event.
     client

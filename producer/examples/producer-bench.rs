@@ -18,11 +18,9 @@ use outbox_core::testing::TestDb;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+/// POST /messages throughput next to pgbench of its transaction.
 #[derive(Parser, Clone)]
-#[command(
-    name = "producer-bench",
-    about = "POST /messages throughput next to pgbench of its transaction"
-)]
+#[command(name = "producer-bench")]
 struct Args {
     /// How long wrk and pgbench each run.
     #[arg(long, default_value = "15s", value_parser = outbox_core::config::parse_duration)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{Operational, Readiness};
-use outbox_core::routing::TopicRoutes;
+use outbox_core::routing::{TopicArgs, TopicRoutes};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -41,12 +41,8 @@ pub struct Config {
     /// Address the HTTP API listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: String,
-    /// Topic of `message.*` events.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "messages")]
-    pub kafka_topic: String,
-    /// Further event type → topic rules, first match wins: `order.*=orders,user.deleted=gdpr`.
-    #[arg(long, env = "TOPIC_ROUTES", default_value = "")]
-    pub topic_routes: String,
+    #[command(flatten)]
+    pub topics: TopicArgs,
     /// Written into every envelope's `metadata.environment`.
     #[arg(long, env = "ENVIRONMENT", default_value = "dev")]
     pub environment: String,
@@ -92,8 +88,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let routes = TopicRoutes::parse(&config.topic_routes, &config.kafka_topic)
-        .map_err(anyhow::Error::msg)?;
+    let routes = config.topics.routes().map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
         !config.environment.is_empty()
             && config

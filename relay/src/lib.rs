@@ -4,15 +4,12 @@
 //! A row is marked `E` only after Kafka acknowledged it (acks=all, idempotent producer), so a crash
 //! at any point re-sends rather than loses; consumers deduplicate by event id.
 
+#[cfg(feature = "bench")]
+pub mod bench;
 mod group_lag;
 mod leader;
 mod metrics;
 mod publish;
-/// The relay's claim and mark statements, for relay-bench's PostgreSQL-only ceiling.
-#[cfg(feature = "bench")]
-pub mod statements {
-    pub use crate::publish::{Cursor, CLAIM_CURSOR, LOAD_CURSOR, MARK_BATCH, SNAPSHOT_XMIN};
-}
 mod retention;
 
 use std::sync::Arc;
@@ -22,7 +19,7 @@ use axum::Router;
 use outbox_core::config::{parse_duration, DatabaseArgs, HttpArgs, KafkaArgs};
 use outbox_core::db::{self, PgPool};
 use outbox_core::http::{operational_routes, Operational, Readiness};
-use outbox_core::routing::TopicRoutes;
+use outbox_core::routing::TopicArgs;
 use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,12 +45,8 @@ pub struct Config {
     /// Address of the health and metrics endpoints.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
     pub listen_addr: String,
-    /// Topic of `message.*` events (created at start-up when missing).
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "messages")]
-    pub kafka_topic: String,
-    /// Further event type → topic rules, as the producer has them (their topics are created too).
-    #[arg(long, env = "TOPIC_ROUTES", default_value = "")]
-    pub topic_routes: String,
+    #[command(flatten)]
+    pub topics: TopicArgs,
     /// Partitions of the topics the relay creates.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub topic_partitions: i32,
@@ -138,8 +131,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let routes = TopicRoutes::parse(&config.topic_routes, &config.kafka_topic)
-        .map_err(anyhow::Error::msg)?;
+    let routes = config.topics.routes().map_err(anyhow::Error::msg)?;
     // Everything the relay writes is redone if lost (marks: the row is sent again; retention:
     // the rows are deleted next time), so its commits need not wait for the WAL flush.
     let pool = db::pool_without_flush_wait(

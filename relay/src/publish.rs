@@ -453,7 +453,7 @@ impl Publisher {
             Err(_) => None,
         };
         match next {
-            Some(at) => outbox_core::config::time_until(at, Utc::now())
+            Some(at) => outbox_core::duration::time_until(at, Utc::now())
                 .clamp(Duration::from_millis(5), self.poll_interval),
             None => self.poll_interval,
         }

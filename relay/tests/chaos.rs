@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use outbox_core::testing::{
     chaos_stack, eventually, kafka_brokers, read_topic, read_topic_from, CHAOS_BROKER,
 };
-use support::{contents_by_key, id_counts, message, Pipeline};
+use support::{contents_by_key, id_counts, message, wait_for_sent, Pipeline};
 
 #[tokio::test]
 async fn kafka_stopped_under_load_loses_nothing_and_keeps_per_key_order() {
@@ -187,13 +187,7 @@ async fn killing_the_leader_hands_over_to_the_standby_and_loses_nothing() {
         "standby leads {:?} after the leader was killed",
         killed_at.unwrap().elapsed()
     );
-    db.wait_for_count(
-        "every row sent",
-        "select count(*) from outbox where state = 'E'",
-        total as i64,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_for_sent(&db, "every row sent", total as i64, Duration::from_secs(60)).await;
 
     let records = read_topic(&topic, total, Duration::from_secs(30)).await;
     let counts = id_counts(&records);
@@ -224,13 +218,7 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
         assert_eq!(status, 201);
         ids.push(event_id(body));
     }
-    db.wait_for_count(
-        "the first rows sent",
-        "select count(*) from outbox where state = 'E'",
-        10,
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_for_sent(&db, "the first rows sent", 10, Duration::from_secs(30)).await;
 
     chaos_stack("pg-stop");
     let (status, body) = post("during".into()).await;
@@ -256,9 +244,9 @@ async fn postgres_stopped_gets_503s_and_half_written_nothing_then_everything_res
         .await;
         ids.push(event_id(body));
     }
-    db.wait_for_count(
+    wait_for_sent(
+        &db,
         "every row sent after PostgreSQL's return",
-        "select count(*) from outbox where state = 'E'",
         20,
         Duration::from_secs(30),
     )

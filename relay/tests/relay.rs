@@ -84,14 +84,11 @@ async fn an_older_row_waiting_for_retry_holds_back_newer_rows_of_its_key() {
     let first = p.post(message("first", Some("held"))).await;
     p.post(message("second", Some("held"))).await;
     p.post(message("other", Some("free"))).await;
-    p.db.client()
-        .await
-        .execute(
-            "update outbox set state = 'X', attempts = 1, next_attempt_at = now() + interval '2 seconds' where event_id = $1",
-            &[&first],
-        )
-        .await
-        .unwrap();
+    p.db.execute(
+        "update outbox set state = 'X', attempts = 1, next_attempt_at = now() + interval '2 seconds' where event_id = $1",
+        &[&first],
+    )
+    .await;
     // A relay of its own election, as a fresh one would be.
     p.relay.config.lock_key = support::rand_key();
     p.relay.start().await;
@@ -188,14 +185,11 @@ async fn retention_deletes_old_sent_rows_only() {
         .post_many((0..6).map(|i| message(format!("r{i}"), None)).collect(), 6)
         .await;
     p.all_sent(6, Duration::from_secs(30)).await;
-    p.db.client()
-        .await
-        .execute(
-            "update outbox set created_at = now() - interval '3 hours', sent_at = now() - interval '2 hours' where event_id = any($1)",
-            &[&ids[..4].to_vec()],
-        )
-        .await
-        .unwrap();
+    p.db.execute(
+        "update outbox set created_at = now() - interval '3 hours', sent_at = now() - interval '2 hours' where event_id = any($1)",
+        &[&ids[..4].to_vec()],
+    )
+    .await;
     p.db.wait_for_count(
         "old sent rows deleted",
         "select count(*) from outbox",
@@ -335,14 +329,11 @@ async fn retention_drops_whole_partitions_and_keeps_the_one_with_an_unsent_row()
     assert!(first_parts.iter().all(|t| !second_parts.contains(t)));
     p.all_sent(4, Duration::from_secs(20)).await;
     // The row of the second partition turns dead: unsent, it keeps its partition.
-    p.db.client()
-        .await
-        .execute(
-            "update outbox set state = 'D', attempts = 5, last_error = 'by hand' where event_id = $1",
-            &[&second[0]],
-        )
-        .await
-        .unwrap();
+    p.db.execute(
+        "update outbox set state = 'D', attempts = 5, last_error = 'by hand' where event_id = $1",
+        &[&second[0]],
+    )
+    .await;
     p.db.wait_for_count(
         "the first partition dropped",
         "select count(*) from outbox",

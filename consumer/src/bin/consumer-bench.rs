@@ -18,11 +18,9 @@ use outbox_core::testing::{self, TestDb};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
+/// Webhook delivery throughput of the consumer.
 #[derive(Parser)]
-#[command(
-    name = "consumer-bench",
-    about = "Webhook delivery throughput of the consumer"
-)]
+#[command(name = "consumer-bench")]
 struct Args {
     /// Events put into Kafka (one endpoint, so as many deliveries).
     #[arg(long, default_value_t = 50_000)]

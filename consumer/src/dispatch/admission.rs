@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use outbox_core::breaker::{self, Admission, Breaker, BreakerPolicy, BreakerState};
-use outbox_core::config::chrono_duration;
 use outbox_core::db::PgPool;
+use outbox_core::duration::chrono_duration;
 
 use super::limits::lock;
 use crate::delivery::decision::Verdict;

@@ -74,6 +74,13 @@ impl Receiver {
         Receiver { url, state }
     }
 
+    /// A receiver that answers `status` to every request until told otherwise.
+    pub async fn failing_with(status: u16) -> Receiver {
+        let receiver = Receiver::start().await;
+        receiver.fail_with(status);
+        receiver
+    }
+
     pub fn fail_with(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
     }
@@ -222,13 +229,13 @@ pub async fn create_endpoint(app: &TestConsumer, url: &str, types: &[&str]) -> (
 
 /// Every route the consumer serves, called in an order in which each reaches its handler, with
 /// the status the handler answers: the first creates the endpoint `ep-auth` the later ones use,
-/// the last deletes it.
+/// the last of its own deletes it (the routes every service serves follow).
 pub fn every_route() -> Vec<outbox_core::testing::RouteCall> {
     use outbox_core::testing::RouteCall;
     // One real endpoint, created through the guarded route itself, so the routes on it answer
     // as their handlers do; `nope` does not exist.
     let ep = "/endpoints/ep-auth";
-    vec![
+    RouteCall::served([
         RouteCall::new("POST", "/endpoints", "/endpoints", 201).json(json!({
             "id": "ep-auth", "url": "http://127.0.0.1:9/hook", "event_types": ["*"]
         })),
@@ -291,11 +298,7 @@ pub fn every_route() -> Vec<outbox_core::testing::RouteCall> {
         ),
         RouteCall::new("DELETE", "/endpoints/{id}", "/endpoints/nope", 404),
         RouteCall::new("DELETE", "/endpoints/{id}", ep, 204),
-        RouteCall::new("GET", "/health", "/health", 200),
-        RouteCall::new("GET", "/ready", "/ready", 200),
-        RouteCall::new("GET", "/metrics", "/metrics", 200),
-        RouteCall::new("GET", "/openapi.json", "/openapi.json", 200),
-    ]
+    ])
 }
 
 /// A fresh database and a fresh single-partition topic.
@@ -425,6 +428,23 @@ pub async fn verify_in_python(request: &Received, secrets: &[&str]) -> Vec<[bool
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("verifier prints JSON")
+}
+
+/// Waits (up to 60 s; `what` names the wait) until every one of `events` reached `receiver`,
+/// then checks nothing was recorded twice: one inbox row per event and, the endpoint being the
+/// only one, one succeeded delivery per event (the unique constraint forbids a second).
+pub async fn wait_for_each_delivered_once(
+    db: &TestDb,
+    receiver: &Receiver,
+    what: &str,
+    events: &[Envelope],
+) {
+    receiver
+        .wait_for_events(what, events, Duration::from_secs(60))
+        .await;
+    let n = events.len() as i64;
+    assert_eq!(db.count("select count(*) from inbox").await, n);
+    wait_for_succeeded(db, n).await;
 }
 
 /// Waits until exactly `n` deliveries are recorded as succeeded: a success is recorded just after

@@ -62,16 +62,16 @@ impl Stack {
 
         let mut producer_config: producer::Config = outbox_core::config::from_env().unwrap();
         producer_config.database.database_url = db.url.clone();
-        producer_config.kafka_topic = topic.clone();
-        producer_config.topic_routes = routes.to_owned();
+        producer_config.topics.kafka_topic = topic.clone();
+        producer_config.topics.topic_routes = routes.to_owned();
         producer_config.admin_token = None;
         let producer = TestApp::spawn(db.clone(), producer_config, producer::run).await;
 
         let mut relay_config: relay::Config = outbox_core::config::from_env().unwrap();
         relay_config.database.database_url = db.url.clone();
         relay_config.kafka.kafka_brokers = brokers.to_owned();
-        relay_config.kafka_topic = topic.clone();
-        relay_config.topic_routes = routes.to_owned();
+        relay_config.topics.kafka_topic = topic.clone();
+        relay_config.topics.topic_routes = routes.to_owned();
         relay_config.poll_interval = Duration::from_millis(200);
         relay_config.send_timeout = Duration::from_secs(1);
         relay_config.retry_max = Duration::from_millis(500);

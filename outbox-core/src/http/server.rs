@@ -31,11 +31,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::Request;
 use axum::middleware;
 use axum::Router;
-use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -145,12 +145,13 @@ async fn serve_connection(
                     .oneshot(request)
                     .await
                     .unwrap_or_else(|never| match never {});
-                // The request stays in flight until hyper has written (and dropped) the body.
+                // The request stays in flight until hyper has written (or aborted) the body and
+                // dropped it, with the frame mapper that owns the guard.
                 Ok::<_, Infallible>(response.map(|body| {
-                    Body::new(GuardedBody {
-                        inner: body,
-                        _in_flight: in_flight,
-                    })
+                    Body::new(body.map_frame(move |frame| {
+                        let _in_flight = &in_flight;
+                        frame
+                    }))
                 }))
             }
         })
@@ -343,30 +344,6 @@ impl Drop for InFlight {
             .store(activity.now_ms(), Ordering::SeqCst);
         activity.in_flight.fetch_sub(1, Ordering::SeqCst);
         activity.changed.notify_waiters();
-    }
-}
-
-/// A response body that keeps its request in flight until hyper drops it (written or aborted).
-struct GuardedBody {
-    inner: Body,
-    _in_flight: InFlight,
-}
-
-impl http_body::Body for GuardedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

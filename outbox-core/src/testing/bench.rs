@@ -1,6 +1,7 @@
 //! What the benchmark binaries share (relay-bench, debezium-bench, producer-bench, e2e-bench):
-//! quiet logging, percentiles, the raw produce ceiling and where results go.
+//! quiet logging, percentiles, the open-loop load, the raw produce ceiling and where results go.
 
+use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,36 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Offers `call(i)` `rate` times a second for `duration` (at least once), `i` counting from 0: an
+/// open loop, each call a task of its own started on its tick whatever the earlier ones are doing
+/// (a tick missed on a busy machine is caught up at once). Returns every call's output in the
+/// order offered, and the rate achieved: calls per second from the first tick until the last
+/// call returned.
+pub async fn open_loop<T, Fut>(
+    rate: u64,
+    duration: Duration,
+    mut call: impl FnMut(u64) -> Fut,
+) -> anyhow::Result<(Vec<T>, f64)>
+where
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let total = (rate as f64 * duration.as_secs_f64()).max(1.0) as u64;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut calls = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        ticker.tick().await;
+        calls.push(tokio::spawn(call(i)));
+    }
+    let mut outputs = Vec::with_capacity(calls.len());
+    for call in calls {
+        outputs.push(call.await?);
+    }
+    Ok((outputs, total as f64 / started.elapsed().as_secs_f64()))
 }
 
 /// Sends `count` records (`payload(i)`, keyed over `keys` keys) as fast as librdkafka takes them;

@@ -57,4 +57,14 @@ impl super::RouteCall {
             .iter()
             .map(|&(method, route)| Self::new(method, route, route, 200))
     }
+
+    /// Every route a service with an HTTP API serves: its own `calls`, in their order, then
+    /// `GET /openapi.json` and the [`operational`](Self::operational) routes.
+    pub fn served(calls: impl IntoIterator<Item = Self>) -> Vec<Self> {
+        calls
+            .into_iter()
+            .chain([Self::get("/openapi.json", 200)])
+            .chain(Self::operational())
+            .collect()
+    }
 }

@@ -17,7 +17,7 @@ pub type TestProducer = TestApp<producer::Config>;
 pub fn config(database_url: &str) -> producer::Config {
     let mut config: producer::Config = outbox_core::config::from_env().expect("defaults parse");
     config.database.database_url = database_url.to_owned();
-    config.kafka_topic = "messages-test".into();
+    config.topics.kafka_topic = "messages-test".into();
     // An ADMIN_TOKEN in the developer's environment must not close the routes tests read.
     config.admin_token = None;
     config

@@ -22,43 +22,31 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
 use outbox_core::kafka;
-use outbox_core::testing::bench::{percentile, quiet_logging, raw_produce, write_results};
+use outbox_core::testing::bench::{
+    open_loop, percentile, quiet_logging, raw_produce, write_results,
+};
 use outbox_core::testing::{unique_topic, TestDb};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use relay::bench::Workload;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+/// The relay next to Debezium's outbox connector, on the same PostgreSQL and Kafka.
 #[derive(Parser, Clone)]
-#[command(
-    name = "debezium-bench",
-    about = "The relay next to Debezium's outbox connector, on the same PostgreSQL and Kafka"
-)]
+#[command(name = "debezium-bench")]
 struct Args {
-    /// Backlog size of each drain (a warm-up drain of as many runs first, for each system).
-    #[arg(long, default_value_t = 200_000)]
-    events: i64,
-    /// Approximate size of each event's envelope, in bytes.
-    #[arg(long, default_value_t = 1024)]
-    payload_bytes: usize,
+    #[command(flatten)]
+    workload: Workload,
     /// Offered rates of the latency measurements, events per second, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "500,2000,10000")]
     rates: Vec<u64>,
     /// How long each latency measurement offers its rate.
     #[arg(long, default_value = "10s", value_parser = outbox_core::config::parse_duration)]
     duration: Duration,
-    /// Partitions of every benchmark topic.
-    #[arg(long, default_value_t = 6)]
-    partitions: i32,
-    /// Distinct aggregate keys.
-    #[arg(long, default_value_t = 1000)]
-    keys: i64,
-    /// Rows per relay batch (the relay's default, RELAY_BATCH_SIZE).
-    #[arg(long, default_value_t = 4000)]
-    batch_size: i64,
     /// The Kafka Connect worker's REST API.
     #[arg(long, default_value = "http://127.0.0.1:18089")]
     connect_url: String,
@@ -596,11 +584,12 @@ struct Relay {
 }
 
 async fn start_relay(args: &Args, brokers: &str, db: &TestDb) -> anyhow::Result<Relay> {
+    let load = &args.workload;
     let mut config: relay::Config = outbox_core::config::from_env()?;
     config.database.database_url = db.url.clone();
     config.kafka.kafka_brokers = brokers.to_owned();
-    config.batch_size = args.batch_size;
-    config.topic_partitions = args.partitions;
+    config.batch_size = load.batch_size;
+    config.topic_partitions = load.partitions;
     let stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let task = tokio::spawn(relay::run(config, listener, stop.clone()));
@@ -655,23 +644,24 @@ async fn drain(
     content: &str,
     what: &str,
 ) -> anyhow::Result<(f64, Count)> {
+    let load = &args.workload;
     let topic = unique_topic(&format!("bench-{}-{what}", system.name().to_lowercase()));
-    create_timed_topic(brokers, &topic, args.partitions).await?;
+    create_timed_topic(brokers, &topic, load.partitions).await?;
     runner.pause().await?;
-    let expected = write_backlog(system, db, &topic, args.events, args.keys, content).await?;
+    let expected = write_backlog(system, db, &topic, load.events, load.keys, content).await?;
     let _ = db.client().await.batch_execute("checkpoint").await;
     progress(&format!(
         "{}: {what} drain of {} events",
         system.name(),
-        args.events
+        load.events
     ));
     let started_ms = Utc::now().timestamp_millis();
     runner.start().await?;
-    wait_for_records(brokers, &topic, args.partitions, args.events, args.timeout).await?;
+    wait_for_records(brokers, &topic, load.partitions, load.events, args.timeout).await?;
     let got = read_back(
         brokers,
         &topic,
-        args.partitions,
+        load.partitions,
         expected.len(),
         args.timeout,
     )
@@ -701,32 +691,28 @@ async fn latency(
     content: Arc<String>,
     rate: u64,
 ) -> anyhow::Result<(Value, Count)> {
+    let load = &args.workload;
     let topic = unique_topic(&format!("bench-{}-lat{rate}", system.name().to_lowercase()));
-    create_timed_topic(brokers, &topic, args.partitions).await?;
+    create_timed_topic(brokers, &topic, load.partitions).await?;
     // One event first, so the reader knows the topic and every connection is open.
     write_one(system, &db.pool, &topic, "warm-up", &content).await?;
-    wait_for_records(brokers, &topic, args.partitions, 1, Duration::from_secs(60)).await?;
+    wait_for_records(brokers, &topic, load.partitions, 1, Duration::from_secs(60)).await?;
     progress(&format!("{}: latency at {rate} events/s", system.name()));
-    let total = (rate as f64 * args.duration.as_secs_f64()).max(1.0) as u64;
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let mut writers = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        ticker.tick().await;
+    let (writes, achieved) = open_loop(rate, args.duration, |i| {
         let (pool, content, topic) = (db.pool.clone(), content.clone(), topic.clone());
-        let key = format!("lat-{}", i % args.keys as u64);
-        writers.push(tokio::spawn(async move {
+        let key = format!("lat-{}", i % load.keys as u64);
+        async move {
             let id = write_one(system, &pool, &topic, &key, &content).await?;
             anyhow::Ok((id, Utc::now().timestamp_micros()))
-        }));
-    }
+        }
+    })
+    .await?;
     // A write that failed (say, no pooled connection in time on a loaded machine) committed
     // nothing: it is counted, and not expected back.
-    let mut committed = HashMap::with_capacity(writers.len());
+    let mut committed = HashMap::with_capacity(writes.len());
     let mut failed = 0u64;
-    for w in writers {
-        match w.await? {
+    for w in writes {
+        match w {
             Ok((id, at)) => {
                 committed.insert(id, at);
             }
@@ -738,11 +724,10 @@ async fn latency(
             }
         }
     }
-    let achieved = total as f64 / started.elapsed().as_secs_f64();
     let got = read_back(
         brokers,
         &topic,
-        args.partitions,
+        load.partitions,
         committed.len() + 1,
         args.timeout,
     )
@@ -809,16 +794,17 @@ async fn measure(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let load = &args.workload;
     quiet_logging("warn");
     let brokers = outbox_core::testing::kafka_brokers();
     // ~payload_bytes envelopes: the content fills what the rest of the envelope leaves.
-    let content = Arc::new("x".repeat(args.payload_bytes.saturating_sub(330)));
+    let content = Arc::new("x".repeat(load.payload_bytes.saturating_sub(330)));
     let db = TestDb::create().await;
     progress(&format!("database {}, broker {brokers}", db.name));
 
     // 1. Raw produce: the ceiling of the broker on this machine (the relay's producer settings).
     let raw_topic = unique_topic("bench-raw");
-    create_timed_topic(&brokers, &raw_topic, args.partitions).await?;
+    create_timed_topic(&brokers, &raw_topic, load.partitions).await?;
     let producer: FutureProducer =
         kafka::idempotent_producer_config(&brokers, "bench-raw", Duration::from_secs(30))
             .create()?;
@@ -827,11 +813,11 @@ async fn main() -> anyhow::Result<()> {
         "x".repeat(200)
     );
     progress("raw produce: warm-up, then measured");
-    raw_produce(&producer, &raw_topic, args.events, args.keys, |_| {
+    raw_produce(&producer, &raw_topic, load.events, load.keys, |_| {
         payload.clone()
     })
     .await?;
-    let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, |_| {
+    let raw_rate = raw_produce(&producer, &raw_topic, load.events, load.keys, |_| {
         payload.clone()
     })
     .await?;
@@ -842,12 +828,12 @@ async fn main() -> anyhow::Result<()> {
     let connect = start_debezium(&args, &db, &brokers).await?;
     let debezium = async {
         let probe = unique_topic("bench-debezium-probe");
-        create_timed_topic(&brokers, &probe, args.partitions).await?;
+        create_timed_topic(&brokers, &probe, load.partitions).await?;
         write_one(System::Debezium, &db.pool, &probe, "probe", &content).await?;
         wait_for_records(
             &brokers,
             &probe,
-            args.partitions,
+            load.partitions,
             1,
             Duration::from_secs(120),
         )
@@ -910,7 +896,7 @@ async fn main() -> anyhow::Result<()> {
     let result = json!({
         "section": "debezium",
         "title": format!("relay vs Debezium outbox: {} events of ~{} B, {} partitions, {} keys",
-                         args.events, counts.first().map(|c| c.mean_bytes).unwrap_or(0), args.partitions, args.keys),
+                         load.events, counts.first().map(|c| c.mean_bytes).unwrap_or(0), load.partitions, load.keys),
         "cores": cores,
         "unit": "events/s",
         "throughput": [

@@ -12,38 +12,24 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use outbox_core::kafka;
-use outbox_core::testing::bench::{percentile, quiet_logging, raw_produce};
+use outbox_core::testing::bench::{open_loop, percentile, quiet_logging, raw_produce};
 use outbox_core::testing::{unique_topic, TestDb};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use relay::bench::Workload;
 use tokio_util::sync::CancellationToken;
 
+/// Measure the relay against raw Kafka produce on this machine.
 #[derive(Parser, Clone)]
-#[command(
-    name = "relay-bench",
-    about = "Measure the relay against raw Kafka produce on this machine"
-)]
+#[command(name = "relay-bench")]
 struct Args {
-    /// Backlog size for the drain measurement.
-    #[arg(long, default_value_t = 200_000)]
-    events: i64,
-    /// Approximate size of each event's envelope, in bytes.
-    #[arg(long, default_value_t = 1024)]
-    payload_bytes: usize,
-    /// Rows per relay batch (the relay's default, RELAY_BATCH_SIZE).
-    #[arg(long, default_value_t = 4000)]
-    batch_size: i64,
+    #[command(flatten)]
+    workload: Workload,
     /// Offered rate for the latency measurement, events per second.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
     /// How long the latency measurement offers that rate.
     #[arg(long, default_value = "10s", value_parser = outbox_core::config::parse_duration)]
     duration: Duration,
-    /// Partitions of the benchmark topics.
-    #[arg(long, default_value_t = 6)]
-    partitions: i32,
-    /// Distinct aggregate keys.
-    #[arg(long, default_value_t = 1000)]
-    keys: i64,
 }
 
 fn progress(text: &str) {
@@ -61,9 +47,10 @@ fn envelope_like(id: &str, content: &str) -> String {
     .to_string()
 }
 
-/// Writes `args.events` unsent outbox rows for `topic`, as the producer would.
+/// Writes `args.workload.events` unsent outbox rows for `topic`, as the producer would.
 async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> anyhow::Result<()> {
-    progress(&format!("writing a backlog of {} outbox rows", args.events));
+    let load = &args.workload;
+    progress(&format!("writing a backlog of {} outbox rows", load.events));
     let client = db.client().await;
     client
         .execute(
@@ -75,7 +62,7 @@ async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> 
                         'data', json_build_object('content', $4::text),
                         'metadata', json_build_object('source', 'bench', 'environment', 'bench', 'correlation_id', 'req_bench'))
                from generate_series(1, $2::bigint) g",
-            &[&topic, &args.events, &args.keys, &content],
+            &[&topic, &load.events, &load.keys, &content],
         )
         .await?;
     client
@@ -87,7 +74,8 @@ async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> 
 /// Rows per second PostgreSQL moves through the relay's claim and mark statements alone, one
 /// batch after the other on one connection, as the relay's commits do (no flush wait).
 async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
-    use relay::statements::*;
+    let load = &args.workload;
+    use relay::bench::statements::*;
     let db = TestDb::create().await;
     write_backlog(&db, "bench-postgres-only", args, content).await?;
     let pool = outbox_core::db::pool_without_flush_wait(&db.url, 1, relay::SCHEMAS)?;
@@ -102,13 +90,13 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     let none_i32: Vec<i32> = Vec::new();
     let started = Instant::now();
     let mut moved = 0;
-    while moved < args.events {
+    while moved < load.events {
         let xmin: i64 = client.query_one(SNAPSHOT_XMIN, &[]).await?.get(0);
         let rows = client
             .query(
                 &claim,
                 &[
-                    &args.batch_size,
+                    &load.batch_size,
                     &cursor.xmin_done,
                     &cursor.id_done,
                     &xmin,
@@ -165,7 +153,7 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
         cursor = next;
         moved += ids.len() as i64;
     }
-    let rate = args.events as f64 / started.elapsed().as_secs_f64();
+    let rate = load.events as f64 / started.elapsed().as_secs_f64();
     progress(&format!("PostgreSQL alone moved {rate:.0} rows/s"));
     Ok(rate)
 }
@@ -184,12 +172,13 @@ async fn start_relay(
     db: TestDb,
     topic: String,
 ) -> anyhow::Result<Relay> {
+    let load = &args.workload;
     let mut config: relay::Config = outbox_core::config::from_env()?;
     config.database.database_url = db.url.clone();
     config.kafka.kafka_brokers = brokers.to_owned();
-    config.kafka_topic = topic.clone();
-    config.batch_size = args.batch_size;
-    config.topic_partitions = args.partitions;
+    config.topics.kafka_topic = topic.clone();
+    config.batch_size = load.batch_size;
+    config.topic_partitions = load.partitions;
     let stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let task = tokio::spawn(relay::run(config, listener, stop.clone()));
@@ -258,14 +247,9 @@ async fn raw_latency(
     args: &Args,
     content: Arc<String>,
 ) -> anyhow::Result<Vec<f64>> {
-    let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut acks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        ticker.tick().await;
+    let (acks, _) = open_loop(args.rate, args.duration, |i| {
         let (producer, topic, content) = (producer.clone(), topic.to_owned(), content.clone());
-        acks.push(tokio::spawn(async move {
+        async move {
             let payload = envelope_like(&format!("evt_rawlat_{i}"), &content);
             let key = format!("lat-{}", i % 1000);
             let sent = Instant::now();
@@ -277,12 +261,10 @@ async fn raw_latency(
                 .await
                 .map_err(|(e, _)| e)?;
             anyhow::Ok(sent.elapsed().as_secs_f64() * 1000.0)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(acks.len());
-    for a in acks {
-        latencies.push(a.await??);
-    }
+        }
+    })
+    .await?;
+    let mut latencies = acks.into_iter().collect::<anyhow::Result<Vec<f64>>>()?;
     latencies.sort_by(f64::total_cmp);
     Ok(latencies)
 }
@@ -310,21 +292,16 @@ async fn relay_latency(
         tx.commit().await?;
         relay.wait_until_sent(Duration::from_millis(20)).await?;
     }
-    let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut writers = Vec::with_capacity(total as usize);
     // As many writers at once as the pool has connections: on a loaded machine the others wait
     // here (before their transaction, so outside the measured commit → sent latency) instead of
     // timing out in the pool.
     let slots = Arc::new(tokio::sync::Semaphore::new(relay.db.pool.status().max_size));
-    for i in 0..total {
-        ticker.tick().await;
+    let (writes, _) = open_loop(args.rate, args.duration, |i| {
         let (pool, content, topic) = (relay.db.pool.clone(), content.clone(), relay.topic.clone());
         let slots = slots.clone();
         let key = format!("{tag}-{}", i % 1000);
         let correlation_id = format!("req_{tag}_{i}");
-        writers.push(tokio::spawn(async move {
+        async move {
             let _slot = slots.acquire_owned().await?;
             let mut client = pool.get().await?;
             let tx = client.transaction().await?;
@@ -332,13 +309,12 @@ async fn relay_latency(
             let id = publish(&*tx, &key, &data, &topic, &correlation_id).await?;
             tx.commit().await?;
             anyhow::Ok((id, Utc::now()))
-        }));
-    }
-    let mut committed_at = HashMap::with_capacity(writers.len());
-    for w in writers {
-        let (id, at) = w.await??;
-        committed_at.insert(id, at);
-    }
+        }
+    })
+    .await?;
+    let committed_at = writes
+        .into_iter()
+        .collect::<anyhow::Result<HashMap<_, _>>>()?;
     relay.wait_until_sent(Duration::from_millis(50)).await?;
     // sent_at is taken by the statement that appends the row's sent fact, after Kafka acknowledged it; both
     // clocks are this machine's.
@@ -367,10 +343,11 @@ async fn relay_latency(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let load = &args.workload;
     quiet_logging("warn");
     let brokers = outbox_core::testing::kafka_brokers();
     let filler = "x".repeat(
-        args.payload_bytes
+        load.payload_bytes
             .saturating_sub(envelope_like("evt_00000000", "").len()),
     );
     let size = envelope_like("evt_00000000", &filler).len();
@@ -378,12 +355,12 @@ async fn main() -> anyhow::Result<()> {
     let latency_events = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     progress(&format!(
         "events of {size} bytes, {} keys, {} partitions",
-        args.keys, args.partitions
+        load.keys, load.partitions
     ));
 
     // 1. Raw produce: the same records, the same producer settings, no database.
     let raw_topic = unique_topic("bench-raw");
-    kafka::ensure_topics(&brokers, std::slice::from_ref(&raw_topic), args.partitions)
+    kafka::ensure_topics(&brokers, std::slice::from_ref(&raw_topic), load.partitions)
         .await
         .map_err(anyhow::Error::msg)?;
     let producer: FutureProducer =
@@ -392,12 +369,12 @@ async fn main() -> anyhow::Result<()> {
     // A broker just started runs interpreted Java for a while: warm it up so that neither side
     // of the comparison pays for the JIT.
     progress("warming the broker up (not measured)");
-    raw_produce(&producer, &raw_topic, args.events, args.keys, |i| {
+    raw_produce(&producer, &raw_topic, load.events, load.keys, |i| {
         envelope_like(&format!("evt_raw_{i}"), &content)
     })
     .await?;
-    progress(&format!("raw produce of {} records", args.events));
-    let raw_rate = raw_produce(&producer, &raw_topic, args.events, args.keys, |i| {
+    progress(&format!("raw produce of {} records", load.events));
+    let raw_rate = raw_produce(&producer, &raw_topic, load.events, load.keys, |i| {
         envelope_like(&format!("evt_raw_{i}"), &content)
     })
     .await?;
@@ -424,7 +401,7 @@ async fn main() -> anyhow::Result<()> {
     // with made-up partitions and offsets instead of Kafka.
     progress(&format!(
         "PostgreSQL alone: claim + mark of a backlog of {} rows, no Kafka",
-        args.events
+        load.events
     ));
     let pg_rate = postgres_ceiling(&args, &content).await?;
 
@@ -432,7 +409,7 @@ async fn main() -> anyhow::Result<()> {
     let db = TestDb::create().await;
     let topic = unique_topic("bench-drain");
     write_backlog(&db, &topic, &args, &content).await?;
-    kafka::ensure_topics(&brokers, std::slice::from_ref(&topic), args.partitions)
+    kafka::ensure_topics(&brokers, std::slice::from_ref(&topic), load.partitions)
         .await
         .map_err(anyhow::Error::msg)?;
     progress("starting the relay on the backlog");
@@ -445,14 +422,14 @@ async fn main() -> anyhow::Result<()> {
             let left = drained.unsent().await?;
             progress(&format!(
                 "{left} rows left, {:.0} events/s so far",
-                (args.events - left) as f64 / started.elapsed().as_secs_f64()
+                (load.events - left) as f64 / started.elapsed().as_secs_f64()
             ));
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_secs = started.elapsed().as_secs_f64();
-    let drain_rate = args.events as f64 / drain_secs;
+    let drain_rate = load.events as f64 / drain_secs;
     progress(&format!("relay drained {drain_rate:.0} events/s"));
 
     // 5. The same latency right after the drain (with the old, rewriting outbox, its indexes still
@@ -467,7 +444,7 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!(
         "relay-bench: {} events of {size} bytes, {} partitions, {} keys, batch {}, {cores} cores; PostgreSQL and Kafka on this machine",
-        args.events, args.partitions, args.keys, args.batch_size
+        load.events, load.partitions, load.keys, load.batch_size
     );
     println!();
     println!("| throughput                                     | events/s | share of raw |");

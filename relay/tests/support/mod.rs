@@ -25,7 +25,7 @@ pub fn relay_config(db: &TestDb, brokers: &str, topic: &str) -> relay::Config {
     let mut config: relay::Config = outbox_core::config::from_env().expect("relay defaults");
     config.database.database_url = db.url.clone();
     config.kafka.kafka_brokers = brokers.to_owned();
-    config.kafka_topic = topic.to_owned();
+    config.topics.kafka_topic = topic.to_owned();
     config.poll_interval = Duration::from_millis(200);
     config.send_timeout = Duration::from_secs(2);
     config.retry_base = Duration::from_millis(100);
@@ -44,7 +44,7 @@ pub fn rand_key() -> i64 {
 pub async fn spawn_producer(db: &TestDb, topic: &str) -> TestProducer {
     let mut config: producer::Config = outbox_core::config::from_env().expect("producer defaults");
     config.database.database_url = db.url.clone();
-    config.kafka_topic = topic.to_owned();
+    config.topics.kafka_topic = topic.to_owned();
     TestApp::spawn(db.clone(), config, producer::run).await
 }
 
@@ -107,6 +107,17 @@ impl Pipeline {
     pub async fn metrics(&self) -> String {
         self.relay.metrics().await
     }
+}
+
+/// Waits (up to `timeout`) until `n` outbox rows are sent (state E); `what` names the wait.
+pub async fn wait_for_sent(db: &TestDb, what: &str, n: i64, timeout: Duration) {
+    db.wait_for_count(
+        what,
+        "select count(*) from outbox where state = 'E'",
+        n,
+        timeout,
+    )
+    .await;
 }
 
 /// POSTs a message to the producer: `Some(event id)` when it answered 201, `None` otherwise
