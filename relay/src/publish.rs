@@ -139,6 +139,35 @@ const ANNOUNCE_WAITING: &str = "update relay_cursor set waiting = true where not
 /// When the next unsent row falls due (to sleep exactly that long when nothing is due now).
 const NEXT_DUE: &str = "select min(next_attempt_at) from unsent where state in ('P', 'X')";
 
+/// How long after its announcement an idle relay looks once more before its long sleep: a publish
+/// whose transaction read `waiting` just before it was set sends no NOTIFY, and without this look
+/// its event would wait for the next publish or `RELAY_POLL_INTERVAL`. Publishing transactions
+/// are short, so most commit within it.
+const ANNOUNCE_GRACE: Duration = Duration::from_millis(25);
+
+/// Where an idle leader stands with publishers' NOTIFYs (`relay_cursor.waiting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// Its last batch had rows (its mark cleared `waiting`), or the announcement failed.
+    Busy,
+    /// `waiting` is set and one more look found nothing.
+    Announced,
+    /// It has looked again after the grace: from now on only a NOTIFY, a due row or the poll
+    /// wakes it.
+    Asleep,
+}
+
+impl Idle {
+    /// How long to sleep when a look found nothing (`until_due`: until the next due row or the
+    /// poll), and the stage after that sleep.
+    fn sleep(self, until_due: Duration) -> (Duration, Idle) {
+        match self {
+            Idle::Announced => (until_due.min(ANNOUNCE_GRACE), Idle::Asleep),
+            other => (until_due, other),
+        }
+    }
+}
+
 /// The leader's cursor: every event with xid < `xmin_done` and id <= `id_done` was handled.
 /// `version` is what the next mark expects to find in `relay_cursor`. Events sent ahead of it
 /// have xids from `ahead_xid` (`i64::MAX`: none) to `ahead_max_xid`, ids up to `ahead_max_id`.
@@ -395,15 +424,17 @@ impl Publisher {
         self.ensure_topics(&self.configured_topics).await;
         let mut db_backoff = Backoff::new();
         let mut pipeline = Pipeline::default();
-        // Whether publishers were told to NOTIFY (`relay_cursor.waiting`) since the last mark.
-        let mut announced = false;
+        let mut idle = Idle::Busy;
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
             match self.publish_batch(&mut pipeline, leadership).await {
                 // Asks for a NOTIFY, then looks once more: a publish that committed without one
                 // (it saw a busy relay) is found by that look. Not announced: it sleeps as below.
-                Ok(0) if !announced && self.announce_waiting().await => announced = true,
+                Ok(0) if idle == Idle::Busy && self.announce_waiting().await => {
+                    idle = Idle::Announced
+                }
                 Ok(0) => {
-                    let wait = self.until_next_due().await;
+                    let wait;
+                    (wait, idle) = idle.sleep(self.until_next_due().await);
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep(wait) => {}
@@ -413,7 +444,7 @@ impl Publisher {
                 }
                 Ok(_) => {
                     // Its mark cleared `waiting`.
-                    announced = false;
+                    idle = Idle::Busy;
                     db_backoff.reset();
                 }
                 Err(error) => {
@@ -1046,6 +1077,19 @@ mod tests {
     use super::*;
 
     const XMIN: i64 = 1_000;
+
+    #[test]
+    fn an_announced_relay_looks_again_after_the_grace_and_then_sleeps_the_whole_wait() {
+        let poll = Duration::from_secs(1);
+        // Right after the announcement: a short sleep, then one more look.
+        assert_eq!(Idle::Announced.sleep(poll), (ANNOUNCE_GRACE, Idle::Asleep));
+        // A row due sooner than the grace still wakes it when due.
+        let soon = Duration::from_millis(5);
+        assert_eq!(Idle::Announced.sleep(soon), (soon, Idle::Asleep));
+        // After that look, and when the announcement failed: the whole wait.
+        assert_eq!(Idle::Asleep.sleep(poll), (poll, Idle::Asleep));
+        assert_eq!(Idle::Busy.sleep(poll), (poll, Idle::Busy));
+    }
 
     fn cursor() -> Cursor {
         Cursor {
