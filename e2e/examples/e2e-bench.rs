@@ -136,32 +136,46 @@ async fn produced_at(stack: &support::Stack) -> HashMap<String, DateTime<Utc>> {
         .collect()
 }
 
-/// p50/p99/max of each stage of [`STAGES`], in ms, from the send times and the stamps.
+/// Beside the chain: from the producer's transaction to its answer (the commit and the response),
+/// which runs while the relay already reads the event.
+const ANSWERED: &str = "(beside) producer transaction → POST answered (commit, response)";
+
+/// p50/p99/max of each stage of [`STAGES`], then of [`ANSWERED`], in ms, from the request's send
+/// and answer times and the stamps.
 fn stage_rows(
     rate: u64,
-    sent_at: &HashMap<String, DateTime<Utc>>,
+    requests: &HashMap<String, (DateTime<Utc>, DateTime<Utc>)>,
     stamps: &HashMap<String, [DateTime<Utc>; 5]>,
 ) -> Vec<Value> {
     let ms = |d: chrono::Duration| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;
-    (0..STAGES.len())
+    let row = |stage: &str, mut lat: Vec<f64>| {
+        lat.sort_by(f64::total_cmp);
+        json!({"offered": rate, "stage": stage, "events": lat.len(),
+               "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
+               "max": percentile(&lat, 1.0)})
+    };
+    let mut rows: Vec<Value> = (0..STAGES.len())
         .map(|stage| {
-            let mut lat: Vec<f64> = stamps
+            let lat = stamps
                 .iter()
                 .filter_map(|(id, at)| {
                     let from = if stage == 0 {
-                        *sent_at.get(id)?
+                        requests.get(id)?.0
                     } else {
                         at[stage - 1]
                     };
                     Some(ms(at[stage] - from))
                 })
                 .collect();
-            lat.sort_by(f64::total_cmp);
-            json!({"offered": rate, "stage": STAGES[stage], "events": lat.len(),
-                   "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
-                   "max": percentile(&lat, 1.0)})
+            row(STAGES[stage], lat)
         })
-        .collect()
+        .collect();
+    let answered = stamps
+        .iter()
+        .filter_map(|(id, at)| Some(ms(requests.get(id)?.1 - at[0])))
+        .collect();
+    rows.push(row(ANSWERED, answered));
+    rows
 }
 
 /// Offers `rate` requests/s for `duration`; returns the result row, the delivery count and the
@@ -189,9 +203,10 @@ async fn measure(
             stack
                 .post(content, &format!("req_bench_{rate}_{i}"))
                 .await
-                .map(|id| (id, sent))
+                .map(|id| (id, (sent, Utc::now())))
         }));
     }
+    // Event id → (request sent, answered).
     let mut sent_at = HashMap::with_capacity(requests.len());
     for r in requests {
         if let Some((id, at)) = r.await.expect("request task") {
@@ -210,7 +225,7 @@ async fn measure(
     let mut lat: Vec<f64> = got
         .iter()
         .filter_map(|(id, (_, at))| {
-            Some((*at - sent_at.get(id)?).num_microseconds()? as f64 / 1000.0)
+            Some((*at - sent_at.get(id)?.0).num_microseconds()? as f64 / 1000.0)
         })
         .collect();
     lat.sort_by(f64::total_cmp);
@@ -225,7 +240,7 @@ async fn measure(
     let stages = stage_rows(rate, &sent_at, &stamps(stack, &ids, &produced).await);
     for s in &stages {
         progress(&format!(
-            "  {:<58} p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms",
+            "  {:<66} p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms",
             s["stage"].as_str().unwrap_or(""),
             s["p50"].as_f64().unwrap_or(f64::NAN),
             s["p99"].as_f64().unwrap_or(f64::NAN),
