@@ -64,13 +64,126 @@ async fn received_at(
         .collect()
 }
 
-/// Offers `rate` requests/s for `duration`; returns the result row and the delivery count.
+/// The hops an event makes, each timed between two stamps the pipeline writes anyway (one
+/// machine, one clock): PostgreSQL's `now()` is the start of the writing transaction, the Kafka
+/// record's timestamp is when the relay handed it to its producer client.
+const STAGES: &[&str] = &[
+    "request → producer transaction",
+    "producer transaction → relay sends (commit, wake, claim)",
+    "relay sends → consumer recorded (Kafka ack, fetch)",
+    "consumer recorded → attempt started (commit, hand-off)",
+    "attempt started → notifier received (HTTP)",
+];
+
+/// For each of `ids` that reached the notifier: the stamps that end the stages of [`STAGES`].
+async fn stamps(
+    stack: &support::Stack,
+    ids: &[String],
+    produced: &HashMap<String, DateTime<Utc>>,
+) -> HashMap<String, [DateTime<Utc>; 5]> {
+    let client = stack.db.client().await;
+    client
+        .query(
+            "with attempted as (
+                 select d.event_id, min(a.attempted_at) as at from webhooks.deliveries d
+                   join webhooks.delivery_attempts a on a.delivery_id = d.id
+                  where d.event_id = any($1) group by 1),
+             received as (
+                 select webhook_id, min(received_at) as at from notifier.received_events
+                  where webhook_id = any($1) group by 1)
+             select e.event_id, e.created_at, i.received_at, a.at, r.at
+               from outbox.events e
+               join webhooks.inbox i on i.event_id = e.event_id
+               join attempted a on a.event_id = e.event_id
+               join received r on r.webhook_id = e.event_id
+              where e.event_id = any($1)",
+            &[&ids],
+        )
+        .await
+        .expect("stage stamps")
+        .iter()
+        .filter_map(|r| {
+            let id: String = r.get(0);
+            let at = |i| r.get::<_, DateTime<Utc>>(i);
+            let kafka = *produced.get(&id)?;
+            Some((id, [at(1), kafka, at(2), at(3), at(4)]))
+        })
+        .collect()
+}
+
+/// When the relay handed each event of the topic to Kafka (the record timestamps), by event id.
+async fn produced_at(stack: &support::Stack) -> HashMap<String, DateTime<Utc>> {
+    // Every event published so far (warm-up and earlier rates too): the topic is read whole.
+    let expected = stack.db.count("select count(*) from outbox.events").await as usize;
+    let records = outbox_core::testing::read_topic_from(
+        &stack.brokers,
+        &stack.topic,
+        expected,
+        Duration::from_secs(30),
+    )
+    .await;
+    records
+        .iter()
+        .filter_map(|r| {
+            let id = r.header(outbox_core::envelope::HEADER_EVENT_ID)?;
+            Some((
+                id.to_owned(),
+                DateTime::from_timestamp_millis(r.timestamp_ms?)?,
+            ))
+        })
+        .collect()
+}
+
+/// Beside the chain: from the producer's transaction to its answer (the commit and the response),
+/// which runs while the relay already reads the event.
+const ANSWERED: &str = "(beside) producer transaction → POST answered (commit, response)";
+
+/// p50/p99/max of each stage of [`STAGES`], then of [`ANSWERED`], in ms, from the request's send
+/// and answer times and the stamps.
+fn stage_rows(
+    rate: u64,
+    requests: &HashMap<String, (DateTime<Utc>, DateTime<Utc>)>,
+    stamps: &HashMap<String, [DateTime<Utc>; 5]>,
+) -> Vec<Value> {
+    let ms = |d: chrono::Duration| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;
+    let row = |stage: &str, mut lat: Vec<f64>| {
+        lat.sort_by(f64::total_cmp);
+        json!({"offered": rate, "stage": stage, "events": lat.len(),
+               "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
+               "max": percentile(&lat, 1.0)})
+    };
+    let mut rows: Vec<Value> = (0..STAGES.len())
+        .map(|stage| {
+            let lat = stamps
+                .iter()
+                .filter_map(|(id, at)| {
+                    let from = if stage == 0 {
+                        requests.get(id)?.0
+                    } else {
+                        at[stage - 1]
+                    };
+                    Some(ms(at[stage] - from))
+                })
+                .collect();
+            row(STAGES[stage], lat)
+        })
+        .collect();
+    let answered = stamps
+        .iter()
+        .filter_map(|(id, at)| Some(ms(requests.get(id)?.1 - at[0])))
+        .collect();
+    rows.push(row(ANSWERED, answered));
+    rows
+}
+
+/// Offers `rate` requests/s for `duration`; returns the result row, the delivery count and the
+/// stages' rows.
 async fn measure(
     stack: &Arc<support::Stack>,
     args: &Args,
     rate: u64,
     content: &str,
-) -> (Value, Value) {
+) -> (Value, Value, Vec<Value>) {
     progress(&format!(
         "offering {rate} requests/s for {:?}",
         args.duration
@@ -82,13 +195,15 @@ async fn measure(
             stack
                 .post(content, &format!("req_bench_{rate}_{i}"))
                 .await
-                .map(|id| (id, sent))
+                .map(|id| (id, (sent, Utc::now())))
         }
     })
     .await
     .expect("request task");
     let total = requests.len() as u64;
-    let sent_at: HashMap<String, DateTime<Utc>> = requests.into_iter().flatten().collect();
+    // Event id → (request sent, answered).
+    let sent_at: HashMap<String, (DateTime<Utc>, DateTime<Utc>)> =
+        requests.into_iter().flatten().collect();
     let refused = total - sent_at.len() as u64;
     let ids: Vec<String> = sent_at.keys().cloned().collect();
     let deadline = Instant::now() + args.timeout;
@@ -100,7 +215,7 @@ async fn measure(
     let mut lat: Vec<f64> = got
         .iter()
         .filter_map(|(id, (_, at))| {
-            Some((*at - sent_at.get(id)?).num_microseconds()? as f64 / 1000.0)
+            Some((*at - sent_at.get(id)?.0).num_microseconds()? as f64 / 1000.0)
         })
         .collect();
     lat.sort_by(f64::total_cmp);
@@ -111,6 +226,17 @@ async fn measure(
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     ));
+    let produced = produced_at(stack).await;
+    let stages = stage_rows(rate, &sent_at, &stamps(stack, &ids, &produced).await);
+    for s in &stages {
+        progress(&format!(
+            "  {:<66} p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms",
+            s["stage"].as_str().unwrap_or(""),
+            s["p50"].as_f64().unwrap_or(f64::NAN),
+            s["p99"].as_f64().unwrap_or(f64::NAN),
+            s["max"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
     let duplicates: i64 = got.values().map(|(n, _)| n - 1).sum();
     let row = json!({"system": "POST /messages → notifier", "offered": rate, "achieved": achieved.round(),
                      "events": ids.len(), "failed_writes": refused, "p50": percentile(&lat, 0.5),
@@ -118,7 +244,7 @@ async fn measure(
     let count = json!({"what": format!("at {rate}/s"), "expected": ids.len(), "unique": got.len(),
                        "duplicates": duplicates, "missing": ids.len() - got.len(), "unexpected": 0,
                        "mean_bytes": null});
-    (row, count)
+    (row, count, stages)
 }
 
 #[tokio::main]
@@ -144,10 +270,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     let mut counts = Vec::new();
+    let mut stages = Vec::new();
     for &rate in &args.rates {
-        let (row, count) = measure(&stack, &args, rate, &content).await;
+        let (row, count, stage) = measure(&stack, &args, rate, &content).await;
         rows.push(row);
         counts.push(count);
+        stages.extend(stage);
     }
     let p99_500 = rows
         .iter()
@@ -168,6 +296,7 @@ async fn main() -> anyhow::Result<()> {
         "latency_title": "POST sent → notifier received_at",
         "latency": rows,
         "counts": counts,
+        "stages": stages,
         "goals": goals,
     });
     write_results(args.out.as_deref(), &result)?;

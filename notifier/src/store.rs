@@ -30,9 +30,11 @@ pub async fn insert_event(
     db: &impl GenericClient,
     event: &NewEvent<'_>,
 ) -> Result<bool, tokio_postgres::Error> {
+    // Prepared once per connection: it runs for every webhook, and its parse was a round trip.
+    let statement = db.prepare_cached(INSERT_EVENT).await?;
     Ok(db
         .query_opt(
-            INSERT_EVENT,
+            &statement,
             &[
                 &event.route,
                 &event.webhook_id,

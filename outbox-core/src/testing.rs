@@ -285,6 +285,8 @@ pub struct Record {
     pub key: Option<String>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, String)>,
+    /// The record's timestamp, Unix milliseconds (CreateTime: when the producer client took it).
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Record {
@@ -354,6 +356,7 @@ pub async fn read_topic_from(
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
+                    timestamp_ms: m.timestamp().to_millis(),
                 });
                 if records.len() >= expected && grace.is_none() {
                     grace = Some(Instant::now() + Duration::from_millis(500));
