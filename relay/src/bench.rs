@@ -47,6 +47,8 @@ pub struct InProcess {
 }
 
 impl InProcess {
+    /// Starts [`crate::run`] with `config` on a port of its own; it elects itself and publishes
+    /// like any relay.
     pub async fn start(config: crate::Config) -> anyhow::Result<Self> {
         let stop = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
