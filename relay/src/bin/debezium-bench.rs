@@ -31,9 +31,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use relay::bench::Workload;
+use relay::bench::{InProcess, Workload};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 /// The relay next to Debezium's outbox connector, on the same PostgreSQL and Kafka.
 #[derive(Parser, Clone)]
@@ -577,35 +576,9 @@ async fn remove_debezium(connect: &Connect, db: &TestDb) -> anyhow::Result<()> {
     anyhow::bail!("replication slot {} is still there", connect.slot)
 }
 
-/// A relay running in this process.
-struct Relay {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn start_relay(args: &Args, brokers: &str, db: &TestDb) -> anyhow::Result<Relay> {
-    let load = &args.workload;
-    let mut config: relay::Config = outbox_core::config::from_env()?;
-    config.database.database_url = db.url.clone();
-    config.kafka.kafka_brokers = brokers.to_owned();
-    config.batch_size = load.batch_size;
-    config.topic_partitions = load.partitions;
-    let stop = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let task = tokio::spawn(relay::run(config, listener, stop.clone()));
-    Ok(Relay { stop, task })
-}
-
-impl Relay {
-    async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        self.task.await?
-    }
-}
-
 /// The reader of the outbox for `system`: the relay, or the Debezium connector.
 enum Runner<'a> {
-    Relay(Option<Relay>, &'a Args, &'a str, &'a TestDb),
+    Relay(Option<InProcess>, &'a Args, &'a str, &'a TestDb),
     Debezium(&'a Connect),
 }
 
@@ -625,7 +598,8 @@ impl Runner<'_> {
     async fn start(&mut self) -> anyhow::Result<()> {
         match self {
             Runner::Relay(relay, args, brokers, db) => {
-                *relay = Some(start_relay(args, brokers, db).await?);
+                let config = args.workload.relay_config(&db.url, brokers)?;
+                *relay = Some(InProcess::start(config).await?);
             }
             Runner::Debezium(c) => c.resume().await?,
         }

@@ -15,8 +15,7 @@ use outbox_core::kafka;
 use outbox_core::testing::bench::{open_loop, percentile, quiet_logging, raw_produce};
 use outbox_core::testing::{unique_topic, TestDb};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use relay::bench::Workload;
-use tokio_util::sync::CancellationToken;
+use relay::bench::{InProcess, Workload};
 
 /// Measure the relay against raw Kafka produce on this machine.
 #[derive(Parser, Clone)]
@@ -162,8 +161,7 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
 struct Relay {
     db: TestDb,
     topic: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    relay: InProcess,
 }
 
 async fn start_relay(
@@ -172,22 +170,10 @@ async fn start_relay(
     db: TestDb,
     topic: String,
 ) -> anyhow::Result<Relay> {
-    let load = &args.workload;
-    let mut config: relay::Config = outbox_core::config::from_env()?;
-    config.database.database_url = db.url.clone();
-    config.kafka.kafka_brokers = brokers.to_owned();
+    let mut config = args.workload.relay_config(&db.url, brokers)?;
     config.topics.kafka_topic = topic.clone();
-    config.batch_size = load.batch_size;
-    config.topic_partitions = load.partitions;
-    let stop = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let task = tokio::spawn(relay::run(config, listener, stop.clone()));
-    Ok(Relay {
-        db,
-        topic,
-        stop,
-        task,
-    })
+    let relay = InProcess::start(config).await?;
+    Ok(Relay { db, topic, relay })
 }
 
 /// Unsent: in `unsent` as P or X, or beyond the committed cursor without a sent fact. It reads
@@ -235,8 +221,7 @@ impl Relay {
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
+        let _ = self.relay.stop().await;
     }
 }
 
