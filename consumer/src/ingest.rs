@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use outbox_core::db::PgPool;
+use outbox_core::db::{DbError, PgPool};
 use outbox_core::envelope::{self, HEADER_CORRELATION_ID};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -179,7 +179,7 @@ pub async fn record_batch(
     pool: &PgPool,
     records: &[Incoming],
     lease: Option<Duration>,
-) -> Result<(Recorded, Option<Leased>), RecordError> {
+) -> Result<(Recorded, Option<Leased>), DbError> {
     let parsed: Vec<Parsed> = records.iter().map(parse).collect();
     match record_parsed(pool, records, &parsed, lease).await {
         Err(error) if error.is_data_error() => {
@@ -216,7 +216,7 @@ async fn record_parsed(
     records: &[Incoming],
     parsed: &[Parsed],
     lease: Option<Duration>,
-) -> Result<(Recorded, Option<Leased>), RecordError> {
+) -> Result<(Recorded, Option<Leased>), DbError> {
     let mut client = pool.get().await?;
     if !parsed.iter().any(|p| matches!(p, Parsed::Poison(_))) {
         return record_in(&client, records, parsed, lease).await;
@@ -234,7 +234,7 @@ async fn record_in(
     records: &[Incoming],
     parsed: &[Parsed],
     lease: Option<Duration>,
-) -> Result<(Recorded, Option<Leased>), RecordError> {
+) -> Result<(Recorded, Option<Leased>), DbError> {
     let mut events = NewEvents::default();
     let mut poison = PoisonColumns::default();
     for (record, p) in records.iter().zip(parsed) {
@@ -316,7 +316,7 @@ pub enum PoisonReplay {
 /// consumer that reads what an older one could not). If it is an event now, it is recorded as if
 /// just consumed (inbox row, one delivery per subscribed endpoint) and the poison row is removed,
 /// in one transaction; if not, its error is refreshed and the row stays.
-pub async fn replay_poison(pool: &PgPool, id: i64) -> Result<PoisonReplay, RecordError> {
+pub async fn replay_poison(pool: &PgPool, id: i64) -> Result<PoisonReplay, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let Some(row) = tx
@@ -417,27 +417,6 @@ pub async fn list_poison(
             received_at: r.get("received_at"),
         })
         .collect())
-}
-
-/// Why a batch could not be recorded; the caller retries it as a whole.
-#[derive(Debug, thiserror::Error)]
-pub enum RecordError {
-    #[error("no PostgreSQL connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    #[error("PostgreSQL error: {0}")]
-    Db(#[from] tokio_postgres::Error),
-}
-
-impl RecordError {
-    /// PostgreSQL refused a value (SQLSTATE class 22): retrying the same rows cannot help.
-    fn is_data_error(&self) -> bool {
-        match self {
-            RecordError::Db(e) => e
-                .as_db_error()
-                .is_some_and(|e| e.code().code().starts_with("22")),
-            RecordError::Pool(_) => false,
-        }
-    }
 }
 
 #[derive(Default)]

@@ -50,14 +50,9 @@ fn event(n: usize) -> (String, Incoming) {
     )
 }
 
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    let client = pool.get().await.expect("connection");
-    client.query_one(sql, &[]).await.expect(sql).get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_recorded_once_with_its_deliveries_leased_and_poison_beside_events_too() {
-    let (_db, pool) = migrated().await;
+    let (db, pool) = migrated().await;
     let lease = Duration::from_secs(60);
     let (ids, batch): (Vec<String>, Vec<Incoming>) = (1..=3).map(event).unzip();
 
@@ -87,13 +82,10 @@ async fn a_batch_is_recorded_once_with_its_deliveries_leased_and_poison_beside_e
     assert_eq!(sent, expected);
     assert!(leased.deliveries.iter().all(|d| d.endpoint_id == "ep_all"));
     assert!(leased.until >= before + chrono::Duration::seconds(59));
-    assert_eq!(count(&pool, "select count(*) from inbox").await, 3);
+    assert_eq!(db.count("select count(*) from inbox").await, 3);
     assert_eq!(
-        count(
-            &pool,
-            "select count(*) from deliveries where leased_until is not null"
-        )
-        .await,
+        db.count("select count(*) from deliveries where leased_until is not null")
+            .await,
         3
     );
 
@@ -111,7 +103,7 @@ async fn a_batch_is_recorded_once_with_its_deliveries_leased_and_poison_beside_e
         }
     );
     assert!(leased.is_none(), "nothing planned, nothing leased");
-    assert_eq!(count(&pool, "select count(*) from deliveries").await, 3);
+    assert_eq!(db.count("select count(*) from deliveries").await, 3);
 
     // An event and a poison record in one batch: the transaction path records both.
     let (id, fresh) = event(4);
@@ -131,13 +123,10 @@ async fn a_batch_is_recorded_once_with_its_deliveries_leased_and_poison_beside_e
     let leased = leased.expect("the event's delivery comes back leased");
     assert_eq!(leased.deliveries.len(), 1);
     assert_eq!(leased.deliveries[0].event_id, id);
-    assert_eq!(count(&pool, "select count(*) from inbox").await, 4);
+    assert_eq!(db.count("select count(*) from inbox").await, 4);
     assert_eq!(
-        count(
-            &pool,
-            "select count(*) from poison_records where kafka_offset = 5"
-        )
-        .await,
+        db.count("select count(*) from poison_records where kafka_offset = 5")
+            .await,
         1
     );
 }

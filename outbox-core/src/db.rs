@@ -22,6 +22,18 @@ pub enum DbError {
     Build(#[from] deadpool_postgres::BuildError),
 }
 
+impl DbError {
+    /// PostgreSQL refused a value (SQLSTATE class 22): retrying the same rows cannot help.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            DbError::Query(e) => e
+                .as_db_error()
+                .is_some_and(|e| e.code().code().starts_with("22")),
+            _ => false,
+        }
+    }
+}
+
 /// One migration: version, name, SQL.
 pub type Migration = (i32, &'static str, &'static str);
 

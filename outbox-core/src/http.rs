@@ -124,6 +124,21 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
+impl From<crate::db::DbError> for ApiError {
+    fn from(error: crate::db::DbError) -> Self {
+        use crate::db::DbError;
+        match error {
+            DbError::Unavailable(e) => ApiError::from(e),
+            DbError::Query(e) => ApiError::from(e),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "database_error",
+                format!("database error: {other}"),
+            ),
+        }
+    }
+}
+
 /// Longest accepted `X-Correlation-Id` (the envelope's rule).
 pub use crate::envelope::MAX_CORRELATION_ID_BYTES;
 

@@ -11,7 +11,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use outbox_core::http::next_cursor;
 
 use super::PAGE;
-use crate::ingest::{self, PoisonRecord, PoisonReplay, RecordError};
+use crate::ingest::{self, PoisonRecord, PoisonReplay};
 use crate::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -87,12 +87,7 @@ async fn replay(
         .ok()
         .filter(|id| *id > 0)
         .ok_or_else(|| ApiError::not_found("poison record"))?;
-    let outcome = ingest::replay_poison(&state.pool, id)
-        .await
-        .map_err(|error| match error {
-            RecordError::Pool(e) => ApiError::from(e),
-            RecordError::Db(e) => ApiError::from(e),
-        })?;
+    let outcome = ingest::replay_poison(&state.pool, id).await?;
     match outcome {
         PoisonReplay::NotFound => Err(ApiError::not_found("poison record")),
         PoisonReplay::StillPoison(error) => Err(ApiError::unprocessable(
