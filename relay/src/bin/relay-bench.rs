@@ -81,7 +81,7 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     let client = pool.get().await?;
     // Prepared, as the relay prepares them.
     let claim = client.prepare_cached(CLAIM_CURSOR).await?;
-    let mark = client.prepare_cached(MARK_BATCH).await?;
+    let mark = client.prepare_cached(&MARK_BATCH).await?;
     let mut cursor = Cursor::from_row(&client.query_one(LOAD_CURSOR, &[]).await?);
     let none_i64: Vec<i64> = Vec::new();
     let none_ts: Vec<DateTime<Utc>> = Vec::new();
