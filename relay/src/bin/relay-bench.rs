@@ -177,19 +177,23 @@ async fn start_relay(
 }
 
 /// Unsent: in `unsent` as P or X, or beyond the committed cursor without a sent fact. It reads
-/// every event beyond the cursor (a whole backlog at first), so it is asked only once `LAST_SENT`
+/// every event beyond the cursor (a whole backlog at first), so it is asked only once `IDS_LEFT`
 /// says it may be true.
 const UNSENT: &str = "select i.id from outbox.unsent_ids() i(id)";
 
-/// Whether the newest event has a sent fact: two index probes, cheap enough to poll while the
-/// relay drains (the relay sends a backlog in id order).
-const LAST_SENT: &str = "select coalesce((select max(id) from outbox.sent), 0)
-                             >= coalesce((select max(id) from outbox.events), 0)";
+/// About how many rows are left: the ids beyond the newest sent one. Two index probes, cheap
+/// enough to poll while the relay drains (it sends a backlog in id order); 0 once the newest event
+/// is sent.
+const IDS_LEFT: &str = "select coalesce((select max(id) from outbox.events), 0)
+                             - coalesce((select max(id) from outbox.sent), 0)";
+
+async fn ids_left(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(client.query_one(IDS_LEFT, &[]).await?.get(0))
+}
 
 /// Whether any row is unsent.
 async fn any_unsent(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
-    let last_sent: bool = client.query_one(LAST_SENT, &[]).await?.get(0);
-    Ok(!last_sent
+    Ok(ids_left(client).await? > 0
         || client
             .query_one(&format!("select exists ({UNSENT})"), &[])
             .await?
@@ -204,20 +208,6 @@ impl Relay {
             tokio::time::sleep(every).await;
         }
         Ok(())
-    }
-
-    /// About how many rows are left: the ids beyond the newest sent one (for progress reports
-    /// only; counting them exactly would read the backlog and slow the drain it reports on).
-    async fn unsent(&self) -> anyhow::Result<i64> {
-        let client = self.db.client().await;
-        Ok(client
-            .query_one(
-                "select coalesce((select max(id) from outbox.events), 0)
-                      - coalesce((select max(id) from outbox.sent), 0)",
-                &[],
-            )
-            .await?
-            .get(0))
     }
 
     async fn stop(self) {
@@ -404,9 +394,9 @@ async fn main() -> anyhow::Result<()> {
     let poll = drained.db.client().await;
     while any_unsent(&poll).await? {
         if last_report.elapsed() > Duration::from_secs(2) {
-            let left = drained.unsent().await?;
+            let left = ids_left(&poll).await?;
             progress(&format!(
-                "{left} rows left, {:.0} events/s so far",
+                "about {left} rows left, {:.0} events/s so far",
                 (load.events - left) as f64 / started.elapsed().as_secs_f64()
             ));
             last_report = Instant::now();
