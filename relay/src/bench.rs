@@ -1,6 +1,5 @@
-//! What relay-bench and debezium-bench share: the workload both offer, the relay they start in
-//! their own process, and the relay's claim and mark statements for relay-bench's PostgreSQL-only
-//! ceiling.
+//! What relay-bench and debezium-bench share: the workload both offer and the relay they start in
+//! their own process. (relay-bench's PostgreSQL-only ceiling runs [`crate::statements`].)
 
 use tokio_util::sync::CancellationToken;
 
@@ -61,9 +60,4 @@ impl InProcess {
         self.stop.cancel();
         self.task.await?
     }
-}
-
-/// The relay's claim and mark statements, as the relay prepares them.
-pub mod statements {
-    pub use crate::publish::{Cursor, CLAIM_CURSOR, LOAD_CURSOR, MARK_BATCH, SNAPSHOT_XMIN};
 }

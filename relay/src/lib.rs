@@ -12,6 +12,12 @@ mod metrics;
 mod publish;
 mod retention;
 
+/// The relay's claim and mark statements, as the relay prepares them: for relay-bench's
+/// PostgreSQL-only ceiling, and for tests that look at how PostgreSQL runs them.
+pub mod statements {
+    pub use crate::publish::{Cursor, CLAIM_CURSOR, LOAD_CURSOR, MARK_BATCH, SNAPSHOT_XMIN};
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -50,6 +50,11 @@ pub const LOAD_CURSOR: &str = "
 /// cursor: xid at or above `$5` or the xmin), whether it has an `unsent` row (put there by hand,
 /// or held back earlier: skipped, it is sent from there) and whether its key has an unsent P or X
 /// row (held back behind it).
+///
+/// Each of the three is a probe per event by index (a lateral `limit 1`, which PostgreSQL cannot
+/// turn into a hash). As `exists` subqueries, the planner hashed the whole of `sent` once per
+/// claim whenever one event needed the look: measured, a claim of 14 events took 14 ms with
+/// 22,000 sent facts, and it grows with every sent fact kept until retention drops it.
 pub const CLAIM_CURSOR: &str = "
     with fresh as (
         select e.id, e.xid, e.topic, e.aggregate_id, e.payload, e.headers, e.created_at from events e
@@ -67,12 +72,16 @@ pub const CLAIM_CURSOR: &str = "
          where e.xid >= $4::bigint::text::xid8 and e.id <= (select id from cut)
     )
     select c.id, c.topic, c.aggregate_id, c.payload::text, c.headers, c.created_at,
-           exists (select 1 from unsent u where u.id = c.id) as own,
-           exists (select 1 from unsent u where u.aggregate_id = c.aggregate_id and u.state in ('P', 'X')) as held,
-           (c.xid >= $5::bigint::text::xid8 or c.xid >= $4::bigint::text::xid8)
-               and exists (select 1 from sent s where s.id = c.id and s.created_at = c.created_at) as sent,
-           c.xid::text::bigint
-      from (select * from fresh union all select * from late union all select * from ahead) c";
+           own.found is not null, held.found is not null, sent.found is not null, c.xid::text::bigint
+      from (select * from fresh union all select * from late union all select * from ahead) c
+      left join lateral (select true as found from unsent u where u.id = c.id limit 1) own on true
+      left join lateral (
+          select true as found from unsent u
+           where u.aggregate_id = c.aggregate_id and u.state in ('P', 'X') limit 1) held on true
+      left join lateral (
+          select true as found from sent s
+           where (c.xid >= $5::bigint::text::xid8 or c.xid >= $4::bigint::text::xid8)
+             and s.id = c.id and s.created_at = c.created_at limit 1) sent on true";
 
 /// Due `P`/`X` rows of `unsent` behind the cursor (`$3` xmin, `$4` id), in id order, never a
 /// row whose key has an older unsent row that is not due (that row would then be overtaken).
@@ -851,7 +860,7 @@ impl Publisher {
                 in_flight: in_flight.contains(&id),
                 own: r.get(6),
                 key_held: r.get(7),
-                sent: r.get::<_, Option<bool>>(8).unwrap_or(false),
+                sent: r.get(8),
             };
             let (passed, counts) = next.pass(xmin, &event);
             handled += usize::from(counts);

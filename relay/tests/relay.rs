@@ -511,3 +511,89 @@ async fn a_row_found_both_sent_and_unsent_is_sent_again_once_and_the_relay_goes_
     let metrics = p.metrics().await;
     assert!(metrics.contains("relay_events_resent_total 1"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_claim_looks_up_sent_facts_by_index_however_many_are_kept() {
+    // While a transaction holds the snapshot's xmin back, every claim asks whether each event
+    // beyond the xmin was sent already. That must cost a probe per event, never a read of every
+    // sent fact kept: as `exists` subqueries the planner hashed the whole of `sent` once per
+    // claim, so claims slowed with every event sent until retention dropped it.
+    use relay::statements::{Cursor, CLAIM_CURSOR, LOAD_CURSOR, SNAPSHOT_XMIN};
+    const HISTORY: i64 = 20_000;
+    const AHEAD: i64 = 30;
+    let mut p = Pipeline::start(&kafka_brokers(), |_| {}).await;
+    let insert = "insert into events (event_id, event_type, aggregate_id, topic, payload)
+                  select $3 || g, 'message.created', 'key-' || (g % 100), $1, '{}'::json
+                    from generate_series(1, $2::bigint) g";
+    {
+        // Statistics as they stand after a burst, before autovacuum comes round: taken with the
+        // history in `events` and none of it in `sent` yet (one transaction, so that the relay
+        // sends nothing before the analyze). Autovacuum is kept off these tables so that it
+        // does not come round during the test either.
+        let mut client = p.db.client().await;
+        let tx = client.transaction().await.unwrap();
+        tx.execute(insert, &[&p.topic, &HISTORY, &"evt_history_"])
+            .await
+            .unwrap();
+        tx.batch_execute(
+            "alter table events_default set (autovacuum_enabled = off);
+             alter table sent_default set (autovacuum_enabled = off);
+             analyze events, sent, unsent;",
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    p.all_sent(HISTORY, Duration::from_secs(60)).await;
+    p.relay.stop().await;
+
+    // Events committed while an older transaction runs: not final, so the claim looks each one
+    // up in `sent`.
+    let mut holder = p.db.client().await;
+    let open = holder.transaction().await.unwrap();
+    open.query_one("select pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+    p.db.execute(insert, &[&p.topic, &AHEAD, &"evt_ahead_"])
+        .await;
+
+    let client = p.db.client().await;
+    let cursor = Cursor::from_row(&client.query_one(LOAD_CURSOR, &[]).await.unwrap());
+    let xmin: i64 = client.query_one(SNAPSHOT_XMIN, &[]).await.unwrap().get(0);
+    let claim = client
+        .prepare(&format!("explain (analyze, format json) {CLAIM_CURSOR}"))
+        .await
+        .unwrap();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        &4000_i64,
+        &cursor.xmin_done,
+        &cursor.id_done,
+        &xmin,
+        &cursor.ahead_xid,
+    ];
+    let plan: serde_json::Value = client.query_one(&claim, &params).await.unwrap().get(0);
+    open.commit().await.unwrap();
+
+    // How each plan node that ran read `sent`: by index, or row after row. (The count of
+    // probes is not asserted: an older transaction elsewhere in the cluster can leave the whole
+    // history not final, and then every event is rightly looked up.)
+    fn reads_of_sent(node: &serde_json::Value, reads: &mut Vec<String>) {
+        let relation = node["Relation Name"].as_str().unwrap_or_default();
+        if relation.starts_with("sent") && node["Actual Loops"].as_f64().unwrap_or(0.0) > 0.0 {
+            reads.push(format!(
+                "{} on {relation}",
+                node["Node Type"].as_str().unwrap_or("?")
+            ));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            reads_of_sent(child, reads);
+        }
+    }
+    let mut reads = Vec::new();
+    reads_of_sent(&plan[0]["Plan"], &mut reads);
+    assert!(!reads.is_empty(), "the events were looked up: {plan:#}");
+    assert!(
+        reads.iter().all(|r| r.starts_with("Index")),
+        "{reads:?}, with {HISTORY} sent facts kept: {plan:#}"
+    );
+}

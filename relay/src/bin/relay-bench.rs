@@ -74,7 +74,7 @@ async fn write_backlog(db: &TestDb, topic: &str, args: &Args, content: &str) -> 
 /// batch after the other on one connection, as the relay's commits do (no flush wait).
 async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     let load = &args.workload;
-    use relay::bench::statements::*;
+    use relay::statements::*;
     let db = TestDb::create().await;
     write_backlog(&db, "bench-postgres-only", args, content).await?;
     let pool = outbox_core::db::pool_without_flush_wait(&db.url, 1, relay::SCHEMAS)?;
