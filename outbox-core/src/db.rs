@@ -254,22 +254,6 @@ pub fn pool_with_options(
     build_pool(url, size, &options_for(schemas, &format!(" {options}")))
 }
 
-/// A pool whose commits do not wait for the WAL flush (`synchronous_commit = off`). Only for
-/// writes that are safe to lose in a PostgreSQL crash because they are redone: the relay's
-/// "marked sent" updates (a lost mark means the row is sent again, a duplicate the consumers drop).
-/// Never for writes that acknowledge something to a client.
-pub fn pool_without_flush_wait(
-    url: &str,
-    size: usize,
-    schemas: &[Schema],
-) -> Result<Pool, DbError> {
-    build_pool(
-        url,
-        size,
-        &options_for(schemas, " -c synchronous_commit=off"),
-    )
-}
-
 /// Connection options: the service's schemas as `search_path` (its SQL names its tables
 /// unqualified), then `extra`. No schemas: the database's own `search_path`.
 fn options_for(schemas: &[Schema], extra: &str) -> String {

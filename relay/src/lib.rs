@@ -129,6 +129,25 @@ impl Operational for AppState {
     }
 }
 
+/// The relay's connections, with two session settings:
+/// - `synchronous_commit = off`: everything the relay writes is redone if lost (marks: the row
+///   is sent again; retention: the rows are deleted next time), so its commits need not wait for
+///   the WAL flush.
+/// - `enable_seqscan = off`: each of its statements reads by index, and a plan must not read a
+///   table row after row because the table looked empty when the plan was made. PostgreSQL
+///   keeps one plan for a prepared statement once it judges that plan as good as planning anew,
+///   with the estimates of that moment: a partition analyzed while empty (the relay makes them
+///   ahead; an operator's `VACUUM ANALYZE` counts them) then has its sent facts read in full for
+///   every event a claim looks up, until autovacuum analyzes it again.
+pub fn pool(url: &str, size: usize) -> Result<PgPool, db::DbError> {
+    db::pool_with_options(
+        url,
+        size,
+        SCHEMAS,
+        "-c synchronous_commit=off -c enable_seqscan=off",
+    )
+}
+
 /// Runs the relay until `shutdown`: the health/metrics server, the backlog gauges, and the
 /// leader election loop that publishes while it holds the lock. On shutdown the batch in flight
 /// is finished and marked before the lock is released.
@@ -138,12 +157,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let routes = config.topics.routes().map_err(anyhow::Error::msg)?;
-    // Everything the relay writes is redone if lost (marks: the row is sent again; retention:
-    // the rows are deleted next time), so its commits need not wait for the WAL flush.
-    let pool = db::pool_without_flush_wait(
+    let pool = pool(
         &config.database.database_url,
         config.database.database_pool_size,
-        SCHEMAS,
     )?;
     let metrics = Metrics::new();
     // Series exist from the start at 0, so rate() and increase() see the first failure.

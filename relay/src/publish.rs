@@ -51,6 +51,13 @@ pub const LOAD_CURSOR: &str = "
 /// or held back earlier: skipped, it is sent from there) and whether its key has an unsent P or X
 /// row (held back behind it).
 ///
+/// Each part is read by the one index that bounds it by what is unhandled, and the other
+/// condition is written so that no index can serve it: `fresh` by id from the cursor (`is true`
+/// keeps it from reading every final event by writer), `late` and `ahead` by writer, the few
+/// events of recent transactions (`e.id + 0` keeps them from reading every event up to the cut
+/// by id). Plans did both on their own, a claim then reading the whole outbox: measured, 4,132
+/// rows read to find 1 on a fresh outbox of 5,000 events.
+///
 /// Each of the three is a probe per event by index (a lateral `limit 1`, which PostgreSQL cannot
 /// turn into a hash). As `exists` subqueries, the planner hashed the whole of `sent` once per
 /// claim whenever one event needed the look: measured, a claim of 14 events took 14 ms with
@@ -58,18 +65,18 @@ pub const LOAD_CURSOR: &str = "
 pub const CLAIM_CURSOR: &str = "
     with fresh as (
         select e.id, e.xid, e.topic, e.aggregate_id, e.payload, e.headers, e.created_at from events e
-         where e.id > $3 and e.xid < $4::bigint::text::xid8
+         where e.id > $3 and (e.xid < $4::bigint::text::xid8) is true
          order by e.id
          limit $1
     ), late as (
         select e.id, e.xid, e.topic, e.aggregate_id, e.payload, e.headers, e.created_at from events e
-         where e.xid >= $2::bigint::text::xid8 and e.xid < $4::bigint::text::xid8 and e.id <= $3
+         where e.xid >= $2::bigint::text::xid8 and e.xid < $4::bigint::text::xid8 and e.id + 0 <= $3
     ), cut as (
         select case when count(*) >= $1 then coalesce(max(id), $3) else 9223372036854775807 end as id
           from fresh
     ), ahead as (
         select e.id, e.xid, e.topic, e.aggregate_id, e.payload, e.headers, e.created_at from events e
-         where e.xid >= $4::bigint::text::xid8 and e.id <= (select id from cut)
+         where e.xid >= $4::bigint::text::xid8 and e.id + 0 <= (select id from cut)
     )
     select c.id, c.topic, c.aggregate_id, c.payload::text, c.headers, c.created_at,
            own.found is not null, held.found is not null, sent.found is not null, c.xid::text::bigint

@@ -77,7 +77,7 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     use relay::statements::*;
     let db = TestDb::create().await;
     write_backlog(&db, "bench-postgres-only", args, content).await?;
-    let pool = outbox_core::db::pool_without_flush_wait(&db.url, 1, relay::SCHEMAS)?;
+    let pool = relay::pool(&db.url, 1)?;
     let client = pool.get().await?;
     // Prepared, as the relay prepares them.
     let claim = client.prepare_cached(CLAIM_CURSOR).await?;
