@@ -113,27 +113,10 @@ async fn an_older_row_waiting_for_retry_holds_back_newer_rows_of_its_key() {
 #[tokio::test]
 async fn a_record_kafka_refuses_turns_dead_after_the_configured_attempts_and_others_flow() {
     let brokers = kafka_brokers();
-    let topic = outbox_core::testing::unique_topic("relay-small");
-    // A topic whose records may hold at most 2000 bytes: larger ones are refused for good.
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-            outbox_core::kafka::base_config(&brokers, "test-admin")
-                .create()
-                .unwrap();
-        let topic =
-            NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "2000");
-        admin
-            .create_topics(&[topic], &AdminOptions::new())
-            .await
-            .unwrap();
-    }
+    let topic = support::topic_refusing_large_records(&brokers).await;
     let db = outbox_core::testing::TestDb::create().await;
     let producer = support::spawn_producer(&db, &topic).await;
-    // Random text does not compress below the limit.
-    let big: String = (0..200)
-        .map(|_| uuid::Uuid::new_v4().simple().to_string())
-        .collect();
+    let big = support::refused_content();
     for content in ["small-1", big.as_str(), "small-2"] {
         let body = serde_json::json!({"content": content, "key": content.len().to_string()});
         let created = support::post_message(&producer, body).await;
@@ -652,4 +635,41 @@ impl Reads {
             self.of(child);
         }
     }
+}
+
+#[tokio::test]
+async fn a_row_in_the_batch_after_a_failed_row_of_its_key_waits_behind_it() {
+    // The newer row is in the next batch (batches of one row): that batch must be claimed only
+    // once the older row's failure is written, so that the newer row waits for it (here until it
+    // turns dead) instead of going out first.
+    let brokers = kafka_brokers();
+    let topic = support::topic_refusing_large_records(&brokers).await;
+    let db = outbox_core::testing::TestDb::create().await;
+    let producer = support::spawn_producer(&db, &topic).await;
+    for content in [support::refused_content(), "after".to_owned()] {
+        let created = support::post_message(&producer, message(content, Some("k"))).await;
+        assert!(created.is_some(), "the producer answers 201");
+    }
+    let mut config = support::relay_config(&db, &brokers, &topic);
+    config.batch_size = 1;
+    config.max_attempts = 2;
+    // The older row stays X for about a second between its attempts.
+    config.retry_base = Duration::from_secs(1);
+    config.retry_max = Duration::from_secs(1);
+    let _relay = support::spawn_relay(&db, config).await;
+    let states = "select string_agg(state, '' order by id) from outbox";
+    eventually(
+        "the newer row sent, after the older one turned dead",
+        Duration::from_secs(30),
+        || async {
+            let row = db.client().await.query_one(states, &[]).await.unwrap();
+            let now: String = row.get(0);
+            assert!(
+                !now.ends_with('E') || now.starts_with('D'),
+                "the newer row was sent while the older one was {now:?}"
+            );
+            (now == "DE").then_some(())
+        },
+    )
+    .await;
 }

@@ -174,3 +174,29 @@ pub fn contents_by_key(
     }
     by_key
 }
+
+/// A topic of one partition whose records may hold at most 2,000 bytes: Kafka refuses larger
+/// ones for good.
+pub async fn topic_refusing_large_records(brokers: &str) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let name = outbox_core::testing::unique_topic("relay-small");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        outbox_core::kafka::base_config(brokers, "test-admin")
+            .create()
+            .unwrap();
+    let topic =
+        NewTopic::new(&name, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "2000");
+    admin
+        .create_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    name
+}
+
+/// Content that [`topic_refusing_large_records`] refuses: random text, which does not compress
+/// below the limit.
+pub fn refused_content() -> String {
+    (0..200)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect()
+}
