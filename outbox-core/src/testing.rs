@@ -113,6 +113,24 @@ impl TestDb {
         TestDb { url, name, pool }
     }
 
+    /// Drops the database now (its pool closed first), for a benchmark that leaves nothing
+    /// behind; a test's database is left to the next run's clean-up instead, to be looked at.
+    /// Best effort: a failure is only logged.
+    pub async fn drop_now(self) {
+        let TestDb { name, pool, .. } = self;
+        pool.close();
+        let dropped = async {
+            let (client, connection) = tokio_postgres::connect(&server_url(), NoTls).await?;
+            tokio::spawn(connection);
+            client
+                .batch_execute(&format!("drop database if exists {name} with (force)"))
+                .await
+        };
+        if let Err(error) = dropped.await {
+            eprintln!("database {name} not dropped: {error}");
+        }
+    }
+
     /// A database as an earlier release made it: every table in `public` (see
     /// [`db::migrate_as_legacy_release`]), for upgrade tests.
     pub async fn create_legacy() -> TestDb {

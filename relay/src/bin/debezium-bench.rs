@@ -898,14 +898,5 @@ async fn clean_up(brokers: &str, db: TestDb) {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }
-    let name = db.name.clone();
-    drop(db);
-    if let Ok((client, connection)) =
-        tokio_postgres::connect(&outbox_core::testing::server_url(), tokio_postgres::NoTls).await
-    {
-        tokio::spawn(connection);
-        let _ = client
-            .batch_execute(&format!("drop database if exists {name} with (force)"))
-            .await;
-    }
+    db.drop_now().await;
 }

@@ -3,7 +3,8 @@
 //!
 //!   cargo run --release -p relay --features bench --bin relay-bench -- --events 200000
 //!
-//! Needs PostgreSQL and Kafka (scripts/stack.sh deps). Creates fresh databases and topics.
+//! Needs PostgreSQL and Kafka (scripts/stack.sh deps). Creates fresh databases and topics, and
+//! drops the databases when done.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -154,6 +155,8 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
     }
     let rate = load.events as f64 / started.elapsed().as_secs_f64();
     progress(&format!("PostgreSQL alone moved {rate:.0} rows/s"));
+    drop((client, pool));
+    db.drop_now().await;
     Ok(rate)
 }
 
@@ -210,8 +213,10 @@ impl Relay {
         Ok(())
     }
 
+    /// Stops the relay and drops its database.
     async fn stop(self) {
         let _ = self.relay.stop().await;
+        self.db.drop_now().await;
     }
 }
 
