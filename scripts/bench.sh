@@ -7,8 +7,9 @@
 #   scripts/bench.sh                    relay and consumer
 #   scripts/bench.sh relay [args]       relay-bench (e.g. --events 500000 --rate 1000)
 #   scripts/bench.sh consumer [args]    consumer-bench (e.g. --events 50000)
-#   scripts/bench.sh debezium [args]    [plots] the relay next to Debezium's outbox connector in
-#                                       Kafka Connect, same PostgreSQL, same broker, one run:
+#   scripts/bench.sh debezium [args]    [plots] the relay (its own binary, a process of its own)
+#                                       next to Debezium's outbox connector in Kafka Connect,
+#                                       same PostgreSQL, same broker, one run:
 #                                       warm-up + measured drain of --events N (200000) for each,
 #                                       commit-to-record latency at --rates (500,2000,10000) for
 #                                       --duration (10s) each, raw produce ceiling, every event
@@ -192,7 +193,7 @@ bench_debezium() {
   ensure_logical
   debezium_fetch
   log "building debezium-bench (release)"
-  cargo build --quiet --release -p relay --features bench --bin debezium-bench
+  cargo build --quiet --release -p relay --features bench --bin debezium-bench --bin relay
   connect_start
   local dir; dir=$(results_dir debezium)
   target/release/debezium-bench --connect-url "http://127.0.0.1:$CONNECT_PORT" --out "$dir" "${args[@]}"

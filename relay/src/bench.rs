@@ -1,5 +1,6 @@
-//! What relay-bench and debezium-bench share: the workload both offer and the relay they start in
-//! their own process. (relay-bench's PostgreSQL-only ceiling runs [`crate::statements`].)
+//! What relay-bench and debezium-bench share: the workload both offer, and the relay they start
+//! (in their own process, or as the `relay` binary beside them). relay-bench's PostgreSQL-only
+//! ceiling runs [`crate::statements`].
 
 use tokio_util::sync::CancellationToken;
 
@@ -59,5 +60,55 @@ impl InProcess {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
         self.task.await?
+    }
+}
+
+/// The `relay` binary built beside the running benchmark, started as a process of its own (as it
+/// is deployed, and as Debezium runs in Kafka Connect's), until [`Child::stop`].
+pub struct Child {
+    process: tokio::process::Child,
+}
+
+impl Child {
+    /// Starts it on `database_url` and `brokers` with the workload's batch size and partitions,
+    /// listening on a port of its own; it elects itself and publishes like any relay.
+    pub async fn start(
+        workload: &Workload,
+        database_url: &str,
+        brokers: &str,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let relay = exe.with_file_name("relay");
+        anyhow::ensure!(
+            relay.exists(),
+            "{} is not built (cargo build --release -p relay --bin relay)",
+            relay.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let process = tokio::process::Command::new(&relay)
+            .env("DATABASE_URL", database_url)
+            .env("KAFKA_BROKERS", brokers)
+            .env("RELAY_BATCH_SIZE", workload.batch_size.to_string())
+            .env("TOPIC_PARTITIONS", workload.partitions.to_string())
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Child { process })
+    }
+
+    /// Asks it to shut down (SIGTERM: it finishes the batch in flight and marks it) and waits.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.process.id() {
+            let _ = tokio::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        let status = self.process.wait().await?;
+        anyhow::ensure!(status.success(), "the relay ended with {status}");
+        Ok(())
     }
 }

@@ -31,7 +31,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use relay::bench::{InProcess, Workload};
+use relay::bench::{Child, Workload};
 use serde_json::{json, Value};
 
 /// The relay next to Debezium's outbox connector, on the same PostgreSQL and Kafka.
@@ -578,7 +578,7 @@ async fn remove_debezium(connect: &Connect, db: &TestDb) -> anyhow::Result<()> {
 
 /// The reader of the outbox for `system`: the relay, or the Debezium connector.
 enum Runner<'a> {
-    Relay(Option<InProcess>, &'a Args, &'a str, &'a TestDb),
+    Relay(Option<Box<Child>>, &'a Args, &'a str, &'a TestDb),
     Debezium(&'a Connect),
 }
 
@@ -598,8 +598,9 @@ impl Runner<'_> {
     async fn start(&mut self) -> anyhow::Result<()> {
         match self {
             Runner::Relay(relay, args, brokers, db) => {
-                let config = args.workload.relay_config(&db.url, brokers)?;
-                *relay = Some(InProcess::start(config).await?);
+                *relay = Some(Box::new(
+                    Child::start(&args.workload, &db.url, brokers).await?,
+                ));
             }
             Runner::Debezium(c) => c.resume().await?,
         }
