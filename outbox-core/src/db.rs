@@ -102,6 +102,11 @@ impl Schema {
                     "envelope_in_events",
                     include_str!("../../sql/outbox/V6__envelope_in_events.sql"),
                 ),
+                (
+                    7,
+                    "publish_counts_brackets_by_bytes",
+                    include_str!("../../sql/outbox/V7__publish_counts_brackets_by_bytes.sql"),
+                ),
             ],
             Schema::Producer => &[
                 (

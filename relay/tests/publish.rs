@@ -259,3 +259,34 @@ async fn a_transaction_that_commits_after_later_ones_were_sent_is_still_sent() {
     }
     assert_eq!(ids.len(), 6);
 }
+
+#[tokio::test]
+async fn data_with_many_brackets_but_little_depth_is_published_whole() {
+    // More than 64 brackets make publish walk the data's depth; only depth is refused. Brackets in
+    // text, next to characters of more than one byte, are not nesting.
+    let db = testing::TestDb::create().await;
+    let client = db.client().await;
+    let wide = format!(
+        "{{\"rows\": [{}], \"text\": \"é[{{ü{{[ñ\"}}",
+        vec!["[1, {\"k\": 2}]"; 70].join(", ")
+    );
+    let id: String = client
+        .query_one(
+            "select outbox.publish(event_type => 'order.created', key => 'k', data => $1::text::jsonb, topic => 'orders')",
+            &[&wide],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let row = client
+        .query_one(
+            "select payload::jsonb -> 'data' = $2::text::jsonb from outbox.events where event_id = $1",
+            &[&id, &wide],
+        )
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "the envelope carries the data as given"
+    );
+}
