@@ -187,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         "| inbox recorded → delivery recorded p50 / p99 (all {n} queued at once) | {:.2} s / {:.2} s |",
         e2e_p50, e2e_p99
     );
+    db.drop_now().await;
     Ok(())
 }
 
@@ -384,5 +385,7 @@ async fn postgres_ceiling(n: usize) -> anyhow::Result<f64> {
         "{succeeded} of {n} deliveries recorded"
     );
     progress(&format!("PostgreSQL alone recorded {rate:.0} deliveries/s"));
+    drop((dispatcher, pool));
+    db.drop_now().await;
     Ok(rate)
 }
