@@ -100,7 +100,18 @@ async fn one_of_three_brokers_killed_the_relay_and_consumer_carry_on() {
         killed.elapsed()
     );
     assert_eq!(count(&stack, "D").await, 0, "no row dead");
-    assert_eq!(count(&stack, "E").await, 120, "every row sent");
+    // A send whose delivery report timed out while the broker was down turns its row X although
+    // the record got through: the notifier already has the event, and the row is E once its
+    // retry is acknowledged.
+    stack
+        .db
+        .wait_for_count(
+            "every row sent",
+            "select count(*) from outbox.outbox where state = 'E'",
+            120,
+            Duration::from_secs(30),
+        )
+        .await;
     assert!(!stack.relay.is_finished(), "the relay keeps running");
     assert!(!stack.consumer.is_finished(), "the consumer keeps running");
     eprintln!("one-of-three test took {:?}", started.elapsed());
