@@ -4,7 +4,7 @@
 //!   scripts/bench.sh e2e --rates 500,2000 --duration 10s
 //!
 //! The four services run in this process on a database and a topic of their own, as the e2e
-//! tests start them (tests/support). Latency = the notifier's `received_at` minus the moment the
+//! tests start them (tests/support), but polling and reporting at their deployed intervals. Latency = the notifier's `received_at` minus the moment the
 //! request was sent; one machine, one clock. Every accepted event must arrive once.
 
 #[path = "../tests/support/mod.rs"]
@@ -253,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
     quiet_logging("error");
     let brokers = outbox_core::testing::kafka_brokers();
     progress("starting producer, relay, consumer and notifier on a fresh database");
-    let stack = Arc::new(support::Stack::start(&brokers).await);
+    let stack = Arc::new(support::Stack::start_timed(&brokers, support::Timings::Deployed).await);
     stack.consumer.wait_ready().await;
     let content = "x".repeat(args.content_bytes);
     // Warm-up: the relay elected, the consumer assigned, every connection open.
@@ -300,6 +300,9 @@ async fn main() -> anyhow::Result<()> {
         "goals": goals,
     });
     write_results(args.out.as_deref(), &result)?;
-    // The services stop with the process (their handles cancel on drop).
+    if let Some(mut stack) = Arc::into_inner(stack) {
+        stack.stop().await;
+        stack.db.clone().drop_now().await;
+    }
     Ok(())
 }

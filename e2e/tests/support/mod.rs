@@ -40,9 +40,32 @@ pub struct Stack {
     pub notifier: TestApp<notifier::Config>,
 }
 
+/// How often the services poll and report: at test speed, or as deployed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Timings {
+    /// Polls, retries and reports within milliseconds, so that tests see the outcome fast.
+    Test,
+    /// The services' defaults for the intervals a steady flow runs on (the relay's and the
+    /// dispatchers' polls, lag and statistics reports): what a benchmark should measure, since
+    /// test-speed polling costs CPU that a deployment does not spend. Retries keep test speed.
+    Deployed,
+}
+
 impl Stack {
     pub async fn start(brokers: &str) -> Stack {
         Self::start_on(TestDb::create().await, &unique_topic("e2e"), brokers).await
+    }
+
+    /// [`Stack::start`] with `timings`.
+    pub async fn start_timed(brokers: &str, timings: Timings) -> Stack {
+        Self::start_with(
+            TestDb::create().await,
+            &unique_topic("e2e"),
+            brokers,
+            "",
+            timings,
+        )
+        .await
     }
 
     /// The four services on `db` (migrated by them as they start), sending to `topic`.
@@ -53,6 +76,16 @@ impl Stack {
     /// [`Stack::start_on`] with `TOPIC_ROUTES` for the producer and the relay (both write them
     /// into `outbox.routes`).
     pub async fn start_routed(db: TestDb, topic: &str, brokers: &str, routes: &str) -> Stack {
+        Self::start_with(db, topic, brokers, routes, Timings::Test).await
+    }
+
+    async fn start_with(
+        db: TestDb,
+        topic: &str,
+        brokers: &str,
+        routes: &str,
+        timings: Timings,
+    ) -> Stack {
         let topic = topic.to_owned();
         outbox_core::kafka::ensure_topics(brokers, std::slice::from_ref(&topic), 3)
             .await
@@ -72,15 +105,22 @@ impl Stack {
         relay_config.kafka.kafka_brokers = brokers.to_owned();
         relay_config.topics.kafka_topic = topic.clone();
         relay_config.topics.topic_routes = routes.to_owned();
-        relay_config.poll_interval = Duration::from_millis(200);
+        if timings == Timings::Test {
+            relay_config.poll_interval = Duration::from_millis(200);
+            relay_config.lag_poll_interval = Duration::from_millis(300);
+        }
         relay_config.send_timeout = Duration::from_secs(1);
         relay_config.retry_max = Duration::from_millis(500);
         relay_config.lock_key = (uuid::Uuid::new_v4().as_u128() as i64).abs();
         relay_config.lag_consumer_groups = vec![group.clone()];
-        relay_config.lag_poll_interval = Duration::from_millis(300);
         let relay = TestApp::spawn(db.clone(), relay_config, relay::run).await;
 
-        let consumer_config = consumer_config(&db, brokers, &topic, &group);
+        let mut consumer_config = consumer_config(&db, brokers, &topic, &group);
+        if timings == Timings::Deployed {
+            let defaults: consumer::Config = outbox_core::config::from_env().unwrap();
+            consumer_config.dispatch_poll_interval = defaults.dispatch_poll_interval;
+            consumer_config.kafka_statistics_interval = defaults.kafka_statistics_interval;
+        }
         let consumer = TestApp::spawn(db.clone(), consumer_config, consumer::run).await;
         let notifier_config = notifier_config(&db, &secret);
         let notifier = TestApp::spawn(db.clone(), notifier_config, notifier::run).await;
