@@ -78,13 +78,23 @@ impl ConsumerContext for IngestContext {
 pub type KafkaConsumer = StreamConsumer<IngestContext>;
 
 /// Creates the consumer (it connects lazily, so Kafka may be down) and subscribes to the topics.
-/// Offsets are committed by hand after each batch is recorded; a new group starts at the earliest
+/// A batch's offsets are stored once it is recorded, and librdkafka commits the stored offsets
+/// every `CONSUMER_COMMIT_INTERVAL` (and before it gives partitions up in a rebalance); an offset
+/// never reaches Kafka before its records are in PostgreSQL. A new group starts at the earliest
 /// record.
 pub fn create_consumer(config: &Config, metrics: Metrics) -> anyhow::Result<KafkaConsumer> {
     let mut client = outbox_core::kafka::base_config(&config.kafka.kafka_brokers, "consumer");
     client
         .set("group.id", &config.consumer_group)
-        .set("enable.auto.commit", "false")
+        .set("enable.auto.commit", "true")
+        .set(
+            "auto.commit.interval.ms",
+            config
+                .consumer_commit_interval
+                .as_millis()
+                .max(1)
+                .to_string(),
+        )
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
@@ -482,7 +492,7 @@ pub async fn consume(
     let mut stream = consumer
         .stream()
         .ready_chunks(config.consumer_batch_size.max(1));
-    let mut last_commit: Option<TopicPartitionList> = None;
+    let mut stored = false;
     loop {
         let chunk = tokio::select! {
             biased;
@@ -542,17 +552,23 @@ pub async fn consume(
         match next_offsets(&records) {
             Ok(tpl) => {
                 // Async: a lost commit only means these records are read (and ignored) again.
-                if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
-                    tracing::debug!(%error, "offset commit not sent");
+                // Committed with the next interval's commit; a lost one only means these
+                // records are read (and ignored) again.
+                if let Err(error) = consumer.store_offsets(&tpl) {
+                    tracing::debug!(%error, "offsets not stored");
                 }
-                last_commit = Some(tpl);
+                stored = true;
             }
             Err(error) => tracing::warn!(%error, "cannot build offsets to commit"),
         }
     }
-    if let Some(tpl) = last_commit {
+    if stored {
+        // Leaving the group commits the stored offsets too, but without waiting for the answer:
+        // this waits, so that a process exiting next has its offsets committed.
         let consumer = consumer.clone();
-        let _ = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
+        let _ =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await;
     }
     consumer.unsubscribe();
 }

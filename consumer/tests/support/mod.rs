@@ -196,6 +196,7 @@ pub fn config(db: &TestDb, topic: &str) -> Config {
     c.breaker.breaker_successes = 2;
     c.dispatch_poll_interval = Duration::from_millis(20);
     c.kafka_statistics_interval = Duration::from_millis(500);
+    c.consumer_commit_interval = Duration::from_millis(100);
     c
 }
 

@@ -46,7 +46,7 @@ pub enum Timings {
     /// Polls, retries and reports within milliseconds, so that tests see the outcome fast.
     Test,
     /// The services' defaults for the intervals a steady flow runs on (the relay's and the
-    /// dispatchers' polls, lag and statistics reports): what a benchmark should measure, since
+    /// dispatchers' polls, offset commits, lag and statistics reports): what a benchmark should measure, since
     /// test-speed polling costs CPU that a deployment does not spend. Retries keep test speed.
     Deployed,
 }
@@ -120,6 +120,7 @@ impl Stack {
             let defaults: consumer::Config = outbox_core::config::from_env().unwrap();
             consumer_config.dispatch_poll_interval = defaults.dispatch_poll_interval;
             consumer_config.kafka_statistics_interval = defaults.kafka_statistics_interval;
+            consumer_config.consumer_commit_interval = defaults.consumer_commit_interval;
         }
         let consumer = TestApp::spawn(db.clone(), consumer_config, consumer::run).await;
         let notifier_config = notifier_config(&db, &secret);
@@ -231,6 +232,7 @@ pub fn consumer_config(db: &TestDb, brokers: &str, topic: &str, group: &str) -> 
     c.breaker.breaker_open_for = Duration::from_millis(500);
     c.dispatch_poll_interval = Duration::from_millis(20);
     c.kafka_statistics_interval = Duration::from_millis(500);
+    c.consumer_commit_interval = Duration::from_millis(100);
     c
 }
 
