@@ -130,3 +130,138 @@ async fn a_batch_is_recorded_once_with_its_deliveries_leased_and_poison_beside_e
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_a_batch_and_writing_its_results_find_their_rows_by_key_not_by_reading_the_history(
+) {
+    // The consumer's connections keep one plan per prepared statement (plan_cache_mode), made on
+    // its first run, when the tables may be young. The plans of the two statements every batch
+    // runs must still find the batch's rows by key: the one that writes results once read every
+    // delivery kept to find a batch's few, until autovacuum analyzed the table.
+    use consumer::delivery::store::{RECORD_EVENTS, RECORD_RESULTS};
+    const HISTORY: i64 = 20_000;
+    let (db, _) = migrated().await;
+    // Statistics taken while the tables were young (autovacuum analyzes a table after its first
+    // 50 changes), and none after: the estimates every plan below is made with.
+    for table in ["inbox", "deliveries"] {
+        db.execute(
+            &format!("alter table {table} set (autovacuum_enabled = off)"),
+            &[],
+        )
+        .await;
+        db.execute(&format!("analyze {table}"), &[]).await;
+    }
+    // On a connection set up as the consumer's are, both prepared and run while the tables are
+    // empty; from then on their plans are kept (nothing analyzes the tables). The consumer asks
+    // for that; PostgreSQL also does it by itself once a kept plan looks as good as a new one.
+    let pool = consumer::pool(&db.url, 1).expect("pool");
+    let client = pool.get().await.expect("connection");
+    client
+        .batch_execute(&format!(
+            "prepare events(text[], text[], text[], int[], bigint[], text[], text[], float8, text[])
+                 as {RECORD_EVENTS};
+             prepare results(bigint[], text[], int[], timestamptz[], int[], text[], bool[],
+                             timestamptz, timestamptz[], text[]) as {RECORD_RESULTS};
+             set plan_cache_mode = force_generic_plan;
+             execute results('{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', now(), '{{}}', '{{}}');
+             execute events('{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 60, '{{}}');"
+        ))
+        .await
+        .expect("prepared and run on empty tables");
+
+    // The history: events received and delivered long ago.
+    db.execute(
+        "with i as (
+             insert into inbox (event_id, event_type, topic, kafka_partition, kafka_offset, payload)
+             select 'evt_history_' || g, 'message.created', 'recording', 0, g, '{}'
+               from generate_series(1, $1::bigint) g returning event_id)
+         insert into deliveries (event_id, endpoint_id, state, attempts, delivered_at)
+         select event_id, 'ep_all', 'succeeded', 1, now() from i",
+        &[&HISTORY],
+    )
+    .await;
+
+    // A batch of three events, recorded with their deliveries leased...
+    let plan = explain(
+        &client,
+        "execute events('{evt_new_1,evt_new_2,evt_new_3}',
+             '{message.created,message.created,message.created}', '{recording,recording,recording}',
+             '{0,0,0}', '{-3,-2,-1}', '{null,null,null}', '{\"{}\",\"{}\",\"{}\"}', 60,
+             '{null,null,null}')",
+    )
+    .await;
+    let (inbox, deliveries) = (rows_read(&plan, "inbox"), rows_read(&plan, "deliveries"));
+    assert!(
+        inbox <= 30.0 && deliveries <= 30.0,
+        "recording 3 events read {inbox} inbox rows and {deliveries} deliveries (history: {HISTORY} of each): {plan:#}"
+    );
+    let leased: Vec<(i64, chrono::DateTime<Utc>)> = client
+        .query(
+            "select id, leased_until from deliveries where event_id like 'evt_new_%'",
+            &[],
+        )
+        .await
+        .expect("the batch's deliveries")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(leased.len(), 3, "one delivery per new event, leased");
+
+    // ...then their results written.
+    let ids = leased
+        .iter()
+        .map(|(id, _)| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let plan = explain(
+        &client,
+        &format!(
+            "execute results('{{{ids}}}', '{{succeeded,succeeded,succeeded}}', '{{1,1,1}}',
+                 array[now(), now(), now()], '{{200,200,200}}', '{{null,null,null}}', '{{t,t,t}}',
+                 '{}', array[now(), now(), now()], '{{null,null,null}}')",
+            leased[0].1.to_rfc3339()
+        ),
+    )
+    .await;
+    let deliveries = rows_read(&plan, "deliveries");
+    assert_eq!(
+        db.count("select count(*) from deliveries where state = 'succeeded' and event_id like 'evt_new_%'")
+            .await,
+        3,
+        "the batch's results are written"
+    );
+    assert!(
+        deliveries <= 30.0,
+        "writing 3 results read {deliveries} deliveries (history: {HISTORY}): {plan:#}"
+    );
+}
+
+/// `explain (analyze)` of `execute`: the plan it ran, as JSON.
+async fn explain(client: &outbox_core::db::Client, execute: &str) -> serde_json::Value {
+    let plan: serde_json::Value = client
+        .query_one(&format!("explain (analyze, format json) {execute}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{execute}: {e}"))
+        .get(0);
+    plan[0]["Plan"].clone()
+}
+
+/// Rows of `table` a plan node and its children read: returned or filtered out, per loop.
+fn rows_read(node: &serde_json::Value, table: &str) -> f64 {
+    let number = |key: &str| node[key].as_f64().unwrap_or(0.0);
+    let own = if node["Relation Name"].as_str() == Some(table) && node["Node Type"] != "ModifyTable"
+    {
+        (number("Actual Rows")
+            + number("Rows Removed by Filter")
+            + number("Rows Removed by Index Recheck"))
+            * number("Actual Loops")
+    } else {
+        0.0
+    };
+    own + node["Plans"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|child| rows_read(child, table))
+        .sum::<f64>()
+}

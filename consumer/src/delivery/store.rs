@@ -109,7 +109,7 @@ pub struct RecordedEvents {
 // One row per planned delivery with what sending it needs (a null lease for a parked one), or a
 // single row of nulls when none was planned; `new_events` counts the new events. Each delivery
 // keeps its event's trace context ($9; one per event id, should a batch carry an event twice).
-const RECORD_EVENTS: &str = concat!(
+pub const RECORD_EVENTS: &str = concat!(
     "
     with r as (
         select * from unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
@@ -337,7 +337,9 @@ impl Outcome {
 /// Writes a batch's results, but only for rows still under this batch's lease ($8): a lease is only
 /// ever held by pending rows. (No `state = 'pending'` here: with it the planner may pick the
 /// `deliveries_due` index and read every pending delivery to find this batch's few hundred.)
-const RECORD_RESULTS: &str = "
+/// `d.id = any($1)` holds the plan to the batch's ids: joined to `unnest` only, a plan made while
+/// `deliveries` looked empty read the whole table, or (without sequential scans) its whole index.
+pub const RECORD_RESULTS: &str = "
     update deliveries d
        set state = u.state, attempts = u.attempts, next_attempt_at = u.next_attempt_at,
            held_by = u.held_by, leased_until = null,
@@ -348,7 +350,7 @@ const RECORD_RESULTS: &str = "
       from unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[], $6::text[],
                   $7::bool[], $9::timestamptz[], $10::text[])
            as u(id, state, attempts, next_attempt_at, status, error, sent, at, held_by)
-     where d.id = u.id and d.leased_until = $8";
+     where d.id = any($1) and d.id = u.id and d.leased_until = $8";
 
 const RECORD_ATTEMPTS: &str = "
     insert into delivery_attempts
@@ -414,8 +416,9 @@ pub async fn record_results(
         if a.ids.is_empty() {
             return Ok(0);
         }
+        let statement = tx.prepare_cached(RECORD_ATTEMPTS).await?;
         tx.execute(
-            RECORD_ATTEMPTS,
+            &statement,
             &[
                 &a.ids,
                 &a.numbers,
