@@ -107,6 +107,13 @@ impl Schema {
                     "publish_counts_brackets_by_bytes",
                     include_str!("../../sql/outbox/V7__publish_counts_brackets_by_bytes.sql"),
                 ),
+                (
+                    8,
+                    "publish_checks_lengths_apart_from_patterns",
+                    include_str!(
+                        "../../sql/outbox/V8__publish_checks_lengths_apart_from_patterns.sql"
+                    ),
+                ),
             ],
             Schema::Producer => &[
                 (

@@ -115,6 +115,12 @@ async fn bad_arguments_fail_the_callers_transaction_with_stable_sqlstates() {
         ("event_type => 'invoice.created', key => 'k', data => '{}'".into(), "OB001"),
         ("event_type => 'order.created', key => 'k', data => '{}', topic => 'bad topic'".into(), "22023"),
         ("event_type => 'order.created', key => 'k', data => '{}', correlation_id => E'a\\nb'".into(), "22023"),
+        (format!("event_type => 'order.created', key => 'k', data => '{{}}', topic => '{}'", "t".repeat(250)), "22023"),
+        ("event_type => 'order.created', key => 'k', data => '{}', topic => ''".into(), "22023"),
+        (format!("event_type => 'order.created', key => 'k', data => '{{}}', correlation_id => '{}'", "c".repeat(129)), "22023"),
+        ("event_type => 'order.created', key => 'k', data => '{}', correlation_id => ''".into(), "22023"),
+        (format!("event_type => 'order.created', key => 'k', data => '{{}}', headers => '{{\"{}\": \"v\"}}'", "h".repeat(129)), "22023"),
+        ("event_type => 'order.created', key => 'k', data => '{}', headers => '{\"a b\": \"v\"}'".into(), "22023"),
         ("event_type => 'order.created', key => 'k', data => '{}', headers => '{\"x\": 1}'".into(), "22023"),
         ("event_type => 'order.created', key => 'k', data => '{}', headers => '[]'".into(), "22023"),
         ("event_type => 'order.created', key => 'k', data => '{}', source => ''".into(), "22023"),
@@ -148,6 +154,20 @@ async fn bad_arguments_fail_the_callers_transaction_with_stable_sqlstates() {
     }
     assert_eq!(db.count("select count(*) from public.orders").await, 0);
     assert_eq!(db.count("select count(*) from outbox.outbox").await, 0);
+
+    // The longest topic, correlation id and header name allowed are accepted.
+    let longest = format!(
+        "select outbox.publish(event_type => 'order.created', key => 'k', data => '{{}}',
+                               topic => '{}', correlation_id => '{}', headers => '{{\"{}\": \"v\"}}')",
+        "t".repeat(249),
+        "c".repeat(128),
+        "h".repeat(128)
+    );
+    let tx = client.transaction().await.unwrap();
+    tx.query_one(&longest, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{longest}: {e}"));
+    tx.rollback().await.unwrap();
     assert_eq!(db.count("select count(*) from outbox.events").await, 0);
     // The same call with good arguments publishes, routed by outbox.routes.
     client
