@@ -78,23 +78,16 @@ impl ConsumerContext for IngestContext {
 pub type KafkaConsumer = StreamConsumer<IngestContext>;
 
 /// Creates the consumer (it connects lazily, so Kafka may be down) and subscribes to the topics.
-/// A batch's offsets are stored once it is recorded, and librdkafka commits the stored offsets
-/// every `CONSUMER_COMMIT_INTERVAL` (and before it gives partitions up in a rebalance); an offset
-/// never reaches Kafka before its records are in PostgreSQL. A new group starts at the earliest
+/// A batch's offsets are stored once it is recorded, and [`consume`] commits the stored offsets
+/// every `CONSUMER_COMMIT_INTERVAL` and when it stops: an offset never reaches Kafka before its
+/// records are in PostgreSQL. Not librdkafka's auto-commit: with it, closing the consumer waits
+/// for a final commit, forever while every broker is down. A new group starts at the earliest
 /// record.
 pub fn create_consumer(config: &Config, metrics: Metrics) -> anyhow::Result<KafkaConsumer> {
     let mut client = outbox_core::kafka::base_config(&config.kafka.kafka_brokers, "consumer");
     client
         .set("group.id", &config.consumer_group)
-        .set("enable.auto.commit", "true")
-        .set(
-            "auto.commit.interval.ms",
-            config
-                .consumer_commit_interval
-                .as_millis()
-                .max(1)
-                .to_string(),
-        )
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
@@ -477,8 +470,12 @@ fn to_incoming(
 }
 
 /// Reads records in small batches until `shutdown`, records each batch durably (retrying while
-/// PostgreSQL is down), commits its offsets, and hands the new deliveries on: leased, to a fast
+/// PostgreSQL is down), stores its offsets, and hands the new deliveries on: leased, to a fast
 /// lane that sends them from memory when one is free, otherwise to the dispatchers' claim (woken).
+/// The stored offsets are committed `CONSUMER_COMMIT_INTERVAL` after the first batch that stored
+/// any, and when it stops: one commit per interval instead of one per batch (a broker write
+/// each). A crash re-reads what was stored since, and so does the next owner of a partition
+/// taken away in a rebalance; the inbox drops the re-read records.
 /// Never returns early because a dependency is down.
 pub async fn consume(
     consumer: Arc<KafkaConsumer>,
@@ -492,11 +489,22 @@ pub async fn consume(
     let mut stream = consumer
         .stream()
         .ready_chunks(config.consumer_batch_size.max(1));
+    let interval = config.consumer_commit_interval;
     let mut stored = false;
+    // When the offsets stored since the last commit are due to be committed; None: none are.
+    let mut commit_at: Option<tokio::time::Instant> = None;
     loop {
         let chunk = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = sleep_until_some(commit_at) => {
+                // Async: a lost commit only means these records are read (and ignored) again.
+                if let Err(error) = consumer.commit_consumer_state(CommitMode::Async) {
+                    tracing::debug!(%error, "offset commit not sent");
+                }
+                commit_at = None;
+                continue;
+            }
             chunk = stream.next() => match chunk {
                 Some(chunk) => chunk,
                 None => break,
@@ -552,25 +560,30 @@ pub async fn consume(
         match next_offsets(&records) {
             Ok(tpl) => {
                 // Async: a lost commit only means these records are read (and ignored) again.
-                // Committed with the next interval's commit; a lost one only means these
-                // records are read (and ignored) again.
                 if let Err(error) = consumer.store_offsets(&tpl) {
                     tracing::debug!(%error, "offsets not stored");
                 }
                 stored = true;
+                commit_at.get_or_insert_with(|| tokio::time::Instant::now() + interval);
             }
             Err(error) => tracing::warn!(%error, "cannot build offsets to commit"),
         }
     }
     if stored {
-        // Leaving the group commits the stored offsets too, but without waiting for the answer:
-        // this waits, so that a process exiting next has its offsets committed.
         let consumer = consumer.clone();
         let _ =
             tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
                 .await;
     }
     consumer.unsubscribe();
+}
+
+/// Sleeps until `at`; never returns without it.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn record_until_done(

@@ -87,9 +87,10 @@ pub struct Config {
     /// Most Kafka records recorded in one PostgreSQL transaction.
     #[arg(long, env = "CONSUMER_BATCH_SIZE", default_value_t = 500)]
     pub consumer_batch_size: usize,
-    /// How often the offsets of recorded batches are committed to Kafka (librdkafka commits the
-    /// offsets stored after each recording transaction). A crash re-reads at most this much,
-    /// which the inbox drops; committing after every batch cost the broker a write per batch.
+    /// How often the offsets of recorded batches are committed to Kafka (they are stored after
+    /// each recording transaction, and committed at this interval and at a stop). A crash
+    /// re-reads at most this much, which the inbox drops; committing after every batch cost the
+    /// broker a write per batch.
     #[arg(long, env = "CONSUMER_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub consumer_commit_interval: Duration,
     /// How often librdkafka reports statistics, from which the consumer lag gauge comes.
