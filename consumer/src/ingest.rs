@@ -559,7 +559,6 @@ pub async fn consume(
         }
         match next_offsets(&records) {
             Ok(tpl) => {
-                // Async: a lost commit only means these records are read (and ignored) again.
                 if let Err(error) = consumer.store_offsets(&tpl) {
                     tracing::debug!(%error, "offsets not stored");
                 }
