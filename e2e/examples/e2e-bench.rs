@@ -4,8 +4,9 @@
 //!   scripts/bench.sh e2e --rates 500,2000 --duration 10s
 //!
 //! The four services run in this process on a database and a topic of their own, as the e2e
-//! tests start them (tests/support), but polling and reporting at their deployed intervals. Latency = the notifier's `received_at` minus the moment the
-//! request was sent; one machine, one clock. Every accepted event must arrive once.
+//! tests start them (tests/support), but polling and reporting at their deployed intervals.
+//! Latency = the notifier's `received_at` minus the moment the request was sent; one machine, one
+//! clock. Every accepted event must arrive once.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
