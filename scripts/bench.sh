@@ -178,7 +178,7 @@ EOF
   CONNECT_PID=$!
   trap connect_stop EXIT
   local start=$SECONDS
-  until curl -fsS "http://127.0.0.1:$CONNECT_PORT/connector-plugins" 2>/dev/null | grep -q PostgresConnector; do
+  until grep -q PostgresConnector <<<"$(curl -fsS "http://127.0.0.1:$CONNECT_PORT/connector-plugins" 2>/dev/null)"; do
     kill -0 "$CONNECT_PID" 2>/dev/null || die "Kafka Connect exited: $(tail -5 "$CONNECT_DIR/connect.out")"
     (( SECONDS - start < 120 )) || die "Kafka Connect did not come up in 120s ($CONNECT_DIR)"
     sleep 1

@@ -136,7 +136,7 @@ as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$
 pg_install() {
   pg_bin >/dev/null || apt_install postgresql postgresql-contrib
   # Debian's package may start its own cluster on 5432; ours is configured for this product.
-  if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q " $PG_PORT online"; then
+  if command -v pg_lsclusters >/dev/null && grep -q " $PG_PORT online" <<<"$(pg_lsclusters -h 2>/dev/null)"; then
     if [ ! -f "$PG_DATA/PG_VERSION" ]; then
       log "stopping Debian's default cluster on port $PG_PORT (the stack runs its own)"
       pg_lsclusters -h | awk -v p="$PG_PORT" '$3==p && $4=="online" {print $1, $2}' | while read -r v c; do pg_ctlcluster "$v" "$c" stop || true; done
@@ -359,8 +359,8 @@ node_ready() {
   if [ "$STACK_BROKERS" = 1 ]; then
     kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$port" --list >/dev/null 2>&1
   else
-    kafka_java org.apache.kafka.tools.BrokerApiVersionsCommand --bootstrap-server "127.0.0.1:$port" 2>/dev/null \
-      | grep -q "^127.0.0.1:$port (id: $1 "
+    grep -q "^127.0.0.1:$port (id: $1 " \
+      <<<"$(kafka_java org.apache.kafka.tools.BrokerApiVersionsCommand --bootstrap-server "127.0.0.1:$port" 2>/dev/null)"
   fi
 }
 
@@ -677,11 +677,20 @@ services_stop() {
 }
 
 # The relay instance whose /metrics says it holds the leader lock.
+# No `cmd | grep -q` in this script: under pipefail, grep exits at its first match, and a command
+# still writing the rest of a large page dies of SIGPIPE, which fails the test it was part of. So a
+# command's whole output is read before it is searched.
+relay_leads() { # relay_leads <port>: the relay there says it holds the leader lock
+  local page
+  page=$(curl -fsS --max-time 2 "http://127.0.0.1:$1/metrics" 2>/dev/null) || return 1
+  grep -qx 'relay_is_leader 1' <<<"$page"
+}
+
 relay_leader() {
   local n
   for n in $(seq 1 "$(( STACK_RELAYS > 9 ? STACK_RELAYS : 9 ))"); do
     [ -n "$(instance_pid relay "$n")" ] || continue
-    if curl -fsS --max-time 2 "http://127.0.0.1:$(service_port relay "$n")/metrics" 2>/dev/null | grep -qx 'relay_is_leader 1'; then
+    if relay_leads "$(service_port relay "$n")"; then
       echo "$n"; return 0
     fi
   done
@@ -704,7 +713,7 @@ status() {
     for n in $(seq 1 "$(service_count "$s")"); do
       port=$(service_port "$s" "$n"); pid=$(instance_pid "$s" "$n"); role=""
       if [ "$s" = relay ]; then
-        if curl -fsS --max-time 2 "http://127.0.0.1:$port/metrics" 2>/dev/null | grep -qx 'relay_is_leader 1'; then role=" leader"; else role=" standby"; fi
+        if relay_leads "$port"; then role=" leader"; else role=" standby"; fi
       fi
       if curl -fsS --max-time 2 -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null; then
         printf '%-11s %-8s %s\n' "$(instance "$s" "$n")" up "http://127.0.0.1:$port (pid ${pid:-?})$role"
