@@ -249,6 +249,9 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 }
 
 /// Key of the advisory lock that serialises migrations when several processes start at once.
+/// Functions the migrations call (`pg_temp.rewrite_function`), defined before they run.
+const MIGRATION_HELPERS: &str = include_str!("../../sql/migration_helpers.sql");
+
 const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78_0001;
 
 /// Builds a pool. It connects lazily, so a service starts even while PostgreSQL is down.
@@ -318,6 +321,7 @@ pub async fn migrate(pool: &Pool, schemas: &[Schema]) -> Result<Vec<String>, DbE
     let tx = client.transaction().await?;
     tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
+    tx.batch_execute(MIGRATION_HELPERS).await?;
     let mut newly = Vec::new();
     let legacy = is_legacy(&tx).await?;
     if legacy {
@@ -357,6 +361,9 @@ pub async fn migrate(pool: &Pool, schemas: &[Schema]) -> Result<Vec<String>, DbE
     if legacy {
         drop_emptied_legacy(&tx).await?;
     }
+    // The helpers live in this session's pg_temp; the pooled connection goes on to other work.
+    tx.batch_execute("drop function pg_temp.rewrite_function(regprocedure, text, text)")
+        .await?;
     tx.commit().await?;
     Ok(newly)
 }

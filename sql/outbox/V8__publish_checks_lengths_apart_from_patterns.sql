@@ -5,26 +5,14 @@
 -- character class and a length (the classes are ASCII, so characters are bytes), is cheap.
 -- Measured, 3,000 calls with 1 KiB of data in one transaction: 127 µs a call before, 83 after.
 
-create or replace function pg_temp.rewrite(fn regprocedure, old text, new text) returns void
-language plpgsql as $$
-declare
-    before text := pg_get_functiondef(fn);
-    after  text := replace(before, old, new);
-begin
-    if after = before then
-        raise exception '%: the text to rewrite was not found: %', fn, old;
-    end if;
-    execute after;
-end $$;
-
-select pg_temp.rewrite('outbox.publish(text, text, jsonb, text, jsonb, text, text)',
+select pg_temp.rewrite_function('outbox.publish(text, text, jsonb, text, jsonb, text, text)',
 $old$publish.correlation_id !~ '^[!-~]{1,128}$'$old$,
 $new$(publish.correlation_id !~ '^[!-~]+$' or length(publish.correlation_id) > 128)$new$);
 
-select pg_temp.rewrite('outbox.publish(text, text, jsonb, text, jsonb, text, text)',
+select pg_temp.rewrite_function('outbox.publish(text, text, jsonb, text, jsonb, text, text)',
 $old$h.name !~ '^[!-~]{1,128}$'$old$,
 $new$h.name !~ '^[!-~]+$' or length(h.name) > 128$new$);
 
-select pg_temp.rewrite('outbox.publish(text, text, jsonb, text, jsonb, text, text)',
+select pg_temp.rewrite_function('outbox.publish(text, text, jsonb, text, jsonb, text, text)',
 $old$publish.topic !~ '^[a-zA-Z0-9._-]{1,249}$'$old$,
 $new$publish.topic !~ '^[a-zA-Z0-9._-]+$' or length(publish.topic) > 249$new$);
