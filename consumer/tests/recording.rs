@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use consumer::ingest::{record_batch, Incoming, Recorded};
 use outbox_core::db::{self, PgPool};
+use outbox_core::testing::plan::{explain_analyze, rows_read};
 use outbox_core::testing::TestDb;
 use support::envelope;
 
@@ -182,15 +183,19 @@ async fn recording_a_batch_and_writing_its_results_find_their_rows_by_key_not_by
     .await;
 
     // A batch of three events, recorded with their deliveries leased...
-    let plan = explain(
+    let plan = explain_analyze(
         &client,
+        "",
         "execute events('{evt_new_1,evt_new_2,evt_new_3}',
              '{message.created,message.created,message.created}', '{recording,recording,recording}',
              '{0,0,0}', '{-3,-2,-1}', '{null,null,null}', '{\"{}\",\"{}\",\"{}\"}', 60,
              '{null,null,null}')",
     )
     .await;
-    let (inbox, deliveries) = (rows_read(&plan, "inbox"), rows_read(&plan, "deliveries"));
+    let (inbox, deliveries) = (
+        rows_read(&plan, |r| r == "inbox"),
+        rows_read(&plan, |r| r == "deliveries"),
+    );
     assert!(
         inbox <= 30.0 && deliveries <= 30.0,
         "recording 3 events read {inbox} inbox rows and {deliveries} deliveries (history: {HISTORY} of each): {plan:#}"
@@ -213,8 +218,9 @@ async fn recording_a_batch_and_writing_its_results_find_their_rows_by_key_not_by
         .map(|(id, _)| id.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let plan = explain(
+    let plan = explain_analyze(
         &client,
+        "",
         &format!(
             "execute results('{{{ids}}}', '{{succeeded,succeeded,succeeded}}', '{{1,1,1}}',
                  array[now(), now(), now()], '{{200,200,200}}', '{{null,null,null}}', '{{t,t,t}}',
@@ -223,7 +229,7 @@ async fn recording_a_batch_and_writing_its_results_find_their_rows_by_key_not_by
         ),
     )
     .await;
-    let deliveries = rows_read(&plan, "deliveries");
+    let deliveries = rows_read(&plan, |r| r == "deliveries");
     assert_eq!(
         db.count("select count(*) from deliveries where state = 'succeeded' and event_id like 'evt_new_%'")
             .await,
@@ -234,34 +240,4 @@ async fn recording_a_batch_and_writing_its_results_find_their_rows_by_key_not_by
         deliveries <= 30.0,
         "writing 3 results read {deliveries} deliveries (history: {HISTORY}): {plan:#}"
     );
-}
-
-/// `explain (analyze)` of `execute`: the plan it ran, as JSON.
-async fn explain(client: &outbox_core::db::Client, execute: &str) -> serde_json::Value {
-    let plan: serde_json::Value = client
-        .query_one(&format!("explain (analyze, format json) {execute}"), &[])
-        .await
-        .unwrap_or_else(|e| panic!("{execute}: {e}"))
-        .get(0);
-    plan[0]["Plan"].clone()
-}
-
-/// Rows of `table` a plan node and its children read: returned or filtered out, per loop.
-fn rows_read(node: &serde_json::Value, table: &str) -> f64 {
-    let number = |key: &str| node[key].as_f64().unwrap_or(0.0);
-    let own = if node["Relation Name"].as_str() == Some(table) && node["Node Type"] != "ModifyTable"
-    {
-        (number("Actual Rows")
-            + number("Rows Removed by Filter")
-            + number("Rows Removed by Index Recheck"))
-            * number("Actual Loops")
-    } else {
-        0.0
-    };
-    own + node["Plans"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|child| rows_read(child, table))
-        .sum::<f64>()
 }

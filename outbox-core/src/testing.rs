@@ -17,6 +17,7 @@ mod app;
 pub mod bench;
 mod calls;
 mod openapi;
+pub mod plan;
 pub use app::{listen, ApiClient, Refusal, TestApp};
 pub use calls::{assert_refused, get_json, get_text, try_get_text};
 pub use openapi::{assert_openapi_lists_every_route, openapi_problems, operations};

@@ -5,6 +5,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use outbox_core::testing::plan::{explain_analyze, rows_read, scans};
 use outbox_core::testing::{eventually, kafka_brokers, read_topic};
 use support::{contents_by_key, id_counts, message, Pipeline};
 
@@ -572,69 +573,36 @@ async fn a_claim_reads_the_events_it_handles_not_the_history_and_sent_facts_by_i
         .get(0);
     // The kept plan first (made on the empty outbox), then one made for these values.
     for mode in ["force_generic_plan", "force_custom_plan"] {
-        let explain = format!(
-            "set plan_cache_mode = {mode};
-             explain (analyze, format json) execute claim(4000, {}, {}, {xmin}, {})",
-            cursor.xmin_done, cursor.id_done, cursor.ahead_xid
-        );
-        let text = client
-            .simple_query(&explain)
-            .await
-            .unwrap()
+        let plan = explain_analyze(
+            &client,
+            &format!("set plan_cache_mode = {mode}"),
+            &format!(
+                "execute claim(4000, {}, {}, {xmin}, {})",
+                cursor.xmin_done, cursor.id_done, cursor.ahead_xid
+            ),
+        )
+        .await;
+        let events = rows_read(&plan, |r| r.starts_with("events"));
+        // How each read of `sent` went: by index, or row after row.
+        let sent: Vec<String> = scans(&plan)
             .into_iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .expect("a plan");
-        let plan: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let mut reads = Reads::default();
-        reads.of(&plan[0]["Plan"]);
+            .filter(|scan| scan.relation.starts_with("sent"))
+            .map(|scan| format!("{} on {}", scan.kind, scan.relation))
+            .collect();
         assert!(
-            reads.events <= 3.0 * unhandled as f64 + 10.0,
-            "{mode}: read {} events for {unhandled} beyond the cursor ({HISTORY} kept): {plan:#}",
-            reads.events
+            events <= 3.0 * unhandled as f64 + 10.0,
+            "{mode}: read {events} events for {unhandled} beyond the cursor ({HISTORY} kept): {plan:#}"
         );
         assert!(
-            !reads.sent.is_empty(),
+            !sent.is_empty(),
             "{mode}: the events were looked up: {plan:#}"
         );
         assert!(
-            reads.sent.iter().all(|r| r.starts_with("Index")),
-            "{mode}: {:?}, with {HISTORY} sent facts kept: {plan:#}",
-            reads.sent
+            sent.iter().all(|r| r.starts_with("Index")),
+            "{mode}: {sent:?}, with {HISTORY} sent facts kept: {plan:#}"
         );
     }
     open.commit().await.unwrap();
-}
-
-/// What the plan nodes that ran read: rows of `events` (returned, and dropped by a filter), and
-/// how each read `sent` (by index, or row after row).
-#[derive(Default)]
-struct Reads {
-    events: f64,
-    sent: Vec<String>,
-}
-
-impl Reads {
-    fn of(&mut self, node: &serde_json::Value) {
-        let number = |key: &str| node[key].as_f64().unwrap_or(0.0);
-        let relation = node["Relation Name"].as_str().unwrap_or_default();
-        let loops = number("Actual Loops");
-        if relation.starts_with("events") {
-            self.events += (number("Actual Rows")
-                + number("Rows Removed by Filter")
-                + number("Rows Removed by Index Recheck"))
-                * loops;
-        }
-        if relation.starts_with("sent") && loops > 0.0 {
-            let kind = node["Node Type"].as_str().unwrap_or("?");
-            self.sent.push(format!("{kind} on {relation}"));
-        }
-        for child in node["Plans"].as_array().into_iter().flatten() {
-            self.of(child);
-        }
-    }
 }
 
 #[tokio::test]
