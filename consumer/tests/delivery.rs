@@ -209,10 +209,11 @@ async fn retries_follow_the_schedule_then_the_delivery_is_dead_and_a_replay_deli
         .windows(2)
         .map(|w| w[1].started - w[0].finished)
         .collect();
-    // ±20% jitter on 200 ms and 400 ms.
+    // ±20% jitter on 200 ms and 400 ms. Only lower bounds: a busy machine makes a gap longer,
+    // never shorter (a CI run saw 455 ms for the 200 ms one). The second gap's bound, above the
+    // first entry's 240 ms at most, shows that the schedule moved on to its next entry.
     assert!(gaps[0] >= Duration::from_millis(160), "{gaps:?}");
     assert!(gaps[1] >= Duration::from_millis(320), "{gaps:?}");
-    assert!(gaps[1] > gaps[0], "{gaps:?}");
 
     let id = dead.fields.id;
     let detail = consumer.admin().delivery(id).await.unwrap();
