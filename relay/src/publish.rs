@@ -242,7 +242,7 @@ impl Cursor {
     /// it, and whether the batch must commit the cursor for it. An event that is final (written
     /// below the xmin) moves `id_done`; one that is not yet is noted as read ahead.
     ///
-    /// An event already sent (a sent fact, or in a batch on its way to Kafka or being marked) or with
+    /// An event already sent (a sent fact, or in the batch whose marks are being written) or with
     /// an `unsent` row is passed without a send. It still counts once final: the cursor has moved
     /// over it, and only a mark writes that down. (Not counting the in-flight ones once left the
     /// committed cursor behind for good when nothing else was written after them.)
@@ -281,7 +281,7 @@ impl Cursor {
 struct Found {
     id: i64,
     xid: i64,
-    /// In a batch not marked yet: on its way to Kafka, or its marks being written.
+    /// Sent in the batch whose marks are being written.
     in_flight: bool,
     /// Has an `unsent` row of its own (sent from there).
     own: bool,
@@ -601,29 +601,14 @@ impl Publisher {
         self.ensure_topics(&batch_topics).await;
 
         let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
+        let send_started = std::time::Instant::now();
         let producer = self.producer();
         let mut rows = rows;
         let (span, per_event) = batch_spans(&mut rows);
-        // The next mark expects the version this one leaves.
-        if let Some(reading) = pipeline.reading.cursor.as_mut() {
-            reading.version = cursor.version + 1;
-        }
-        // The next batch is claimed while this one is on its way to Kafka, so that the database
-        // and Kafka work at once instead of in turn. To that claim this batch's rows are in
-        // flight, as the rows of a batch being marked are. If a row of this batch fails, the next
-        // batch is dropped unsent: it may hold rows of that row's key, which must wait behind it.
-        let sending = timed(self.send_in_order(&producer, &rows).instrument(span.clone()));
-        let mut next_claim_ms = 0.0;
-        let ((outcomes, send_ms), next) = if rows.is_empty() {
-            (sending.await, None)
-        } else {
-            let mut in_flight = pipeline.unmarked();
-            in_flight.extend(rows.iter().map(|r| r.id));
-            let claiming = timed(self.claim(&mut pipeline.reading, &in_flight));
-            let (outcomes, (next, ms)) = tokio::join!(sending, claiming);
-            next_claim_ms = ms;
-            (outcomes, Some(next))
-        };
+        let outcomes = self
+            .send_in_order(&producer, &rows)
+            .instrument(span.clone())
+            .await;
         span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
         drop(per_event);
         let mut sent = Sent::default();
@@ -681,13 +666,14 @@ impl Publisher {
                 }
             }
         }
+        let send_ms = send_started.elapsed().as_secs_f64() * 1000.0;
         for (topic, n) in &per_topic {
             self.metrics
                 .published
                 .with_label_values(&[topic])
                 .inc_by(*n);
         }
-        let handover_started = std::time::Instant::now();
+        let mark_started = std::time::Instant::now();
         let marks = Marks {
             pool: self.pool.clone(),
             metrics: self.metrics.clone(),
@@ -697,19 +683,20 @@ impl Publisher {
             held,
             failed,
         };
-        if let (true, Some(next)) = (marks.failed.ids.is_empty(), next) {
+        // The next mark expects the version this one leaves.
+        if let Some(reading) = pipeline.reading.cursor.as_mut() {
+            reading.version = cursor.version + 1;
+        }
+        if marks.failed.ids.is_empty() && !rows.is_empty() {
             pipeline.make_room().await?;
             pipeline.marking.push_back(Marking {
                 ids: marks.sent.ids.clone(),
                 task: tokio::spawn(marks.write_until_done(leadership.clone())),
             });
-            // A failed claim leaves this batch's mark under way; the caller starts over from the
-            // cursor as committed.
-            pipeline.next = Some(next?);
+            let marking = pipeline.unmarked();
+            pipeline.next = Some(self.claim(&mut pipeline.reading, &marking).await?);
             tracing::debug!(sent = rows.len(), "batch published");
         } else {
-            // Read again from the cursor this mark commits.
-            pipeline.reading = Reading::default();
             pipeline.settle().await?;
             marks.write().await?;
             if let Some(first_error) = marks.failed.errors.first() {
@@ -720,8 +707,7 @@ impl Publisher {
             rows = handled,
             claim_ms,
             send_ms,
-            next_claim_ms,
-            mark_handover_ms = handover_started.elapsed().as_secs_f64() * 1000.0,
+            next_claim_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
             "batch timing"
         );
         self.replace_producer_if_fatal();
@@ -941,13 +927,6 @@ impl Publisher {
             }
         }
     }
-}
-
-/// `work`'s output and how long it took, in milliseconds.
-async fn timed<T>(work: impl std::future::Future<Output = T>) -> (T, f64) {
-    let started = std::time::Instant::now();
-    let output = work.await;
-    (output, started.elapsed().as_secs_f64() * 1000.0)
 }
 
 #[derive(Default)]
