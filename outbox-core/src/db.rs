@@ -248,10 +248,10 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Key of the advisory lock that serialises migrations when several processes start at once.
 /// Functions the migrations call (`pg_temp.rewrite_function`), defined before they run.
 const MIGRATION_HELPERS: &str = include_str!("../../sql/migration_helpers.sql");
 
+/// Key of the advisory lock that serialises migrations when several processes start at once.
 const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78_0001;
 
 /// Builds a pool. It connects lazily, so a service starts even while PostgreSQL is down.

@@ -1113,7 +1113,7 @@ struct Failed {
 pub enum BatchError {
     #[error("PostgreSQL is unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", outbox_core::db::describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("the task writing a batch's marks ended abnormally")]
     MarkAbandoned,
