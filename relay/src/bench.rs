@@ -93,7 +93,10 @@ impl Child {
             .env("RELAY_BATCH_SIZE", workload.batch_size.to_string())
             .env("TOPIC_PARTITIONS", workload.partitions.to_string())
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .kill_on_drop(true)
             .spawn()?;
         Ok(Child { process })
