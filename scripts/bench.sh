@@ -14,7 +14,9 @@
 #                                       commit-to-record latency at --rates (500,2000,10000) for
 #                                       --duration (10s) each, raw produce ceiling, every event
 #                                       counted back. Also --payload-bytes, --partitions (6),
-#                                       --keys, --timeout; --set-wal-level (see below)
+#                                       --keys, --timeout; --set-wal-level (see below).
+#                                       BENCH_RELAY_LOG=warn,relay::publish=debug logs the
+#                                       relay's timing of every batch (default: warn)
 #   scripts/bench.sh producer [args]    [plots] POST /messages/s with wrk (--connections 32,
 #                                       --duration 15s) next to pgbench running the producer's
 #                                       own transaction (--clients 32); goal: at least 80 %
