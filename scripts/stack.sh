@@ -180,7 +180,7 @@ EOF
 pg_ready() { psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; }
 
 pg_create_db() {
-  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc "select 1 from pg_database where datname='$PG_DB'" | grep -q 1; then
+  if [ "$(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc "select 1 from pg_database where datname='$PG_DB'")" != 1 ]; then
     psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "create database \"$PG_DB\"" >/dev/null
     log "created database $PG_DB"
   fi
@@ -676,7 +676,6 @@ services_stop() {
   running_instances | while read -r s n; do instance_signal TERM "$s" "$n"; done
 }
 
-# The relay instance whose /metrics says it holds the leader lock.
 # No `cmd | grep -q` in this script: under pipefail, grep exits at its first match, and a command
 # still writing the rest of a large page dies of SIGPIPE, which fails the test it was part of. So a
 # command's whole output is read before it is searched.
@@ -686,6 +685,7 @@ relay_leads() { # relay_leads <port>: the relay there says it holds the leader l
   grep -qx 'relay_is_leader 1' <<<"$page"
 }
 
+# The relay instance whose /metrics says it holds the leader lock.
 relay_leader() {
   local n
   for n in $(seq 1 "$(( STACK_RELAYS > 9 ? STACK_RELAYS : 9 ))"); do
