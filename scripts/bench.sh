@@ -16,7 +16,10 @@
 #                                       counted back. Also --payload-bytes, --partitions (6),
 #                                       --keys, --timeout; --set-wal-level (see below).
 #                                       BENCH_RELAY_LOG=warn,relay::publish=debug logs the
-#                                       relay's timing of every batch (default: warn)
+#                                       relay's timing of every batch (default: warn);
+#                                       --relay-only measures the relay alone, without Kafka
+#                                       Connect (a quick look at a change of the relay; its
+#                                       results stay in bench-results/debezium-relay-only/)
 #   scripts/bench.sh producer [args]    [plots] POST /messages/s with wrk (--connections 32,
 #                                       --duration 15s) next to pgbench running the producer's
 #                                       own transaction (--clients 32); goal: at least 80 %
@@ -82,9 +85,13 @@ results_dir() { # results_dir <section>: a fresh folder for this run
   mkdir -p "$dir"; echo "$dir"
 }
 
-report() { # report <section> <dir> <versions>: table and plots, then the latest to docs/bench/
+report() { # report <section> <dir> <versions> [no-docs]: table and plots, then the latest to docs/bench/
   bench_venv
   "$BENCH_VENV/bin/python" scripts/bench-report.py "$2" "$3"
+  if [ "${4:-}" = no-docs ]; then
+    log "results in ${2#"$ROOT"/}"
+    return
+  fi
   mkdir -p "docs/bench/$1"
   cp "$2"/table.md "$2"/results.json "$2"/*.png "docs/bench/$1/" 2>/dev/null || true
   log "results in ${2#"$ROOT"/}; latest copied to docs/bench/$1/"
@@ -190,11 +197,24 @@ EOF
 
 bench_debezium() {
   SET_WAL_LEVEL=false
-  local args=()
-  for a in "$@"; do if [ "$a" = --set-wal-level ]; then SET_WAL_LEVEL=true; else args+=("$a"); fi; done
+  local args=() relay_only=false
+  for a in "$@"; do
+    case "$a" in
+      --set-wal-level) SET_WAL_LEVEL=true ;;
+      --relay-only) relay_only=true; args+=("$a") ;;
+      *) args+=("$a") ;;
+    esac
+  done
+  log "building debezium-bench (release)"
+  if $relay_only; then
+    cargo build --quiet --release -p relay --features bench --bin debezium-bench --bin relay
+    local dir; dir=$(results_dir debezium-relay-only)
+    target/release/debezium-bench --out "$dir" "${args[@]}"
+    report debezium-relay-only "$dir" "$(versions "")" no-docs
+    return
+  fi
   ensure_logical
   debezium_fetch
-  log "building debezium-bench (release)"
   cargo build --quiet --release -p relay --features bench --bin debezium-bench --bin relay
   connect_start
   local dir; dir=$(results_dir debezium)
