@@ -206,8 +206,8 @@ bench_debezium() {
     esac
   done
   log "building debezium-bench (release)"
+  cargo build --quiet --release -p relay --features bench --bin debezium-bench --bin relay
   if $relay_only; then
-    cargo build --quiet --release -p relay --features bench --bin debezium-bench --bin relay
     local dir; dir=$(results_dir debezium-relay-only)
     target/release/debezium-bench --out "$dir" "${args[@]}"
     report debezium-relay-only "$dir" "$(versions "")" no-docs
@@ -215,7 +215,6 @@ bench_debezium() {
   fi
   ensure_logical
   debezium_fetch
-  cargo build --quiet --release -p relay --features bench --bin debezium-bench --bin relay
   connect_start
   local dir; dir=$(results_dir debezium)
   target/release/debezium-bench --connect-url "http://127.0.0.1:$CONNECT_PORT" --out "$dir" "${args[@]}"
