@@ -317,6 +317,44 @@ fn build_pool(url: &str, size: usize, options: &str) -> Result<Pool, DbError> {
 /// schema's first migration takes its tables over, rows and all. Returns what was applied, as
 /// `schema/version`.
 pub async fn migrate(pool: &Pool, schemas: &[Schema]) -> Result<Vec<String>, DbError> {
+    let mut attempt = 1;
+    loop {
+        match migrate_once(pool, schemas).await {
+            Err(e) if attempt < MIGRATION_ATTEMPTS && lost_cluster_race(&e) => {
+                tracing::info!(
+                    error = %e,
+                    attempt,
+                    "another database's migration created a cluster-wide object first; migrating again"
+                );
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Tries of a migration that lost a race for a cluster-wide object (see [`lost_cluster_race`]);
+/// one more is enough, the object exists by then, and the bound keeps a real bug from looping.
+const MIGRATION_ATTEMPTS: u32 = 3;
+
+/// The migration created a cluster-wide object (the `outbox_publisher` role) while another
+/// database's migration, uncommitted, was creating it too. The advisory lock cannot prevent it:
+/// it counts within one database, and roles belong to the cluster. The loser waits for the
+/// winner to commit, then fails on the catalog's unique index (23505 in `pg_catalog`), or with
+/// 42710 once the winner's object is visible to it. Its transaction left nothing behind, and
+/// migrating again finds the object there.
+fn lost_cluster_race(error: &DbError) -> bool {
+    let DbError::Query(e) = error else {
+        return false;
+    };
+    e.as_db_error().is_some_and(|db| match db.code().code() {
+        "23505" => db.schema() == Some("pg_catalog"),
+        "42710" => true,
+        _ => false,
+    })
+}
+
+async fn migrate_once(pool: &Pool, schemas: &[Schema]) -> Result<Vec<String>, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
