@@ -173,13 +173,19 @@ const MARK_BATCH_TEMPLATE: &str = "
 /// clears it.
 const ANNOUNCE_WAITING: &str = "update relay_cursor set waiting = true where not waiting";
 
+/// The next transaction id, read once the announcement has committed: every publish that read
+/// `waiting` unset belongs to a transaction with a lower id (publish reads it after its insert,
+/// which gives the transaction its id).
+const NEXT_XID: &str = "select pg_snapshot_xmax(pg_current_snapshot())::text::bigint";
+
 /// When the next unsent row falls due (to sleep exactly that long when nothing is due now).
 const NEXT_DUE: &str = "select min(next_attempt_at) from unsent where state in ('P', 'X')";
 
-/// How long after its announcement an idle relay looks once more before its long sleep: a publish
-/// whose transaction read `waiting` just before it was set sends no NOTIFY, and without this look
-/// its event would wait for the next publish or `RELAY_POLL_INTERVAL`. Publishing transactions
-/// are short, so most commit within it.
+/// How long after its announcement an idle relay first looks again while a transaction that may
+/// have published without a NOTIFY is still running; each further look waits twice as long. A
+/// publish whose transaction read `waiting` just before it was set sends no NOTIFY, and without
+/// these looks its event would wait for the next publish or `RELAY_POLL_INTERVAL`. Publishing
+/// transactions are short, so most are found by the first.
 const ANNOUNCE_GRACE: Duration = Duration::from_millis(25);
 
 /// Where an idle leader stands with publishers' NOTIFYs (`relay_cursor.waiting`).
@@ -187,19 +193,40 @@ const ANNOUNCE_GRACE: Duration = Duration::from_millis(25);
 enum Idle {
     /// Its last batch had rows (its mark cleared `waiting`), or the announcement failed.
     Busy,
-    /// `waiting` is set and one more look found nothing.
-    Announced,
-    /// It has looked again after the grace: from now on only a NOTIFY, a due row or the poll
-    /// wakes it.
+    /// `waiting` is set. Publishes that read it unset are in transactions with ids below
+    /// `until_xid`; until the claim's snapshot xmin reaches it, one of them may still commit
+    /// without a NOTIFY, so the relay looks again after `next_look`.
+    Announced { until_xid: i64, next_look: Duration },
+    /// Every publish that missed the announcement has been looked for: from now on only a
+    /// NOTIFY, a due row or the poll wakes it.
     Asleep,
 }
 
 impl Idle {
-    /// How long to sleep when a look found nothing (`until_due`: until the next due row or the
-    /// poll), and the stage after that sleep.
-    fn sleep(self, until_due: Duration) -> (Duration, Idle) {
+    /// Announced, right after `until_xid` was read.
+    fn announced(until_xid: i64) -> Idle {
+        Idle::Announced {
+            until_xid,
+            next_look: ANNOUNCE_GRACE,
+        }
+    }
+
+    /// How long to sleep when a look found nothing (`xmin`: that claim's snapshot xmin;
+    /// `until_due`: until the next due row or the poll), and the stage after that sleep. A long
+    /// transaction that never publishes costs a look at doubling intervals, up to the poll's.
+    fn sleep(self, xmin: i64, until_due: Duration) -> (Duration, Idle) {
         match self {
-            Idle::Announced => (until_due.min(ANNOUNCE_GRACE), Idle::Asleep),
+            Idle::Announced {
+                until_xid,
+                next_look,
+            } if xmin < until_xid => (
+                next_look.min(until_due),
+                Idle::Announced {
+                    until_xid,
+                    next_look: next_look.saturating_mul(2),
+                },
+            ),
+            Idle::Announced { .. } => (until_due, Idle::Asleep),
             other => (until_due, other),
         }
     }
@@ -464,14 +491,20 @@ impl Publisher {
         let mut idle = Idle::Busy;
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
             match self.publish_batch(&mut pipeline, leadership).await {
-                // Asks for a NOTIFY, then looks once more: a publish that committed without one
-                // (it saw a busy relay) is found by that look. Not announced: it sleeps as below.
-                Ok(0) if idle == Idle::Busy && self.announce_waiting().await => {
-                    idle = Idle::Announced
-                }
                 Ok(0) => {
+                    // Asks for a NOTIFY, then looks once more at once: a publish that committed
+                    // without one (it saw a busy relay) is found by that look, or by the looks
+                    // after it while its transaction runs. Not announced: it sleeps as below.
+                    if idle == Idle::Busy {
+                        if let Some(until_xid) = self.announce_waiting().await {
+                            tracing::debug!(cursor = ?pipeline.reading.cursor, until_xid, "nothing to claim; announced waiting");
+                            idle = Idle::announced(until_xid);
+                            continue;
+                        }
+                    }
+                    let xmin = pipeline.reading.cursor.map_or(i64::MIN, |c| c.xmin_done);
                     let wait;
-                    (wait, idle) = idle.sleep(self.until_next_due().await);
+                    (wait, idle) = idle.sleep(xmin, self.until_next_due().await);
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep(wait) => {}
@@ -499,16 +532,18 @@ impl Publisher {
         let _ = pipeline.settle().await;
     }
 
-    /// Sets `relay_cursor.waiting`, so that publishers NOTIFY; false if it could not be set.
-    async fn announce_waiting(&self) -> bool {
-        match self.pool.get().await {
-            Ok(client) => client
-                .execute(ANNOUNCE_WAITING, &[])
-                .await
-                .map_err(|error| tracing::debug!(%error, "waiting not announced"))
-                .is_ok(),
-            Err(_) => false,
-        }
+    /// Sets `relay_cursor.waiting`, so that publishers NOTIFY. Returns the next transaction id
+    /// once that has committed ([`NEXT_XID`]), or None if it could not be set.
+    async fn announce_waiting(&self) -> Option<i64> {
+        let client = self.pool.get().await.ok()?;
+        let announced = async {
+            client.execute(ANNOUNCE_WAITING, &[]).await?;
+            Ok::<i64, tokio_postgres::Error>(client.query_one(NEXT_XID, &[]).await?.get(0))
+        };
+        announced
+            .await
+            .map_err(|error| tracing::debug!(%error, "waiting not announced"))
+            .ok()
     }
 
     async fn until_next_due(&self) -> Duration {
@@ -1128,16 +1163,31 @@ mod tests {
     const XMIN: i64 = 1_000;
 
     #[test]
-    fn an_announced_relay_looks_again_after_the_grace_and_then_sleeps_the_whole_wait() {
+    fn an_announced_relay_looks_again_at_doubling_intervals_until_every_earlier_writer_is_done() {
         let poll = Duration::from_secs(1);
-        // Right after the announcement: a short sleep, then one more look.
-        assert_eq!(Idle::Announced.sleep(poll), (ANNOUNCE_GRACE, Idle::Asleep));
-        // A row due sooner than the grace still wakes it when due.
+        let announced = Idle::announced(XMIN);
+        // A transaction with an id below the one read at the announcement still runs.
+        let (wait, next) = announced.sleep(XMIN - 1, poll);
+        assert_eq!(wait, ANNOUNCE_GRACE);
+        let (wait, next) = next.sleep(XMIN - 1, poll);
+        assert_eq!(wait, ANNOUNCE_GRACE * 2);
+        let (wait, next) = next.sleep(XMIN - 1, poll);
+        assert_eq!(wait, ANNOUNCE_GRACE * 4);
+        // The intervals never pass the poll's, nor the next due row's.
+        let mut stage = next;
+        for _ in 0..20 {
+            let wait;
+            (wait, stage) = stage.sleep(XMIN - 1, poll);
+            assert!(wait <= poll);
+        }
         let soon = Duration::from_millis(5);
-        assert_eq!(Idle::Announced.sleep(soon), (soon, Idle::Asleep));
-        // After that look, and when the announcement failed: the whole wait.
-        assert_eq!(Idle::Asleep.sleep(poll), (poll, Idle::Asleep));
-        assert_eq!(Idle::Busy.sleep(poll), (poll, Idle::Busy));
+        assert_eq!(announced.sleep(XMIN - 1, soon).0, soon);
+        // The last claim's snapshot is past every such transaction: it saw their events.
+        assert_eq!(stage.sleep(XMIN, poll), (poll, Idle::Asleep));
+        assert_eq!(announced.sleep(XMIN + 5, poll), (poll, Idle::Asleep));
+        // Asleep, and when the announcement failed: the whole wait.
+        assert_eq!(Idle::Asleep.sleep(XMIN - 1, poll), (poll, Idle::Asleep));
+        assert_eq!(Idle::Busy.sleep(XMIN - 1, poll), (poll, Idle::Busy));
     }
 
     fn cursor() -> Cursor {

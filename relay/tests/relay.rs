@@ -433,6 +433,22 @@ async fn the_committed_cursor_passes_every_event_once_the_writers_stop() {
     }
 }
 
+/// Waits until the relay has asked publishers for a NOTIFY (`relay_cursor.waiting`).
+async fn announced(client: &tokio_postgres::Client) {
+    eventually(
+        "the idle relay announces it waits",
+        Duration::from_secs(10),
+        || async {
+            let row = client
+                .query_one("select waiting from relay_cursor", &[])
+                .await
+                .unwrap();
+            row.get::<_, bool>(0).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_idle_relay_asks_for_a_notify_and_the_next_publish_wakes_it() {
     // An hour between polls: only a NOTIFY wakes this relay in time.
@@ -441,25 +457,47 @@ async fn an_idle_relay_asks_for_a_notify_and_the_next_publish_wakes_it() {
     })
     .await;
     let client = p.db.client().await;
-    let waiting = || async {
-        client
-            .query_one("select waiting from relay_cursor", &[])
-            .await
-            .unwrap()
-            .get::<_, bool>(0)
-    };
     for round in 1..=3 {
         // Idle: it asked publishers to wake it (each batch's mark cleared the request)...
-        eventually(
-            "the idle relay announces it waits",
-            Duration::from_secs(10),
-            || async { waiting().await.then_some(()) },
-        )
-        .await;
+        announced(&client).await;
         // ...and the next publish does, long before the poll would have.
         p.post(message(format!("wake {round}"), None)).await;
         p.all_sent(round, Duration::from_secs(10)).await;
     }
+}
+
+#[tokio::test]
+async fn a_publish_that_missed_the_announcement_is_found_when_its_long_transaction_commits() {
+    // An hour between polls: only the relay's own looks find the late event in time.
+    let p = Pipeline::start(&kafka_brokers(), |c| {
+        c.poll_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let admin = p.db.client().await;
+    announced(&admin).await;
+    // From here on publishers see a busy relay (as just before a batch's mark) and NOTIFY nobody.
+    admin
+        .execute("update relay_cursor set waiting = false", &[])
+        .await
+        .unwrap();
+    let late = p.db.client().await;
+    late.batch_execute("begin").await.unwrap();
+    late.query_one(
+        "select outbox.publish(event_type => 'message.late', key => 'late', data => '{}', topic => $1)",
+        &[&p.topic],
+    )
+    .await
+    .unwrap();
+    // The relay busy with another event: it sends it, finds nothing more and announces, while
+    // the late event's transaction still runs.
+    p.post(message("first", None)).await;
+    admin.batch_execute("notify outbox").await.unwrap();
+    p.all_sent(1, Duration::from_secs(10)).await;
+    announced(&admin).await;
+    // Committed long after the relay's first look, without a NOTIFY.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.batch_execute("commit").await.unwrap();
+    p.all_sent(2, Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
