@@ -433,6 +433,14 @@ async fn the_committed_cursor_passes_every_event_once_the_writers_stop() {
     }
 }
 
+/// A pipeline whose relay polls once an hour.
+async fn polling_hourly() -> Pipeline {
+    Pipeline::start(&kafka_brokers(), |c| {
+        c.poll_interval = Duration::from_secs(3600);
+    })
+    .await
+}
+
 /// Waits until the relay has asked publishers for a NOTIFY (`relay_cursor.waiting`).
 async fn announced(client: &tokio_postgres::Client) {
     eventually(
@@ -451,11 +459,8 @@ async fn announced(client: &tokio_postgres::Client) {
 
 #[tokio::test]
 async fn an_idle_relay_asks_for_a_notify_and_the_next_publish_wakes_it() {
-    // An hour between polls: only a NOTIFY wakes this relay in time.
-    let p = Pipeline::start(&kafka_brokers(), |c| {
-        c.poll_interval = Duration::from_secs(3600);
-    })
-    .await;
+    // Only a NOTIFY wakes this relay in time.
+    let p = polling_hourly().await;
     let client = p.db.client().await;
     for round in 1..=3 {
         // Idle: it asked publishers to wake it (each batch's mark cleared the request)...
@@ -468,11 +473,8 @@ async fn an_idle_relay_asks_for_a_notify_and_the_next_publish_wakes_it() {
 
 #[tokio::test]
 async fn a_publish_that_missed_the_announcement_is_found_when_its_long_transaction_commits() {
-    // An hour between polls: only the relay's own looks find the late event in time.
-    let p = Pipeline::start(&kafka_brokers(), |c| {
-        c.poll_interval = Duration::from_secs(3600);
-    })
-    .await;
+    // Only the relay's own looks find the late event in time.
+    let p = polling_hourly().await;
     let admin = p.db.client().await;
     announced(&admin).await;
     // From here on publishers see a busy relay (as just before a batch's mark) and NOTIFY nobody.
