@@ -47,8 +47,8 @@ pub struct TestDb {
 /// suite all day would otherwise fill its disk.
 const STALE_TEST_DATABASE: std::time::Duration = std::time::Duration::from_secs(3 * 3600);
 
-/// Creates `test_<UUIDv7>` (so its age is in its name) after dropping stale ones.
-async fn create_database(client: &tokio_postgres::Client) -> String {
+/// Creates `test_<UUIDv7>` (so its age is in its name) after dropping stale ones; no migrations.
+pub async fn create_database(client: &tokio_postgres::Client) -> String {
     let names = client
         .query(
             "select datname from pg_database where datname like 'test\\_%'",

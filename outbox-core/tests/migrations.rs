@@ -1,7 +1,7 @@
 //! Migrations against a real PostgreSQL: several processes starting at once apply each exactly once.
 
 use outbox_core::db;
-use outbox_core::testing::{server_url, with_database};
+use outbox_core::testing::{create_database, server_url, with_database};
 use tokio_postgres::NoTls;
 
 /// A new database of its own with nothing in it (no migrations yet); its URL.
@@ -11,11 +11,7 @@ async fn empty_database() -> String {
         .await
         .expect("PostgreSQL is up");
     tokio::spawn(connection);
-    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-    admin
-        .batch_execute(&format!("create database {name}"))
-        .await
-        .unwrap();
+    let name = create_database(&admin).await;
     with_database(&server, &name)
 }
 

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use outbox_core::db;
-use outbox_core::testing::{eventually, with_database, PrivateStack};
+use outbox_core::testing::{create_database, eventually, with_database, PrivateStack};
 use tokio_postgres::NoTls;
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5450/postgres";
@@ -51,11 +51,7 @@ async fn a_migration_that_loses_the_race_for_the_role_to_another_database_migrat
         .batch_execute("drop role if exists outbox_publisher")
         .await
         .unwrap();
-    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-    admin
-        .batch_execute(&format!("create database {name}"))
-        .await
-        .unwrap();
+    let name = create_database(&admin).await;
 
     // Another database's migration, past its creation of the role and not committed yet.
     let winner = connect(SERVER).await;
