@@ -596,11 +596,12 @@ impl Publisher {
     /// with the error and the next attempt time, in one statement that also moves the cursor.
     /// Returns how many rows the batch handled.
     ///
-    /// When the whole batch was acknowledged, its marks are written in the background while the
-    /// next batch is claimed (from the cursor the marks will commit, without the unsent rows
-    /// whose marks are in flight) and sent. That batch is only claimed after every row before it
-    /// is in Kafka, so per-key order holds as in a sequential loop. A batch with a failure is
-    /// marked before anything else is claimed, so that its keys hold back.
+    /// The next batch is claimed while this one's acknowledgements arrive (from the cursor this
+    /// batch's marks will commit, without the rows in flight). When the whole batch was
+    /// acknowledged, its marks are written in the background while that next batch is sent. It is
+    /// only sent after every row before it is in Kafka, so per-key order holds as in a sequential
+    /// loop. A batch with a failure drops the claim made meanwhile and is marked before anything
+    /// else is claimed, so that its keys hold back.
     async fn publish_batch(
         &self,
         pipeline: &mut Pipeline,
@@ -637,13 +638,35 @@ impl Publisher {
 
         let claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0;
         let send_started = std::time::Instant::now();
+        // The next mark expects the version this one leaves.
+        if let Some(reading) = pipeline.reading.cursor.as_mut() {
+            reading.version = cursor.version + 1;
+        }
         let producer = self.producer();
         let mut rows = rows;
         let (span, per_event) = batch_spans(&mut rows);
-        let outcomes = self
+        let send = self
             .send_in_order(&producer, &rows)
-            .instrument(span.clone())
-            .await;
+            .instrument(span.clone());
+        // The next batch is claimed while this one's acknowledgements arrive, as if all of them
+        // will be good (its claim skips every row of this batch): waiting for them first made
+        // the claim a third of each cycle under load (measured at 2,000/s: acknowledgements
+        // p50 8-38 ms, the claim after them 5-8 ms). It is only a read; if a row fails, the
+        // claim is dropped and made again once the failure is written, so that the failed row's
+        // key holds back. A batch with a `solo` row is sent alone (a failure is likely).
+        let before_claim = pipeline.reading;
+        let (outcomes, claimed_meanwhile) = if rows.is_empty() || rows.iter().any(|r| r.solo) {
+            (send.await, None)
+        } else {
+            let in_flight: Vec<i64> = pipeline
+                .unmarked()
+                .into_iter()
+                .chain(rows.iter().map(|r| r.id))
+                .collect();
+            let (outcomes, claimed) =
+                tokio::join!(send, self.claim(&mut pipeline.reading, &in_flight));
+            (outcomes, Some(claimed))
+        };
         span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
         drop(per_event);
         let mut sent = Sent::default();
@@ -718,20 +741,23 @@ impl Publisher {
             held,
             failed,
         };
-        // The next mark expects the version this one leaves.
-        if let Some(reading) = pipeline.reading.cursor.as_mut() {
-            reading.version = cursor.version + 1;
-        }
         if marks.failed.ids.is_empty() && !rows.is_empty() {
             pipeline.make_room().await?;
             pipeline.marking.push_back(Marking {
                 ids: marks.sent.ids.clone(),
                 task: tokio::spawn(marks.write_until_done(leadership.clone())),
             });
-            let marking = pipeline.unmarked();
-            pipeline.next = Some(self.claim(&mut pipeline.reading, &marking).await?);
+            let next = match claimed_meanwhile {
+                Some(claimed) => claimed?,
+                None => {
+                    let marking = pipeline.unmarked();
+                    self.claim(&mut pipeline.reading, &marking).await?
+                }
+            };
+            pipeline.next = Some(next);
             tracing::debug!(sent = rows.len(), "batch published");
         } else {
+            pipeline.reading = before_claim;
             pipeline.settle().await?;
             marks.write().await?;
             if let Some(first_error) = marks.failed.errors.first() {
@@ -976,7 +1002,7 @@ struct Sent {
 }
 
 /// Where the leader reads: its cursor, None until loaded from `relay_cursor`.
-#[derive(Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Reading {
     cursor: Option<Cursor>,
 }
