@@ -94,12 +94,15 @@ impl IntoResponse for ApiError {
 impl From<tokio_postgres::Error> for ApiError {
     fn from(error: tokio_postgres::Error) -> Self {
         if crate::db::is_transient(&error) {
-            ApiError::unavailable(format!("PostgreSQL is unavailable: {error}"))
+            ApiError::unavailable(format!(
+                "PostgreSQL is unavailable: {}",
+                crate::db::describe(&error)
+            ))
         } else {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "database_error",
-                format!("database error: {error}"),
+                format!("database error: {}", crate::db::describe(&error)),
             )
         }
     }

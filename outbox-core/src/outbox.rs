@@ -89,7 +89,8 @@ pub enum PublishError {
     /// SQLSTATE OB001: no route for the event type and no topic given.
     #[error("{0}")]
     NoRoute(String),
-    #[error(transparent)]
+    /// Anything else PostgreSQL said (a connection lost, an aborted transaction).
+    #[error("PostgreSQL error: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 
