@@ -106,12 +106,22 @@ async fn create_timed_topic(brokers: &str, topic: &str, partitions: i32) -> anyh
     Ok(())
 }
 
-/// What came back from a topic: each event id with how often it came and its first append time.
+/// What came back from a topic: each event id with how often it came and where it came first.
 #[derive(Default)]
 struct Readback {
-    seen: HashMap<String, (u32, i64)>,
+    seen: HashMap<String, Seen>,
     records: u64,
     bytes: u64,
+}
+
+/// One event id's records in a topic.
+#[derive(Clone, Copy)]
+struct Seen {
+    times: u32,
+    /// The first record's append time, ms since the epoch, its partition and offset.
+    append_ms: i64,
+    partition: i32,
+    offset: i64,
 }
 
 /// Reads a topic from the beginning, one partition list, as far as its high watermarks.
@@ -175,8 +185,13 @@ impl Reader {
             self.got
                 .seen
                 .entry(id)
-                .and_modify(|e| e.0 += 1)
-                .or_insert((1, at));
+                .and_modify(|e| e.times += 1)
+                .or_insert(Seen {
+                    times: 1,
+                    append_ms: at,
+                    partition: m.partition(),
+                    offset: m.offset(),
+                });
         }
         Ok(high.iter().sum())
     }
@@ -266,7 +281,7 @@ impl Count {
             duplicates: got
                 .seen
                 .values()
-                .map(|(n, _)| u64::from(*n).saturating_sub(1))
+                .map(|s| u64::from(s.times).saturating_sub(1))
                 .sum(),
             missing: expected.len() - unique,
             unexpected: got.seen.len() - unique,
@@ -285,7 +300,7 @@ fn drain_seconds(expected: &HashMap<String, i64>, got: &Readback) -> f64 {
     let times = || {
         expected
             .keys()
-            .filter_map(|id| got.seen.get(id).map(|(_, at)| *at))
+            .filter_map(|id| got.seen.get(id).map(|s| s.append_ms))
     };
     let (first, last) = (times().min().unwrap_or(0), times().max().unwrap_or(0));
     // Append times have millisecond resolution.
@@ -297,8 +312,8 @@ fn latencies(committed_us: &HashMap<String, i64>, got: &Readback) -> Vec<f64> {
     let mut out: Vec<f64> = committed_us
         .iter()
         .filter_map(|(id, at_us)| {
-            let (_, append_ms) = got.seen.get(id)?;
-            Some((*append_ms as f64 * 1000.0 - *at_us as f64) / 1000.0)
+            let seen = got.seen.get(id)?;
+            Some((seen.append_ms as f64 * 1000.0 - *at_us as f64) / 1000.0)
         })
         .collect();
     out.sort_by(f64::total_cmp);
@@ -650,7 +665,7 @@ async fn drain(
     let first_ms = got
         .seen
         .values()
-        .map(|(_, at)| *at)
+        .map(|s| s.append_ms)
         .min()
         .unwrap_or(started_ms);
     progress(&format!(
@@ -726,10 +741,11 @@ async fn latency(
     // The warm-up event is expected too, not an unexpected one.
     count.unexpected = count.unexpected.saturating_sub(1);
     let lat = latencies(&committed, &got);
+    let slowest = slowest(system, db, &committed, &got).await?;
     let row = json!({
         "system": system.name(), "offered": rate, "achieved": achieved.round(),
         "events": committed.len(), "failed_writes": failed, "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
-        "max": percentile(&lat, 1.0),
+        "max": percentile(&lat, 1.0), "slowest": slowest,
     });
     progress(&format!(
         "{}: at {rate}/s (achieved {achieved:.0}/s) p50 {:.1} ms, p99 {:.1} ms",
@@ -738,6 +754,76 @@ async fn latency(
         percentile(&lat, 0.99)
     ));
     Ok((row, count))
+}
+
+/// How many of the slowest events of a latency run are shown, and from what latency on an event
+/// counts as an outlier.
+const SLOWEST_SHOWN: usize = 5;
+const OUTLIER_MS: f64 = 250.0;
+
+/// The slowest events of a latency run, so that a maximum far above the p99 can be traced: where
+/// each landed in Kafka and, for the relay, what the outbox knows of it (its writer's transaction
+/// started at `created_at`; `attempts` above 1 means a failed send and a retry). Printed, and
+/// kept in results.json.
+async fn slowest(
+    system: System,
+    db: &TestDb,
+    committed_us: &HashMap<String, i64>,
+    got: &Readback,
+) -> anyhow::Result<Value> {
+    let mut late: Vec<(&String, f64, Seen, i64)> = committed_us
+        .iter()
+        .filter_map(|(id, at_us)| {
+            let seen = *got.seen.get(id)?;
+            let ms = (seen.append_ms as f64 * 1000.0 - *at_us as f64) / 1000.0;
+            Some((id, ms, seen, *at_us))
+        })
+        .collect();
+    late.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let outliers = late.iter().take_while(|e| e.1 >= OUTLIER_MS).count();
+    late.truncate(SLOWEST_SHOWN);
+    let ids: Vec<String> = late.iter().map(|e| e.0.clone()).collect();
+    let mut outbox: HashMap<String, Value> = HashMap::new();
+    if system == System::Relay {
+        let client = db.client().await;
+        for row in client
+            .query(
+                "select e.event_id, e.id, e.xid::text, e.aggregate_id,
+                        (extract(epoch from e.created_at) * 1e6)::bigint,
+                        (extract(epoch from s.sent_at) * 1e6)::bigint, s.attempts
+                   from outbox.events e
+                   left join outbox.sent s on s.id = e.id and s.created_at = e.created_at
+                  where e.event_id = any($1)",
+                &[&ids],
+            )
+            .await?
+        {
+            outbox.insert(
+                row.get(0),
+                json!({ "row": row.get::<_, i64>(1), "xid": row.get::<_, String>(2),
+                        "key": row.get::<_, String>(3), "tx_started_us": row.get::<_, i64>(4),
+                        "marked_us": row.get::<_, Option<i64>>(5),
+                        "attempts": row.get::<_, Option<i32>>(6) }),
+            );
+        }
+    }
+    let shown: Vec<Value> = late
+        .iter()
+        .map(|(id, ms, seen, at_us)| {
+            let mut v = json!({ "id": id, "ms": ms, "committed_us": at_us,
+                                "partition": seen.partition, "offset": seen.offset });
+            if let Some(o) = outbox.get(*id) {
+                v["outbox"] = o.clone();
+            }
+            progress(&format!("  slow: {v}"));
+            v
+        })
+        .collect();
+    progress(&format!(
+        "{}: {outliers} events at or above {OUTLIER_MS} ms",
+        system.name()
+    ));
+    Ok(json!({ "outliers_over_ms": OUTLIER_MS, "outliers": outliers, "events": shown }))
 }
 
 /// What one system measured, in the order measured.
