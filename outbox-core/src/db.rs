@@ -114,6 +114,11 @@ impl Schema {
                         "../../sql/outbox/V8__publish_checks_lengths_apart_from_patterns.sql"
                     ),
                 ),
+                (
+                    9,
+                    "first_partition_at_install",
+                    include_str!("../../sql/outbox/V9__first_partition_at_install.sql"),
+                ),
             ],
             Schema::Producer => &[
                 (

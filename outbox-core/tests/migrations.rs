@@ -212,7 +212,7 @@ async fn the_envelopes_move_into_their_events_and_the_side_table_goes() {
 
     let pool = db::pool(&url, 1, &[db::Schema::Outbox]).unwrap();
     let applied = db::migrate(&pool, &[db::Schema::Outbox]).await.unwrap();
-    assert_eq!(applied, ["outbox/6", "outbox/7", "outbox/8"]);
+    assert_eq!(applied, ["outbox/6", "outbox/7", "outbox/8", "outbox/9"]);
 
     // Each event holds its own envelope, word for word.
     let moved: Vec<String> = first_column(
@@ -264,4 +264,32 @@ async fn the_envelopes_move_into_their_events_and_the_side_table_goes() {
     let partitions: Vec<i64> =
         first_column(&client, "select count(*) from outbox.partitions").await;
     assert_eq!(partitions, [1]);
+}
+
+#[tokio::test]
+async fn a_new_outbox_puts_its_first_events_in_a_partition_not_in_the_default_one() {
+    let url = empty_database().await;
+    let pool = db::pool(&url, 1, &[db::Schema::Outbox]).unwrap();
+    db::migrate(&pool, &[db::Schema::Outbox]).await.unwrap();
+    let client = pool.get().await.unwrap();
+    // Published before any relay ran, so before any relay made a partition: the default one
+    // would hold them, and every later attach would scan them under an exclusive lock.
+    let _: Vec<String> = first_column(
+        &client,
+        "select outbox.publish('order.created', 'k' || i, jsonb_build_object('n', i), 'orders') from generate_series(1, 3) i",
+    )
+    .await;
+    let tables: Vec<String> = first_column(
+        &client,
+        "select distinct c.relname::text from outbox.events e join pg_class c on c.oid = e.tableoid",
+    )
+    .await;
+    assert_eq!(tables, ["events_initial"]);
+    // It lasts long enough for a relay to attach the next one under load.
+    let runway: Vec<bool> = first_column(
+        &client,
+        "select upper > now() + interval '59 minutes' from outbox.partitions",
+    )
+    .await;
+    assert_eq!(runway, [true]);
 }
