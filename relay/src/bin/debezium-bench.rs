@@ -307,14 +307,16 @@ fn drain_seconds(expected: &HashMap<String, i64>, got: &Readback) -> f64 {
     ((last - first).max(1)) as f64 / 1000.0
 }
 
+/// An event's append time minus its commit time, in ms.
+fn latency_ms(seen: &Seen, committed_us: i64) -> f64 {
+    (seen.append_ms as f64 * 1000.0 - committed_us as f64) / 1000.0
+}
+
 /// Append time minus commit time, in ms, sorted.
 fn latencies(committed_us: &HashMap<String, i64>, got: &Readback) -> Vec<f64> {
     let mut out: Vec<f64> = committed_us
         .iter()
-        .filter_map(|(id, at_us)| {
-            let seen = got.seen.get(id)?;
-            Some((seen.append_ms as f64 * 1000.0 - *at_us as f64) / 1000.0)
-        })
+        .filter_map(|(id, at_us)| Some(latency_ms(got.seen.get(id)?, *at_us)))
         .collect();
     out.sort_by(f64::total_cmp);
     out
@@ -775,8 +777,7 @@ async fn slowest(
         .iter()
         .filter_map(|(id, at_us)| {
             let seen = *got.seen.get(id)?;
-            let ms = (seen.append_ms as f64 * 1000.0 - *at_us as f64) / 1000.0;
-            Some((id, ms, seen, *at_us))
+            Some((id, latency_ms(&seen, *at_us), seen, *at_us))
         })
         .collect();
     late.sort_by(|a, b| b.1.total_cmp(&a.1));
