@@ -129,7 +129,7 @@ impl Operational for AppState {
     }
 }
 
-/// The relay's connections, with three session settings:
+/// The relay's connections, with four session settings:
 /// - `synchronous_commit = off`: everything the relay writes is redone if lost (marks: the row
 ///   is sent again; retention: the rows are deleted next time), so its commits need not wait for
 ///   the WAL flush.
@@ -144,12 +144,18 @@ impl Operational for AppState {
 ///   planning took 57 ms now and then (at 10,000 events/s offered, the two slowest claims of a
 ///   run, 105 ms each, were such a planning and the run after it; that run's p99 was 129 ms). The
 ///   claim is written to have one good plan whatever its values (see `CLAIM_CURSOR`).
+/// - `max_parallel_workers_per_gather = 0`: the claim and the backlog gauge read index ranges,
+///   but on a backlog of a few megabytes PostgreSQL planned parallel workers for them, each a
+///   process forked for that one statement. In one drain of 200,000 events `perf` counted about
+///   100 such processes in 4 s, together an eighth of the machine's CPU; the claim's kept plan
+///   is parallel in some drains and not in others, and the gauge's always is.
 pub fn pool(url: &str, size: usize) -> Result<PgPool, db::DbError> {
     db::pool_with_options(
         url,
         size,
         SCHEMAS,
-        "-c synchronous_commit=off -c enable_seqscan=off -c plan_cache_mode=force_generic_plan",
+        "-c synchronous_commit=off -c enable_seqscan=off -c plan_cache_mode=force_generic_plan \
+         -c max_parallel_workers_per_gather=0",
     )
 }
 

@@ -658,6 +658,72 @@ async fn a_claim_reads_the_events_it_handles_not_the_history_and_sent_facts_by_i
 }
 
 #[tokio::test]
+async fn a_claim_runs_in_the_relay_s_own_process_without_parallel_workers() {
+    // A parallel worker is a process PostgreSQL forks for one statement. On a backlog of a few
+    // megabytes it planned them for the claim, every batch; here they are made free to plan, so
+    // a session that may use them does.
+    let db = outbox_core::testing::TestDb::create().await;
+    db.execute(
+        "insert into events (event_id, event_type, aggregate_id, topic, payload)
+         select 'evt_' || g, 'message.created', 'key-' || (g % 100), 'parallel', '{}'::json
+           from generate_series(1, 2000) g",
+        &[],
+    )
+    .await;
+    db.execute("analyze events", &[]).await;
+    let (plain, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    assert!(
+        claim_gathers(&plain).await > 0,
+        "the premise: a session with the server's defaults plans workers for the claim"
+    );
+    let relay_pool = relay::pool(&db.url, 1).unwrap();
+    let relay_client = relay_pool.get().await.unwrap();
+    assert_eq!(
+        claim_gathers(&relay_client).await,
+        0,
+        "the relay's session planned workers"
+    );
+}
+
+/// How many nodes of the claim's plan start parallel workers, when they cost nothing to plan.
+async fn claim_gathers(client: &tokio_postgres::Client) -> usize {
+    use relay::statements::{CLAIM_CURSOR, SNAPSHOT_XMIN};
+    let free = "set parallel_setup_cost = 0; set parallel_tuple_cost = 0;
+                set min_parallel_table_scan_size = 0; set min_parallel_index_scan_size = 0";
+    let xmin: i64 = client.query_one(SNAPSHOT_XMIN, &[]).await.unwrap().get(0);
+    client
+        .batch_execute(&format!(
+            "prepare claim(bigint, bigint, bigint, bigint, bigint) as {CLAIM_CURSOR}"
+        ))
+        .await
+        .unwrap();
+    let plan = explain_analyze(
+        client,
+        free,
+        &format!("execute claim(4000, 0, 0, {xmin}, 9223372036854775807)"),
+    )
+    .await;
+    gathers(&plan)
+}
+
+/// The plan's nodes that start parallel workers.
+fn gathers(plan: &serde_json::Value) -> usize {
+    let here = usize::from(matches!(
+        plan["Node Type"].as_str(),
+        Some("Gather" | "Gather Merge")
+    ));
+    here + plan["Plans"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(gathers)
+        .sum::<usize>()
+}
+
+#[tokio::test]
 async fn a_row_in_the_batch_after_a_failed_row_of_its_key_waits_behind_it() {
     // The newer row is in the next batch (batches of one row): that batch must be claimed only
     // once the older row's failure is written, so that the newer row waits for it (here until it
