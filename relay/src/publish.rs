@@ -655,6 +655,7 @@ impl Publisher {
         // claim is dropped and made again once the failure is written, so that the failed row's
         // key holds back. A batch with a `solo` row is sent alone (a failure is likely).
         let before_claim = pipeline.reading;
+        let mut claim_ahead_ms = 0.0;
         let (outcomes, claimed_meanwhile) = if rows.is_empty() || rows.iter().any(|r| r.solo) {
             (send.await, None)
         } else {
@@ -663,8 +664,13 @@ impl Publisher {
                 .into_iter()
                 .chain(rows.iter().map(|r| r.id))
                 .collect();
-            let (outcomes, claimed) =
-                tokio::join!(send, self.claim(&mut pipeline.reading, &in_flight));
+            let claim = async {
+                let started = std::time::Instant::now();
+                let claimed = self.claim(&mut pipeline.reading, &in_flight).await;
+                (claimed, started.elapsed().as_secs_f64() * 1000.0)
+            };
+            let (outcomes, (claimed, ahead_ms)) = tokio::join!(send, claim);
+            claim_ahead_ms = ahead_ms;
             (outcomes, Some(claimed))
         };
         span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
@@ -768,6 +774,7 @@ impl Publisher {
             rows = handled,
             claim_ms,
             send_ms,
+            claim_ahead_ms,
             next_claim_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
             "batch timing"
         );
