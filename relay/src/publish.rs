@@ -188,6 +188,24 @@ const NEXT_DUE: &str = "select min(next_attempt_at) from unsent where state in (
 /// transactions are short, so most are found by the first.
 const ANNOUNCE_GRACE: Duration = Duration::from_millis(25);
 
+/// How long a relay whose claim found nothing first waits before it looks again; each further
+/// look waits twice as long, and after [`QUIET_LOOKS`] of them it asks for a NOTIFY. A NOTIFY
+/// costs the publishers (each commit that ran one waits for a lock that serialises them until
+/// its WAL is flushed), and a relay that keeps up finds nothing between two events now and
+/// then: it announced and publishers notified until its next mark. A relay that finds work
+/// again within these looks never asks. Measured with 8 pgbench clients running
+/// `outbox.publish` while a relay kept up: 2,476-2,501 publishes/s announcing at once,
+/// 3,036-3,580 with these looks; at 2,000 events/s (debezium-bench) 163 announcements in a
+/// 10 s run against 4. An event that arrives during a look waits for its end (up to 4 ms).
+const QUIET_LOOK: Duration = Duration::from_millis(1);
+const QUIET_LOOKS: u32 = 3;
+
+/// The wait before the next look of a relay whose last `looks` looks found nothing, or None
+/// once it should announce instead.
+fn quiet_look(looks: u32) -> Option<Duration> {
+    (looks < QUIET_LOOKS).then(|| QUIET_LOOK * 2u32.pow(looks))
+}
+
 /// Where an idle leader stands with publishers' NOTIFYs (`relay_cursor.waiting`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Idle {
@@ -489,13 +507,25 @@ impl Publisher {
         let mut db_backoff = Backoff::new();
         let mut pipeline = Pipeline::default();
         let mut idle = Idle::Busy;
+        let mut quiet_looks = 0;
         while !leadership.is_cancelled() && !shutdown.is_cancelled() {
             match self.publish_batch(&mut pipeline, leadership).await {
                 Ok(0) => {
-                    // Asks for a NOTIFY, then looks once more at once: a publish that committed
-                    // without one (it saw a busy relay) is found by that look, or by the looks
-                    // after it while its transaction runs. Not announced: it sleeps as below.
+                    // A few quick looks first (see `QUIET_LOOK`). Then it asks for a NOTIFY and
+                    // looks once more at once: a publish that committed without one (it saw a
+                    // busy relay) is found by that look, or by the looks after it while its
+                    // transaction runs. Not announced: it sleeps as below.
                     if idle == Idle::Busy {
+                        if let Some(wait) = quiet_look(quiet_looks) {
+                            quiet_looks += 1;
+                            tokio::select! {
+                                _ = wake.notified() => {}
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = leadership.cancelled() => {}
+                                _ = shutdown.cancelled() => {}
+                            }
+                            continue;
+                        }
                         if let Some(until_xid) = self.announce_waiting().await {
                             tracing::debug!(cursor = ?pipeline.reading.cursor, until_xid, "nothing to claim; announced waiting");
                             idle = Idle::announced(until_xid);
@@ -515,6 +545,7 @@ impl Publisher {
                 Ok(_) => {
                     // Its mark cleared `waiting`.
                     idle = Idle::Busy;
+                    quiet_looks = 0;
                     db_backoff.reset();
                 }
                 Err(error) => {
@@ -1221,6 +1252,15 @@ mod tests {
         // Asleep, and when the announcement failed: the whole wait.
         assert_eq!(Idle::Asleep.sleep(XMIN - 1, poll), (poll, Idle::Asleep));
         assert_eq!(Idle::Busy.sleep(XMIN - 1, poll), (poll, Idle::Busy));
+    }
+
+    #[test]
+    fn an_idle_relay_looks_again_at_doubling_intervals_before_it_asks_for_a_notify() {
+        let waits: Vec<Option<Duration>> = (0..=QUIET_LOOKS).map(quiet_look).collect();
+        assert_eq!(
+            waits,
+            [Some(1), Some(2), Some(4), None].map(|ms| ms.map(Duration::from_millis))
+        );
     }
 
     fn cursor() -> Cursor {
