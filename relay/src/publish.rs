@@ -206,6 +206,21 @@ fn quiet_look(looks: u32) -> Option<Duration> {
     (looks < QUIET_LOOKS).then(|| QUIET_LOOK * 2u32.pow(looks))
 }
 
+/// An idle leader's sleep: `wait`, or until a NOTIFY wakes it or it stops leading.
+async fn nap(
+    wait: Duration,
+    wake: &Notify,
+    leadership: &CancellationToken,
+    shutdown: &CancellationToken,
+) {
+    tokio::select! {
+        _ = wake.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+        _ = leadership.cancelled() => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
 /// Where an idle leader stands with publishers' NOTIFYs (`relay_cursor.waiting`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Idle {
@@ -518,12 +533,7 @@ impl Publisher {
                     if idle == Idle::Busy {
                         if let Some(wait) = quiet_look(quiet_looks) {
                             quiet_looks += 1;
-                            tokio::select! {
-                                _ = wake.notified() => {}
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = leadership.cancelled() => {}
-                                _ = shutdown.cancelled() => {}
-                            }
+                            nap(wait, wake, leadership, shutdown).await;
                             continue;
                         }
                         if let Some(until_xid) = self.announce_waiting().await {
@@ -535,12 +545,7 @@ impl Publisher {
                     let xmin = pipeline.reading.cursor.map_or(i64::MIN, |c| c.xmin_done);
                     let wait;
                     (wait, idle) = idle.sleep(xmin, self.until_next_due().await);
-                    tokio::select! {
-                        _ = wake.notified() => {}
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = leadership.cancelled() => {}
-                        _ = shutdown.cancelled() => {}
-                    }
+                    nap(wait, wake, leadership, shutdown).await;
                 }
                 Ok(_) => {
                     // Its mark cleared `waiting`.
@@ -686,24 +691,23 @@ impl Publisher {
         // claim is dropped and made again once the failure is written, so that the failed row's
         // key holds back. A batch with a `solo` row is sent alone (a failure is likely).
         let before_claim = pipeline.reading;
-        let mut claim_ahead_ms = 0.0;
-        let (outcomes, claimed_meanwhile) = if rows.is_empty() || rows.iter().any(|r| r.solo) {
-            (send.await, None)
-        } else {
-            let in_flight: Vec<i64> = pipeline
-                .unmarked()
-                .into_iter()
-                .chain(rows.iter().map(|r| r.id))
-                .collect();
-            let claim = async {
-                let started = std::time::Instant::now();
-                let claimed = self.claim(&mut pipeline.reading, &in_flight).await;
-                (claimed, started.elapsed().as_secs_f64() * 1000.0)
+        let (outcomes, claimed_meanwhile, claim_ahead_ms) =
+            if rows.is_empty() || rows.iter().any(|r| r.solo) {
+                (send.await, None, 0.0)
+            } else {
+                let in_flight: Vec<i64> = pipeline
+                    .unmarked()
+                    .into_iter()
+                    .chain(rows.iter().map(|r| r.id))
+                    .collect();
+                let claim = async {
+                    let started = std::time::Instant::now();
+                    let claimed = self.claim(&mut pipeline.reading, &in_flight).await;
+                    (claimed, started.elapsed().as_secs_f64() * 1000.0)
+                };
+                let (outcomes, (claimed, ahead_ms)) = tokio::join!(send, claim);
+                (outcomes, Some(claimed), ahead_ms)
             };
-            let (outcomes, (claimed, ahead_ms)) = tokio::join!(send, claim);
-            claim_ahead_ms = ahead_ms;
-            (outcomes, Some(claimed))
-        };
         span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
         drop(per_event);
         let mut sent = Sent::default();

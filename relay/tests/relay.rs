@@ -5,7 +5,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox_core::testing::plan::{explain_analyze, rows_read, scans};
+use outbox_core::testing::plan::{explain_analyze, nodes, rows_read, scans};
 use outbox_core::testing::{eventually, kafka_brokers, read_topic};
 use support::{contents_by_key, id_counts, message, Pipeline};
 
@@ -706,21 +706,10 @@ async fn claim_gathers(client: &tokio_postgres::Client) -> usize {
         &format!("execute claim(4000, 0, 0, {xmin}, 9223372036854775807)"),
     )
     .await;
-    gathers(&plan)
-}
-
-/// The plan's nodes that start parallel workers.
-fn gathers(plan: &serde_json::Value) -> usize {
-    let here = usize::from(matches!(
-        plan["Node Type"].as_str(),
-        Some("Gather" | "Gather Merge")
-    ));
-    here + plan["Plans"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(gathers)
-        .sum::<usize>()
+    nodes(&plan)
+        .iter()
+        .filter(|node| matches!(node["Node Type"].as_str(), Some("Gather" | "Gather Merge")))
+        .count()
 }
 
 #[tokio::test]

@@ -39,11 +39,18 @@ pub struct Scan {
     pub rows: f64,
 }
 
+/// `plan` and every node under it, parents first.
+pub fn nodes(plan: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut found = vec![plan];
+    for child in plan["Plans"].as_array().into_iter().flatten() {
+        found.extend(nodes(child));
+    }
+    found
+}
+
 /// Every scan in `plan` and its children. The target of an insert or update is not a scan.
 pub fn scans(plan: &serde_json::Value) -> Vec<Scan> {
-    let mut found = Vec::new();
-    collect(plan, &mut found);
-    found
+    nodes(plan).into_iter().filter_map(scan).collect()
 }
 
 /// Rows read from the tables whose name `relation` accepts.
@@ -55,24 +62,18 @@ pub fn rows_read(plan: &serde_json::Value, relation: impl Fn(&str) -> bool) -> f
         .sum()
 }
 
-fn collect(node: &serde_json::Value, found: &mut Vec<Scan>) {
+fn scan(node: &serde_json::Value) -> Option<Scan> {
     let number = |key: &str| node[key].as_f64().unwrap_or(0.0);
-    if let Some(relation) = node["Relation Name"].as_str() {
-        let loops = number("Actual Loops");
-        if node["Node Type"] != "ModifyTable" && loops > 0.0 {
-            found.push(Scan {
-                relation: relation.to_owned(),
-                kind: node["Node Type"].as_str().unwrap_or("?").to_owned(),
-                rows: (number("Actual Rows")
-                    + number("Rows Removed by Filter")
-                    + number("Rows Removed by Index Recheck"))
-                    * loops,
-            });
-        }
-    }
-    for child in node["Plans"].as_array().into_iter().flatten() {
-        collect(child, found);
-    }
+    let relation = node["Relation Name"].as_str()?;
+    let loops = number("Actual Loops");
+    (node["Node Type"] != "ModifyTable" && loops > 0.0).then(|| Scan {
+        relation: relation.to_owned(),
+        kind: node["Node Type"].as_str().unwrap_or("?").to_owned(),
+        rows: (number("Actual Rows")
+            + number("Rows Removed by Filter")
+            + number("Rows Removed by Index Recheck"))
+            * loops,
+    })
 }
 
 #[cfg(test)]
