@@ -119,6 +119,11 @@ impl Schema {
                     "first_partition_at_install",
                     include_str!("../../sql/outbox/V9__first_partition_at_install.sql"),
                 ),
+                (
+                    10,
+                    "publish_helpers_planned_once",
+                    include_str!("../../sql/outbox/V10__publish_helpers_planned_once.sql"),
+                ),
             ],
             Schema::Producer => &[
                 (

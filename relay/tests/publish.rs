@@ -310,3 +310,36 @@ async fn data_with_many_brackets_but_little_depth_is_published_whole() {
         "the envelope carries the data as given"
     );
 }
+
+/// publish calls uuid_v7 for every event (V10): inlined, it is planned once with publish's own
+/// statements; called as a function of its own (it had a SET clause) it was parsed and planned
+/// on every call. Its ids stay version-7 UUIDs that start with the time they were made.
+#[tokio::test]
+async fn uuid_v7_is_inlined_into_its_caller_and_starts_with_the_current_millisecond() {
+    let db = testing::TestDb::create().await;
+    let client = db.client().await;
+    let plan: Vec<String> = client
+        .query("explain (verbose) select outbox.uuid_v7()", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("gen_random_uuid()"), "{plan}");
+    assert!(!plan.contains("uuid_v7"), "called, not inlined: {plan}");
+
+    let row = client
+        .query_one(
+            "select outbox.uuid_v7()::text, (extract(epoch from clock_timestamp()) * 1000)::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (id, now_ms): (String, i64) = (row.get(0), row.get(1));
+    let hex = id.replace('-', "");
+    let made_ms = i64::from_str_radix(&hex[..12], 16).unwrap();
+    assert!((0..=1000).contains(&(now_ms - made_ms)), "{id}: {made_ms} against {now_ms}");
+    assert_eq!(&hex[12..13], "7", "version: {id}");
+    assert!("89ab".contains(&hex[16..17]), "variant: {id}");
+}
