@@ -447,6 +447,12 @@ fn is_permanent(error: &KafkaError) -> bool {
     )
 }
 
+/// Records a batch enqueues before it lets the claim made meanwhile (in the same task) read its
+/// answers. Enqueueing never waits, so without these pauses the claim's statements went out only
+/// once the whole batch was enqueued: measured at 4,000 rows, the claim then started 5-20 ms
+/// into the sends and ended after the acknowledgements, and the next batch waited for it.
+const ENQUEUE_SLICE: usize = 128;
+
 /// The relay's Kafka side and its batch loop.
 pub struct Publisher {
     producer: Mutex<FutureProducer>,
@@ -705,7 +711,9 @@ impl Publisher {
                     let claimed = self.claim(&mut pipeline.reading, &in_flight).await;
                     (claimed, started.elapsed().as_secs_f64() * 1000.0)
                 };
-                let (outcomes, (claimed, ahead_ms)) = tokio::join!(send, claim);
+                // The claim first, so that its first statement is on its way while the records
+                // are enqueued (see `ENQUEUE_SLICE`).
+                let ((claimed, ahead_ms), outcomes) = tokio::join!(claim, send);
                 (outcomes, Some(claimed), ahead_ms)
             };
         span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
@@ -834,6 +842,9 @@ impl Publisher {
                 outcomes.extend(Self::acknowledged(alone).await);
             } else {
                 pending.push(self.enqueue(producer, row).await);
+                if pending.len() % ENQUEUE_SLICE == 0 {
+                    tokio::task::yield_now().await;
+                }
             }
         }
         outcomes.extend(Self::acknowledged(pending).await);
