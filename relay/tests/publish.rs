@@ -339,7 +339,10 @@ async fn uuid_v7_is_inlined_into_its_caller_and_starts_with_the_current_millisec
     let (id, now_ms): (String, i64) = (row.get(0), row.get(1));
     let hex = id.replace('-', "");
     let made_ms = i64::from_str_radix(&hex[..12], 16).unwrap();
-    assert!((0..=1000).contains(&(now_ms - made_ms)), "{id}: {made_ms} against {now_ms}");
+    assert!(
+        (0..=1000).contains(&(now_ms - made_ms)),
+        "{id}: {made_ms} against {now_ms}"
+    );
     assert_eq!(&hex[12..13], "7", "version: {id}");
     assert!("89ab".contains(&hex[16..17]), "variant: {id}");
 }
