@@ -11,7 +11,7 @@
 #                                       next to Debezium's outbox connector in Kafka Connect,
 #                                       same PostgreSQL, same broker, one run:
 #                                       warm-up + measured drain of --events N (200000) for each,
-#                                       commit-to-record latency at --rates (500,2000,10000) for
+#                                       commit-to-record latency at --rates (500,1000,2000,10000) for
 #                                       --duration (10s) each, raw produce ceiling, every event
 #                                       counted back. Also --payload-bytes, --partitions (6),
 #                                       --keys, --timeout; --set-wal-level (see below).

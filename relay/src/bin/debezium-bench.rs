@@ -41,7 +41,7 @@ struct Args {
     #[command(flatten)]
     workload: Workload,
     /// Offered rates of the latency measurements, events per second, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "500,2000,10000")]
+    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,10000")]
     rates: Vec<u64>,
     /// How long each latency measurement offers its rate.
     #[arg(long, default_value = "10s", value_parser = outbox_core::config::parse_duration)]
