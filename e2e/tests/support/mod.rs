@@ -100,6 +100,29 @@ impl Stack {
         producer_config.admin_token = None;
         let producer = TestApp::spawn(db.clone(), producer_config, producer::run).await;
 
+        let mut consumer_config = consumer_config(&db, brokers, &topic, &group);
+        if timings == Timings::Deployed {
+            let defaults: consumer::Config = outbox_core::config::from_env().unwrap();
+            consumer_config.dispatch_poll_interval = defaults.dispatch_poll_interval;
+            consumer_config.kafka_statistics_interval = defaults.kafka_statistics_interval;
+            consumer_config.consumer_commit_interval = defaults.consumer_commit_interval;
+        }
+        let consumer = TestApp::spawn(db.clone(), consumer_config, consumer::run).await;
+        let notifier_config = notifier_config(&db, &secret);
+        let notifier = TestApp::spawn(db.clone(), notifier_config, notifier::run).await;
+        // The notifier's endpoint exists before the relay starts: the consumer fans an event out
+        // to the endpoints subscribed when it records it, and rows already in the outbox (a
+        // database upgraded in place) would otherwise be recorded before it.
+        consumer.wait_ready().await;
+        let endpoint = NewEndpoint::new(&notifier.url("/webhooks/logger"), &["*"])
+            .secret(secret.as_str())
+            .description("e2e notifier");
+        consumer
+            .admin()
+            .create_endpoint(&endpoint)
+            .await
+            .unwrap_or_else(|refusal| panic!("POST /endpoints: {refusal}"));
+
         let mut relay_config: relay::Config = outbox_core::config::from_env().unwrap();
         relay_config.database.database_url = db.url.clone();
         relay_config.kafka.kafka_brokers = brokers.to_owned();
@@ -114,18 +137,7 @@ impl Stack {
         relay_config.lock_key = (uuid::Uuid::new_v4().as_u128() as i64).abs();
         relay_config.lag_consumer_groups = vec![group.clone()];
         let relay = TestApp::spawn(db.clone(), relay_config, relay::run).await;
-
-        let mut consumer_config = consumer_config(&db, brokers, &topic, &group);
-        if timings == Timings::Deployed {
-            let defaults: consumer::Config = outbox_core::config::from_env().unwrap();
-            consumer_config.dispatch_poll_interval = defaults.dispatch_poll_interval;
-            consumer_config.kafka_statistics_interval = defaults.kafka_statistics_interval;
-            consumer_config.consumer_commit_interval = defaults.consumer_commit_interval;
-        }
-        let consumer = TestApp::spawn(db.clone(), consumer_config, consumer::run).await;
-        let notifier_config = notifier_config(&db, &secret);
-        let notifier = TestApp::spawn(db.clone(), notifier_config, notifier::run).await;
-        let stack = Stack {
+        Stack {
             http: reqwest::Client::new(),
             producer,
             relay,
@@ -136,18 +148,7 @@ impl Stack {
             brokers: brokers.to_owned(),
             secret,
             group,
-        };
-        stack.consumer.wait_ready().await;
-        let endpoint = NewEndpoint::new(&stack.notifier.url("/webhooks/logger"), &["*"])
-            .secret(stack.secret.as_str())
-            .description("e2e notifier");
-        stack
-            .consumer
-            .admin()
-            .create_endpoint(&endpoint)
-            .await
-            .unwrap_or_else(|refusal| panic!("POST /endpoints: {refusal}"));
-        stack
+        }
     }
 
     /// Stops the consumer gracefully (it commits what it recorded and leaves the group); see
