@@ -49,7 +49,8 @@ pub const LOAD_CURSOR: &str = "
 /// For each: whether it was already sent (only looked up where it may have been sent ahead of the
 /// cursor: xid at or above `$5` or the xmin), whether it has an `unsent` row (put there by hand,
 /// or held back earlier: skipped, it is sent from there) and whether its key has an unsent P or X
-/// row (held back behind it).
+/// row or is one of `$6`, the keys of rows held back by batches whose marks are not written yet
+/// (held back behind them).
 ///
 /// `cut` reads the fresh ids again instead of reading `fresh`: a CTE named twice is materialized,
 /// and a batch of `fresh` (4,000 events of 1 KiB: 5 MB) then spilled to a temporary file on every
@@ -90,7 +91,8 @@ pub const CLAIM_CURSOR: &str = "
     )
     select c.id, c.topic, c.aggregate_id, c.payload::text, c.headers, c.created_at,
            exists (select 1 from unsent u where u.id = c.id) as own,
-           exists (select 1 from unsent u where u.aggregate_id = c.aggregate_id and u.state in ('P', 'X')) as held,
+           exists (select 1 from unsent u where u.aggregate_id = c.aggregate_id and u.state in ('P', 'X'))
+               or c.aggregate_id = any($6::text[]) as held,
            sent.found is not null, c.xid::text::bigint
       from (select * from fresh union all select * from late union all select * from ahead) c
       left join lateral (
@@ -101,7 +103,8 @@ pub const CLAIM_CURSOR: &str = "
 /// Due `P`/`X` rows of `unsent` behind the cursor (`$3` xmin, `$4` id), in id order, never a
 /// row whose key has an older unsent row that is not due (that row would then be overtaken).
 /// `$2` are the rows of the previous batch, acknowledged by Kafka but whose marks are still
-/// being written.
+/// being written; `$5` the keys of rows held back by batches whose marks are not written yet
+/// (their rows wait until those are in `unsent`, to be claimed in id order with them).
 pub const CLAIM_UNSENT: &str = "
     with held as (
         select aggregate_id, min(id) as from_id from unsent
@@ -114,6 +117,7 @@ pub const CLAIM_UNSENT: &str = "
        and e.xid < $3::bigint::text::xid8 and e.id <= $4
        and not exists (select 1 from held h where h.aggregate_id = u.aggregate_id and h.from_id < u.id)
        and not exists (select 1 from unnest($2::bigint[]) marking(id) where marking.id = u.id)
+       and u.aggregate_id <> all($5::text[])
      order by u.id
      limit $1";
 
@@ -654,7 +658,8 @@ impl Publisher {
             Some(batch) => batch,
             None => {
                 pipeline.settle().await?;
-                self.claim(&mut pipeline.reading, &[]).await?
+                self.claim(&mut pipeline.reading, &InFlight::default())
+                    .await?
             }
         };
         if batch.handled == 0 {
@@ -701,11 +706,11 @@ impl Publisher {
             if rows.is_empty() || rows.iter().any(|r| r.solo) {
                 (send.await, None, 0.0)
             } else {
-                let in_flight: Vec<i64> = pipeline
-                    .unmarked()
-                    .into_iter()
-                    .chain(rows.iter().map(|r| r.id))
-                    .collect();
+                let mut in_flight = pipeline.unmarked();
+                in_flight.ids.extend(rows.iter().map(|r| r.id));
+                in_flight
+                    .held_keys
+                    .extend(held.iter().map(|h| h.key.clone()));
                 let claim = async {
                     let started = std::time::Instant::now();
                     let claimed = self.claim(&mut pipeline.reading, &in_flight).await;
@@ -794,6 +799,7 @@ impl Publisher {
             pipeline.make_room().await?;
             pipeline.marking.push_back(Marking {
                 ids: marks.sent.ids.clone(),
+                held_keys: marks.held.iter().map(|h| h.key.clone()).collect(),
                 task: tokio::spawn(marks.write_until_done(leadership.clone())),
             });
             let next = match claimed_meanwhile {
@@ -924,7 +930,11 @@ impl Publisher {
     /// The next batch: due `unsent` rows behind the cursor (without those in `marking`, sent and
     /// not yet marked), then the final events beyond it, in id order. Advances `reading` to the
     /// cursor the batch's marks will commit.
-    async fn claim(&self, reading: &mut Reading, marking: &[i64]) -> Result<Batch, BatchError> {
+    async fn claim(
+        &self,
+        reading: &mut Reading,
+        in_flight: &InFlight,
+    ) -> Result<Batch, BatchError> {
         let client = self.pool.get().await?;
         let cursor = match reading.cursor {
             Some(cursor) => cursor,
@@ -944,9 +954,10 @@ impl Publisher {
                 &unsent,
                 &[
                     &self.batch_size,
-                    &marking,
+                    &in_flight.ids,
                     &cursor.xmin_done,
                     &cursor.id_done,
+                    &in_flight.held_keys,
                 ],
             )
             .await?
@@ -977,16 +988,17 @@ impl Publisher {
                     &cursor.id_done,
                     &xmin,
                     &cursor.ahead_xid,
+                    &in_flight.held_keys,
                 ],
             )
             .await?;
-        let in_flight: HashSet<i64> = marking.iter().copied().collect();
+        let sent_ids: HashSet<i64> = in_flight.ids.iter().copied().collect();
         for r in &found {
             let id: i64 = r.get(0);
             let event = Found {
                 id,
                 xid: r.get(9),
-                in_flight: in_flight.contains(&id),
+                in_flight: sent_ids.contains(&id),
                 own: r.get(6),
                 key_held: r.get(7),
                 sent: r.get(8),
@@ -1070,6 +1082,8 @@ struct Pipeline {
 
 struct Marking {
     ids: Vec<i64>,
+    /// The keys of the rows it puts in `unsent` as held back.
+    held_keys: Vec<String>,
     task: tokio::task::JoinHandle<Result<(), BatchError>>,
 }
 
@@ -1099,13 +1113,32 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The rows sent whose marks are not known to be committed.
-    fn unmarked(&self) -> Vec<i64> {
-        self.marking
-            .iter()
-            .flat_map(|m| m.ids.iter().copied())
-            .collect()
+    /// The rows sent, and the keys held back, whose marks are not known to be committed.
+    fn unmarked(&self) -> InFlight {
+        InFlight {
+            ids: self
+                .marking
+                .iter()
+                .flat_map(|m| m.ids.iter().copied())
+                .collect(),
+            held_keys: self
+                .marking
+                .iter()
+                .flat_map(|m| m.held_keys.iter().cloned())
+                .collect(),
+        }
     }
+}
+
+/// What a claim must not take as unhandled: the rows sent in batches whose marks are not written
+/// yet, and the keys those batches hold back. A held row reaches `unsent` only with its batch's
+/// mark; until then, a newer row of its key must be held back too, or it would overtake it
+/// (found by `rows_arriving_while_their_keys_retried_rows_are_sent_keep_their_order`: the mark
+/// before had removed the key's last unsent row, so nothing in `unsent` held the newer one).
+#[derive(Debug, Default)]
+struct InFlight {
+    ids: Vec<i64>,
+    held_keys: Vec<String>,
 }
 
 impl Marking {

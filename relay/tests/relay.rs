@@ -112,6 +112,65 @@ async fn an_older_row_waiting_for_retry_holds_back_newer_rows_of_its_key() {
 }
 
 #[tokio::test]
+async fn rows_arriving_while_their_keys_retried_rows_are_sent_keep_their_order() {
+    // Each key's first row waits for a retry, due one after the other, while rows of every key
+    // keep arriving, each key's from a writer of its own. A newer row is held back while the
+    // retried one is unsent, and must stay behind it and behind the rows held before it, also
+    // while the batches carrying them are in flight and the marks that put them in `unsent`
+    // are not written yet.
+    let mut p = Pipeline::start(&kafka_brokers(), |c| c.batch_size = 5).await;
+    p.relay.cancel();
+    p.relay.kill().await;
+    let publish = |content: &str, key: &str, topic: &str| {
+        format!(
+            "select outbox.publish(event_type => 'message.created', key => '{key}', data => '{{\"content\": \"{content}\"}}', topic => '{topic}')"
+        )
+    };
+    let keys: Vec<String> = (0..8).map(|k| format!("k{k}")).collect();
+    let client = p.db.client().await;
+    for (i, key) in keys.iter().enumerate() {
+        client
+            .execute(&publish("first", key, &p.topic), &[])
+            .await
+            .unwrap();
+        client
+            .execute(
+                "update outbox set state = 'X', attempts = 1, next_attempt_at = now() + $2 * interval '1 millisecond' where aggregate_id = $1",
+                &[key, &(400.0 + 150.0 * i as f64)],
+            )
+            .await
+            .unwrap();
+    }
+    p.relay.config.lock_key = support::rand_key();
+    p.relay.start().await;
+    let per_key = 400;
+    futures::future::join_all(keys.iter().map(|key| {
+        let p = &p;
+        async move {
+            let client = p.db.client().await;
+            for i in 0..per_key {
+                client
+                    .execute(&publish(&format!("{i:03}"), key, &p.topic), &[])
+                    .await
+                    .unwrap();
+            }
+        }
+    }))
+    .await;
+    let total = keys.len() * (per_key + 1);
+    p.all_sent(total as i64, Duration::from_secs(60)).await;
+    let records = read_topic(&p.topic, total, Duration::from_secs(30)).await;
+    let by_key = contents_by_key(&records);
+    for key in &keys {
+        let expected: Vec<String> = std::iter::once("first".to_owned())
+            .chain((0..per_key).map(|i| format!("{i:03}")))
+            .collect();
+        assert_eq!(by_key[key], expected, "order of key {key}");
+    }
+    p.relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_record_kafka_refuses_turns_dead_after_the_configured_attempts_and_others_flow() {
     let brokers = kafka_brokers();
     let topic = support::topic_refusing_large_records(&brokers).await;
@@ -586,9 +645,9 @@ async fn a_claim_reads_the_events_it_handles_not_the_history_and_sent_facts_by_i
     let client = pool.get().await.unwrap();
     client
         .batch_execute(&format!(
-            "prepare claim(bigint, bigint, bigint, bigint, bigint) as {CLAIM_CURSOR};
+            "prepare claim(bigint, bigint, bigint, bigint, bigint, text[]) as {CLAIM_CURSOR};
              set plan_cache_mode = force_generic_plan;
-             execute claim(4000, 0, 0, 0, 9223372036854775807);"
+             execute claim(4000, 0, 0, 0, 9223372036854775807, '{{}}');"
         ))
         .await
         .unwrap();
@@ -629,7 +688,7 @@ async fn a_claim_reads_the_events_it_handles_not_the_history_and_sent_facts_by_i
             &client,
             &format!("set plan_cache_mode = {mode}"),
             &format!(
-                "execute claim(4000, {}, {}, {xmin}, {})",
+                "execute claim(4000, {}, {}, {xmin}, {}, '{{}}')",
                 cursor.xmin_done, cursor.id_done, cursor.ahead_xid
             ),
         )
@@ -696,14 +755,14 @@ async fn claim_gathers(client: &tokio_postgres::Client) -> usize {
     let xmin: i64 = client.query_one(SNAPSHOT_XMIN, &[]).await.unwrap().get(0);
     client
         .batch_execute(&format!(
-            "prepare claim(bigint, bigint, bigint, bigint, bigint) as {CLAIM_CURSOR}"
+            "prepare claim(bigint, bigint, bigint, bigint, bigint, text[]) as {CLAIM_CURSOR}"
         ))
         .await
         .unwrap();
     let plan = explain_analyze(
         client,
         free,
-        &format!("execute claim(4000, 0, 0, {xmin}, 9223372036854775807)"),
+        &format!("execute claim(4000, 0, 0, {xmin}, 9223372036854775807, '{{}}')"),
     )
     .await;
     nodes(&plan)

@@ -101,6 +101,7 @@ async fn postgres_ceiling(args: &Args, content: &str) -> anyhow::Result<f64> {
                     &cursor.id_done,
                     &xmin,
                     &cursor.ahead_xid,
+                    &none_text,
                 ],
             )
             .await?;
