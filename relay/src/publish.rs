@@ -345,7 +345,7 @@ impl Cursor {
 struct Found {
     id: i64,
     xid: i64,
-    /// Sent in the batch whose marks are being written.
+    /// Sent, or held back, by a batch whose marks are not written yet.
     in_flight: bool,
     /// Has an `unsent` row of its own (sent from there).
     own: bool,
@@ -713,10 +713,7 @@ impl Publisher {
                 (send.await, None, 0.0)
             } else {
                 let mut in_flight = pipeline.unmarked();
-                in_flight.ids.extend(rows.iter().map(|r| r.id));
-                in_flight
-                    .held_keys
-                    .extend(held.iter().map(|h| h.key.clone()));
+                in_flight.add(&rows, &held);
                 // A task of its own, so that reading its rows can run on the other core while
                 // this one enqueues (its statements go out first: see `ENQUEUE_SLICE`).
                 let claimer = self.claimer.clone();
@@ -812,7 +809,13 @@ impl Publisher {
         if marks.failed.ids.is_empty() && !rows.is_empty() {
             pipeline.make_room().await?;
             pipeline.marking.push_back(Marking {
-                ids: marks.sent.ids.clone(),
+                ids: marks
+                    .sent
+                    .ids
+                    .iter()
+                    .copied()
+                    .chain(marks.held.iter().map(|h| h.id))
+                    .collect(),
                 held_keys: marks.held.iter().map(|h| h.key.clone()).collect(),
                 task: tokio::spawn(marks.write_until_done(leadership.clone())),
             });
@@ -1104,6 +1107,7 @@ struct Pipeline {
 }
 
 struct Marking {
+    /// The rows it marks sent or puts in `unsent` as held back.
     ids: Vec<i64>,
     /// The keys of the rows it puts in `unsent` as held back.
     held_keys: Vec<String>,
@@ -1153,15 +1157,26 @@ impl Pipeline {
     }
 }
 
-/// What a claim must not take as unhandled: the rows sent in batches whose marks are not written
-/// yet, and the keys those batches hold back. A held row reaches `unsent` only with its batch's
-/// mark; until then, a newer row of its key must be held back too, or it would overtake it
-/// (found by `rows_arriving_while_their_keys_retried_rows_are_sent_keep_their_order`: the mark
-/// before had removed the key's last unsent row, so nothing in `unsent` held the newer one).
+/// What a claim must not take as unhandled: the rows sent or held back by batches whose marks
+/// are not written yet, and the keys those batches hold back. A held row reaches `unsent` only
+/// with its batch's mark; until then, a newer row of its key must be held back too, or it would
+/// overtake it (found by `rows_arriving_while_their_keys_retried_rows_are_sent_keep_their_order`:
+/// the mark before had removed the key's last unsent row, so nothing in `unsent` held the newer
+/// one).
 #[derive(Debug, Default)]
 struct InFlight {
+    /// Sent or held back: the claim passes them.
     ids: Vec<i64>,
     held_keys: Vec<String>,
+}
+
+impl InFlight {
+    /// Adds a batch claimed but not marked yet.
+    fn add(&mut self, rows: &[Claimed], held: &[HeldBack]) {
+        self.ids.extend(rows.iter().map(|r| r.id));
+        self.ids.extend(held.iter().map(|h| h.id));
+        self.held_keys.extend(held.iter().map(|h| h.key.clone()));
+    }
 }
 
 impl Marking {
