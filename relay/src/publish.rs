@@ -711,12 +711,13 @@ impl Publisher {
         // claim is dropped and made again once the failure is written, so that the failed row's
         // key holds back. A batch with a `solo` row is sent alone (a failure is likely).
         let before_claim = pipeline.reading;
+        let this_batch = InFlight::of(&rows, &held);
         let (outcomes, claimed_meanwhile, claim_ahead_ms) =
             if rows.is_empty() || rows.iter().any(|r| r.solo) {
                 (send.await, None, 0.0)
             } else {
                 let mut in_flight = pipeline.unmarked();
-                in_flight.add(&rows, &held);
+                in_flight.extend(&this_batch);
                 // A task of its own, so that reading its rows can run on the other core while
                 // this one enqueues (its statements go out first: see `ENQUEUE_SLICE`).
                 let claimer = self.claimer.clone();
@@ -811,15 +812,9 @@ impl Publisher {
         };
         if marks.failed.ids.is_empty() && !rows.is_empty() {
             pipeline.make_room().await?;
+            // Every row was sent, so what it marks is the batch as claimed.
             pipeline.marking.push_back(Marking {
-                ids: marks
-                    .sent
-                    .ids
-                    .iter()
-                    .copied()
-                    .chain(marks.held.iter().map(|h| h.id))
-                    .collect(),
-                held_keys: marks.held.iter().map(|h| h.key.clone()).collect(),
+                in_flight: this_batch,
                 task: tokio::spawn(marks.write_until_done(leadership.clone())),
             });
             let next = match claimed_meanwhile {
@@ -973,9 +968,9 @@ struct Claimer {
 }
 
 impl Claimer {
-    /// The next batch: due `unsent` rows behind the cursor (without those in `marking`, sent and
-    /// not yet marked), then the final events beyond it, in id order. Advances `reading` to the
-    /// cursor the batch's marks will commit.
+    /// The next batch: due `unsent` rows behind the cursor (without those in `in_flight`, sent
+    /// and not yet marked), then the final events beyond it, in id order. Advances `reading` to
+    /// the cursor the batch's marks will commit.
     async fn claim(
         &self,
         reading: &mut Reading,
@@ -1109,10 +1104,8 @@ struct Pipeline {
 }
 
 struct Marking {
-    /// The rows it marks sent or puts in `unsent` as held back.
-    ids: Vec<i64>,
-    /// The keys of the rows it puts in `unsent` as held back.
-    held_keys: Vec<String>,
+    /// The rows it marks sent or puts in `unsent` as held back, and their keys.
+    in_flight: InFlight,
     task: tokio::task::JoinHandle<Result<(), BatchError>>,
 }
 
@@ -1144,18 +1137,11 @@ impl Pipeline {
 
     /// The rows sent, and the keys held back, whose marks are not known to be committed.
     fn unmarked(&self) -> InFlight {
-        InFlight {
-            ids: self
-                .marking
-                .iter()
-                .flat_map(|m| m.ids.iter().copied())
-                .collect(),
-            held_keys: self
-                .marking
-                .iter()
-                .flat_map(|m| m.held_keys.iter().cloned())
-                .collect(),
+        let mut unmarked = InFlight::default();
+        for marking in &self.marking {
+            unmarked.extend(&marking.in_flight);
         }
+        unmarked
     }
 }
 
@@ -1173,11 +1159,21 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Adds a batch claimed but not marked yet.
-    fn add(&mut self, rows: &[Claimed], held: &[HeldBack]) {
-        self.ids.extend(rows.iter().map(|r| r.id));
-        self.ids.extend(held.iter().map(|h| h.id));
-        self.held_keys.extend(held.iter().map(|h| h.key.clone()));
+    /// A batch claimed but not marked yet.
+    fn of(rows: &[Claimed], held: &[HeldBack]) -> Self {
+        InFlight {
+            ids: rows
+                .iter()
+                .map(|r| r.id)
+                .chain(held.iter().map(|h| h.id))
+                .collect(),
+            held_keys: held.iter().map(|h| h.key.clone()).collect(),
+        }
+    }
+
+    fn extend(&mut self, other: &InFlight) {
+        self.ids.extend_from_slice(&other.ids);
+        self.held_keys.extend_from_slice(&other.held_keys);
     }
 }
 
