@@ -5,7 +5,9 @@
 
 results.json (written by debezium-bench, producer-bench, e2e-bench) holds:
   section, title, cores, unit, throughput: [{name, value}], latency_title,
-  latency: [{system, offered, achieved, events, p50, p99, max}], counts: [...], goals: [{goal, met, measured}]
+  latency: [{system, offered, achieved, events, p50, p99, max, and optionally warm_up_events,
+  p99_with_warm_up and timeline: [[seconds from the warm-up's end, p50, p99, max, events], ...]}],
+  counts: [...], goals: [{goal, met, measured}]
 VERSIONS (a line such as "PostgreSQL 15.18, Kafka 4.1.1") goes under the title and on the plots.
 The plots need matplotlib; without it only table.md is written.
 """
@@ -42,12 +44,17 @@ def table(result, versions):
         rows += [[t["name"], t["value"]] for t in result.get("ratios", [])]
         lines += markdown_table([("throughput", "---"), (unit, number)], rows)
     if result.get("latency"):
+        warmed = any("p99_with_warm_up" in r for r in result["latency"])
+        headings = ["offered/s", "achieved/s", "events", "failed writes", "p50 ms", "p99 ms", "max ms"]
+        if warmed:
+            headings += ["warm-up events", "p99 ms with them"]
         columns = [(result.get("latency_title", "latency"), "---")] + [
-            (heading, number) for heading in
-            ["offered/s", "achieved/s", "events", "failed writes", "p50 ms", "p99 ms", "max ms"]]
+            (heading, number) for heading in headings]
         rows = [[r["system"], fmt(r["offered"]), fmt(r.get("achieved")), fmt(r.get("events")),
                  fmt(r.get("failed_writes", 0)), fmt(r["p50"], 1), fmt(r["p99"], 1),
-                 fmt(r.get("max"), 1)] for r in result["latency"]]
+                 fmt(r.get("max"), 1)]
+                + ([fmt(r.get("warm_up_events")), fmt(r.get("p99_with_warm_up"), 1)] if warmed else [])
+                for r in result["latency"]]
         lines += markdown_table(columns, rows)
     if result.get("counts"):
         columns = [("counted back", "---")] + [
@@ -118,6 +125,38 @@ def plots(result, versions, folder):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, ax, result.get("latency_title", "latency"), "latency.png")
+    timed = [r for r in result.get("latency", []) if r.get("timeline")]
+    if timed:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+        rates = sorted({r["offered"] for r in timed})
+        systems = []
+        for r in timed:
+            if r["system"] not in systems:
+                systems.append(r["system"])
+        fig, axes = plt.subplots(len(rates), 1, figsize=(9, 2.3 * len(rates) + 0.8), sharex=True,
+                                 squeeze=False)
+        for ax, rate in zip(axes[:, 0], rates):
+            for i, system in enumerate(systems):
+                for r in timed:
+                    if r["system"] == system and r["offered"] == rate:
+                        # The last window holds the few commits after the last full one.
+                        full = [w for w in r["timeline"] if len(w) < 5 or w[4] >= 10]
+                        t = [w[0] for w in full]
+                        ax.plot(t, [w[2] for w in full], "-", color=f"C{i}", lw=1.2,
+                                label=f"{system} p99")
+                        ax.plot(t, [w[3] for w in full], ":", color=f"C{i}", lw=0.8,
+                                label=f"{system} max")
+            ax.axvspan(min(min(w[0] for w in r["timeline"]) for r in timed), 0, color="#ddd",
+                       alpha=0.6, lw=0)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel(f"{rate:,}/s, ms", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0, 0].legend(fontsize=7, ncol=2 * len(systems), loc="upper right")
+        axes[-1, 0].set_xlabel("seconds after the warm-up (shaded: warm-up, not in the table's p50/p99/max)")
+        save(fig, axes[0, 0], "commit to record, per 250 ms of commits", "timeline.png")
     return written
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): each puts the product next to a limit or a peer measured in the same run
 # on this machine, prints a Markdown table and, for the sections below marked [plots], writes
-# results.json, table.md, throughput.png and latency.png (with the core count and the versions) to
-# bench-results/<section>/<UTC time>/ (ignored by git) and copies them to docs/bench/<section>/.
+# results.json, table.md, throughput.png and latency.png (debezium also timeline.png; with the
+# core count and the versions) to bench-results/<section>/<UTC time>/ (ignored by git) and copies
+# them to docs/bench/<section>/.
 #
 #   scripts/bench.sh                    relay and consumer
 #   scripts/bench.sh relay [args]       relay-bench (e.g. --events 500000 --rate 1000)
@@ -12,7 +13,9 @@
 #                                       same PostgreSQL, same broker, one run:
 #                                       warm-up + measured drain of --events N (200000) for each,
 #                                       commit-to-record latency at --rates (500,1000,2000,10000) for
-#                                       --duration (10s) each, raw produce ceiling, every event
+#                                       --duration (10s) each after a --warm-up (2s) at that
+#                                       rate (counted back, left out of p50/p99/max, shown in
+#                                       timeline.png), raw produce ceiling, every event
 #                                       counted back. Also --payload-bytes, --partitions (6),
 #                                       --keys, --timeout; --set-wal-level (see below).
 #                                       BENCH_RELAY_LOG=warn,relay::publish=debug logs the

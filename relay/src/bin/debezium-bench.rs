@@ -11,9 +11,12 @@
 //!
 //! Both systems are timed by Kafka itself: the bench topics stamp each record with the broker's
 //! append time (`message.timestamp.type=LogAppendTime`), compared with the writer's clock after
-//! its commit returned (one machine, one clock).
+//! its commit returned (one machine, one clock). Each rate is offered for `--warm-up` before its
+//! `--duration` is measured; the warm-up's events are counted back too, and the p99 with them is
+//! reported beside the measured one, with a timeline of the whole run (`timeline` in
+//! results.json, `timeline.png`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +49,11 @@ struct Args {
     /// How long each latency measurement offers its rate.
     #[arg(long, default_value = "10s", value_parser = outbox_core::config::parse_duration)]
     duration: Duration,
+    /// How long each latency measurement offers its rate before `--duration` starts: its events
+    /// are counted back like the others, but left out of p50, p99 and max (the table still shows
+    /// the p99 with them, and timeline.png the whole run).
+    #[arg(long, default_value = "2s", value_parser = outbox_core::config::parse_duration)]
+    warm_up: Duration,
     /// The Kafka Connect worker's REST API.
     #[arg(long, default_value = "http://127.0.0.1:18089")]
     connect_url: String,
@@ -305,6 +313,43 @@ fn drain_seconds(expected: &HashMap<String, i64>, got: &Readback) -> f64 {
     let (first, last) = (times().min().unwrap_or(0), times().max().unwrap_or(0));
     // Append times have millisecond resolution.
     ((last - first).max(1)) as f64 / 1000.0
+}
+
+/// The width of one window of a latency run's timeline.
+const TIMELINE_WINDOW_MS: i64 = 250;
+
+/// A latency run over time, warm-up included: for each window of commits from the first, its
+/// start in seconds from the end of the warm-up (negative during it), its p50, p99 and max, and
+/// how many events it holds.
+fn timeline(committed_us: &HashMap<String, i64>, got: &Readback, warm_up: Duration) -> Value {
+    let Some(first) = committed_us.values().min() else {
+        return json!([]);
+    };
+    let mut windows: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for (id, at_us) in committed_us {
+        if let Some(seen) = got.seen.get(id) {
+            let window = (at_us - first) / 1000 / TIMELINE_WINDOW_MS;
+            windows
+                .entry(window)
+                .or_default()
+                .push(latency_ms(seen, *at_us));
+        }
+    }
+    let warm_up_ms = warm_up.as_millis() as f64;
+    windows
+        .into_iter()
+        .map(|(window, mut lat)| {
+            lat.sort_by(f64::total_cmp);
+            let at_s = ((window * TIMELINE_WINDOW_MS) as f64 - warm_up_ms) / 1000.0;
+            json!([
+                at_s,
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99),
+                percentile(&lat, 1.0),
+                lat.len()
+            ])
+        })
+        .collect()
 }
 
 /// An event's append time minus its commit time, in ms.
@@ -743,23 +788,36 @@ async fn latency(
         Duration::from_secs(60),
     )
     .await?;
-    progress(&format!("{}: latency at {rate} events/s", system.name()));
-    let (writes, achieved) = open_loop(rate, args.duration, |i| {
+    progress(&format!(
+        "{}: latency at {rate} events/s ({:?} warm-up, then {:?} measured)",
+        system.name(),
+        args.warm_up,
+        args.duration
+    ));
+    // The first hundred milliseconds or so of a rate are slow for reasons of their own (a topic
+    // just made, the broker's first appends to its partitions, the writers' first burst), and at
+    // 500/s for 10 s they are the whole p99; what is compared is the steady state after them.
+    let warming = (rate as f64 * args.warm_up.as_secs_f64()) as u64;
+    let (writes, achieved) = open_loop(rate, args.warm_up + args.duration, |i| {
         let (pool, content, topic) = (db.pool.clone(), content.clone(), topic.clone());
         let key = format!("lat-{}", i % load.keys as u64);
         async move {
             let id = write_one(system, &pool, &topic, &key, &content).await?;
-            anyhow::Ok((id, Utc::now().timestamp_micros()))
+            anyhow::Ok((id, Utc::now().timestamp_micros(), i < warming))
         }
     })
     .await?;
     // A write that failed (say, no pooled connection in time on a loaded machine) committed
     // nothing: it is counted, and not expected back.
     let mut committed = HashMap::with_capacity(writes.len());
+    let mut measured = HashMap::with_capacity(writes.len());
     let mut failed = 0u64;
     for w in writes {
         match w {
-            Ok((id, at)) => {
+            Ok((id, at, warming)) => {
+                if !warming {
+                    measured.insert(id.clone(), at);
+                }
                 committed.insert(id, at);
             }
             Err(e) => {
@@ -781,12 +839,15 @@ async fn latency(
     let mut count = Count::of(&format!("{} at {rate}/s", system.name()), &committed, &got);
     // The warm-up events are expected too, not unexpected ones.
     count.unexpected = count.unexpected.saturating_sub(warm_up);
-    let lat = latencies(&committed, &got);
-    let slowest = slowest(system, db, &committed, &got).await?;
+    let lat = latencies(&measured, &got);
+    let with_warm_up = latencies(&committed, &got);
+    let slowest = slowest(system, db, &measured, &got).await?;
     let row = json!({
         "system": system.name(), "offered": rate, "achieved": achieved.round(),
-        "events": committed.len(), "failed_writes": failed, "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
-        "max": percentile(&lat, 1.0), "slowest": slowest,
+        "events": measured.len(), "warm_up_events": committed.len() - measured.len(),
+        "failed_writes": failed, "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
+        "max": percentile(&lat, 1.0), "p99_with_warm_up": percentile(&with_warm_up, 0.99),
+        "timeline": timeline(&committed, &got, args.warm_up), "slowest": slowest,
     });
     progress(&format!(
         "{}: at {rate}/s (achieved {achieved:.0}/s) p50 {:.1} ms, p99 {:.1} ms",
