@@ -44,7 +44,11 @@ mkdir -p target/examples
 export EXAMPLE_ORDERS_BIN=$ROOT/target/examples/orders
 
 log "running the test suite"
-cargo test --workspace "$@"
+# The whole suite also builds the benchmark binaries (and runs their unit tests), so that a
+# change they depend on cannot break them unseen: `scripts/bench.sh` is not part of CI.
+features=()
+if [ $# -eq 0 ]; then features=(--features relay/bench); fi
+cargo test --workspace "${features[@]}" "$@"
 
 # Only for a whole-suite run: `scripts/test.sh -p relay` is about one crate.
 if [ $# -eq 0 ]; then

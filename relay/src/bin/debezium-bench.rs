@@ -1119,3 +1119,61 @@ async fn clean_up(brokers: &str, db: TestDb) {
     }
     db.drop_now().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event committed at `at_ms` (ms after the epoch) and appended `latency_ms` later.
+    fn event(
+        got: &mut Readback,
+        committed: &mut HashMap<String, i64>,
+        at_ms: i64,
+        latency_ms: i64,
+    ) {
+        let id = format!("evt_{}", committed.len());
+        committed.insert(id.clone(), at_ms * 1000);
+        got.seen.insert(
+            id,
+            Seen {
+                times: 1,
+                append_ms: at_ms + latency_ms,
+                partition: 0,
+                offset: 0,
+            },
+        );
+    }
+
+    #[test]
+    fn the_timeline_has_a_window_per_250_ms_of_commits_from_the_first_counted_from_the_warm_up_s_end(
+    ) {
+        let mut got = Readback {
+            seen: HashMap::new(),
+            records: 0,
+            bytes: 0,
+        };
+        let mut committed = HashMap::new();
+        // The first window: latencies 1..=100 ms; the third (500-749 ms): one of 7 ms. None in
+        // the second, and one committed but never read back.
+        for i in 0..100 {
+            event(&mut got, &mut committed, 1_000 + i, i + 1);
+        }
+        event(&mut got, &mut committed, 1_600, 7);
+        committed.insert("evt_lost".into(), 1_700_000);
+        let windows = timeline(&committed, &got, Duration::from_millis(500));
+        let windows = windows.as_array().unwrap();
+        assert_eq!(windows.len(), 2, "{windows:?}");
+        assert_eq!(windows[0], json!([-0.5, 51.0, 99.0, 100.0, 100]));
+        assert_eq!(windows[1], json!([0.0, 7.0, 7.0, 7.0, 1]));
+    }
+
+    #[test]
+    fn an_empty_run_has_an_empty_timeline() {
+        let got = Readback {
+            seen: HashMap::new(),
+            records: 0,
+            bytes: 0,
+        };
+        assert_eq!(timeline(&HashMap::new(), &got, Duration::ZERO), json!([]));
+    }
+}
