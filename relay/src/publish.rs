@@ -380,7 +380,13 @@ struct Claimed {
     solo: bool,
     /// Claimed from `unsent` (a retry, or a row held back earlier), not from the cursor.
     retried: bool,
+    /// Enqueued as soon as it was claimed, during the sends of the batch before (see
+    /// [`send_early`]).
+    early: Option<Enqueued>,
 }
+
+/// A record handed to the producer: its delivery report to come, or why it was refused.
+type Enqueued = Result<rdkafka::producer::DeliveryFuture, KafkaError>;
 
 /// A row the cursor passed that waits in `unsent` behind an older unsent row of its key.
 struct HeldBack {
@@ -396,6 +402,41 @@ struct Batch {
     /// The rows the cursor passed (sent, held back, or skipped), and the unsent rows claimed.
     handled: usize,
     cursor: Cursor,
+    /// Its spans, when they were made before its first records were enqueued ([`send_early`]).
+    spans: Option<(tracing::Span, Vec<tracing::Span>)>,
+}
+
+impl Batch {
+    /// Holds back what this batch, claimed while the batch before was sent, carries of the keys
+    /// whose rows that batch failed (`failed_keys`, the ones turned X), as a claim made after
+    /// those failures were written would have: a row from the cursor is held back (it waits in
+    /// `unsent`), a row claimed from `unsent` is left there for a later claim. None of these rows
+    /// was sent early: their keys were in flight.
+    fn hold_behind(&mut self, failed_keys: &HashSet<&str>) {
+        if failed_keys.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut self.rows);
+        for row in rows {
+            if !failed_keys.contains(row.key.as_str()) {
+                self.rows.push(row);
+                continue;
+            }
+            debug_assert!(
+                row.early.is_none(),
+                "a row of a key in flight was sent early"
+            );
+            if row.retried {
+                self.handled -= 1;
+            } else {
+                self.held.push(HeldBack {
+                    id: row.id,
+                    created_at: row.created_at,
+                    key: row.key,
+                });
+            }
+        }
+    }
 }
 
 /// Errors that will not go away by waiting: the row counts towards `RELAY_MAX_ATTEMPTS` and then
@@ -652,10 +693,11 @@ impl Publisher {
     ///
     /// The next batch is claimed while this one's acknowledgements arrive (from the cursor this
     /// batch's marks will commit, without the rows in flight). When the whole batch was
-    /// acknowledged, its marks are written in the background while that next batch is sent. It is
-    /// only sent after every row before it is in Kafka, so per-key order holds as in a sequential
-    /// loop. A batch with a failure drops the claim made meanwhile and is marked before anything
-    /// else is claimed, so that its keys hold back.
+    /// acknowledged, its marks are written in the background while that next batch is sent. Its
+    /// rows of keys this batch has no row of are sent as soon as they are claimed; the others
+    /// only once every row before them is in Kafka, so per-key order holds as in a sequential
+    /// loop. A batch with a failure is marked before the next batch is sent, and that batch then
+    /// holds back the failed rows' keys.
     async fn publish_batch(
         &self,
         pipeline: &mut Pipeline,
@@ -680,6 +722,7 @@ impl Publisher {
             held,
             handled,
             cursor,
+            spans,
         } = batch;
         if !rows.is_empty() {
             self.metrics.batch_size.observe(rows.len() as f64);
@@ -700,42 +743,50 @@ impl Publisher {
         }
         let producer = self.producer();
         let mut rows = rows;
-        let (span, per_event) = batch_spans(&mut rows);
-        let send = self
-            .send_in_order(&producer, &rows)
-            .instrument(span.clone());
+        let (span, per_event) = spans.unwrap_or_else(|| batch_spans(&mut rows));
+        let this_batch = InFlight::of(&rows, &held);
+        let busy_keys: HashSet<String> = rows.iter().map(|r| r.key.clone()).collect();
+        let solo = rows.iter().any(|r| r.solo);
+        let nothing_to_send = rows.is_empty();
+        let send = Self::send_in_order(&producer, &mut rows).instrument(span.clone());
         // The next batch is claimed while this one's acknowledgements arrive, as if all of them
         // will be good (its claim skips every row of this batch): waiting for them first made
         // the claim a third of each cycle under load (measured at 2,000/s: acknowledgements
-        // p50 8-38 ms, the claim after them 5-8 ms). It is only a read; if a row fails, the
-        // claim is dropped and made again once the failure is written, so that the failed row's
-        // key holds back. A batch with a `solo` row is sent alone (a failure is likely).
+        // p50 8-38 ms, the claim after them 5-8 ms). Its rows of keys this batch has no row of
+        // are sent at once ([`send_early`]). If a row here fails, the failure is written first
+        // and the next batch then holds back the failed row's key ([`Batch::hold_behind`]). A
+        // batch with a `solo` row is sent alone (a failure is likely).
         let before_claim = pipeline.reading;
-        let this_batch = InFlight::of(&rows, &held);
-        let (outcomes, claimed_meanwhile, claim_ahead_ms) =
-            if rows.is_empty() || rows.iter().any(|r| r.solo) {
-                (send.await, None, 0.0)
-            } else {
-                let mut in_flight = pipeline.unmarked();
-                in_flight.extend(&this_batch);
-                // A task of its own, so that reading its rows can run on the other core while
-                // this one enqueues (its statements go out first: see `ENQUEUE_SLICE`).
-                let claimer = self.claimer.clone();
-                let mut reading = pipeline.reading;
-                let claim = tokio::spawn(async move {
-                    let started = std::time::Instant::now();
-                    let claimed = claimer.claim(&mut reading, &in_flight).await;
-                    (claimed, reading, started.elapsed().as_secs_f64() * 1000.0)
-                });
-                let outcomes = send.await;
-                match claim.await {
-                    Ok((claimed, reading, ahead_ms)) => {
-                        pipeline.reading = reading;
-                        (outcomes, Some(claimed), ahead_ms)
-                    }
-                    Err(_) => (outcomes, Some(Err(BatchError::ClaimAbandoned)), 0.0),
+        let (outcomes, claimed_meanwhile, claim_ahead_ms, sent_early) = if nothing_to_send || solo {
+            (send.await, None, 0.0, 0)
+        } else {
+            let mut in_flight = pipeline.unmarked();
+            in_flight.extend(&this_batch);
+            // A task of its own, so that reading its rows can run on the other core while
+            // this one enqueues (its statements go out first: see `ENQUEUE_SLICE`).
+            let claimer = self.claimer.clone();
+            let mut reading = pipeline.reading;
+            let producer = producer.clone();
+            let known_topics = self.known_topics.lock().expect("topics lock").clone();
+            let claim = tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let mut claimed = claimer.claim(&mut reading, &in_flight).await;
+                let ahead_ms = started.elapsed().as_secs_f64() * 1000.0;
+                let sent_early = match claimed.as_mut() {
+                    Ok(next) => send_early(next, &producer, &known_topics, &busy_keys).await,
+                    Err(_) => 0,
+                };
+                (claimed, reading, ahead_ms, sent_early)
+            });
+            let outcomes = send.await;
+            match claim.await {
+                Ok((claimed, reading, ahead_ms, sent_early)) => {
+                    pipeline.reading = reading;
+                    (outcomes, Some(claimed), ahead_ms, sent_early)
                 }
-            };
+                Err(_) => (outcomes, Some(Err(BatchError::ClaimAbandoned)), 0.0, 0),
+            }
+        };
         span.record("sent", outcomes.iter().filter(|o| o.is_ok()).count());
         drop(per_event);
         let mut sent = Sent::default();
@@ -827,9 +878,23 @@ impl Publisher {
             pipeline.next = Some(next);
             tracing::debug!(sent = rows.len(), "batch published");
         } else {
-            pipeline.reading = before_claim;
             pipeline.settle().await?;
+            // Written before the next batch is sent (or anything else claimed), so that its
+            // failed keys hold back there.
             marks.write().await?;
+            match claimed_meanwhile {
+                Some(Ok(mut next)) => {
+                    let retry = OutboxState::Retry.code();
+                    let failed_keys: HashSet<&str> = (marks.failed.keys.iter())
+                        .zip(&marks.failed.states)
+                        .filter(|(_, state)| *state == retry)
+                        .map(|(key, _)| key.as_str())
+                        .collect();
+                    next.hold_behind(&failed_keys);
+                    pipeline.next = Some(next);
+                }
+                _ => pipeline.reading = before_claim,
+            }
             if let Some(first_error) = marks.failed.errors.first() {
                 tracing::warn!(sent = marks.sent.ids.len(), failed = marks.failed.ids.len(), %first_error, "batch partly failed; failed rows turned X (or D)");
             }
@@ -839,6 +904,7 @@ impl Publisher {
             claim_ms,
             send_ms,
             claim_ahead_ms,
+            sent_early,
             next_claim_ms = mark_started.elapsed().as_secs_f64() * 1000.0,
             "batch timing"
         );
@@ -850,19 +916,20 @@ impl Publisher {
     /// alone: everything before them is acknowledged first, and they are acknowledged before
     /// anything after them is sent, so per-key order holds around them too.
     async fn send_in_order(
-        &self,
         producer: &FutureProducer,
-        rows: &[Claimed],
+        rows: &mut [Claimed],
     ) -> Vec<Result<(i32, i64), KafkaError>> {
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut pending = Vec::new();
         for row in rows {
-            if row.solo {
+            if let Some(enqueued) = row.early.take() {
+                pending.push(enqueued);
+            } else if row.solo {
                 outcomes.extend(Self::acknowledged(std::mem::take(&mut pending)).await);
-                let alone = vec![self.enqueue(producer, row).await];
+                let alone = vec![enqueue(producer, row).await];
                 outcomes.extend(Self::acknowledged(alone).await);
             } else {
-                pending.push(self.enqueue(producer, row).await);
+                pending.push(enqueue(producer, row).await);
                 if pending.len() % ENQUEUE_SLICE == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -872,9 +939,7 @@ impl Publisher {
         outcomes
     }
 
-    async fn acknowledged(
-        pending: Vec<Result<rdkafka::producer::DeliveryFuture, KafkaError>>,
-    ) -> Vec<Result<(i32, i64), KafkaError>> {
+    async fn acknowledged(pending: Vec<Enqueued>) -> Vec<Result<(i32, i64), KafkaError>> {
         let mut outcomes = Vec::with_capacity(pending.len());
         for delivery in pending {
             outcomes.push(match delivery {
@@ -887,59 +952,6 @@ impl Publisher {
             });
         }
         outcomes
-    }
-
-    async fn enqueue(
-        &self,
-        producer: &FutureProducer,
-        row: &Claimed,
-    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
-        let Some(payload) = &row.payload else {
-            return Err(KafkaError::MessageProduction(
-                RDKafkaErrorCode::InvalidMessage,
-            ));
-        };
-        // The contract's three headers first (absent ones empty, as before), then whatever else
-        // the publisher gave (outbox.publish's `headers`).
-        let header = |name: &str| {
-            row.headers
-                .get(name)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-        };
-        let mut headers = OwnedHeaders::new_with_capacity(3);
-        for name in [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_CORRELATION_ID] {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(header(name)),
-            });
-        }
-        if let Some(extra) = row.headers.as_object() {
-            for (name, value) in extra {
-                let contract = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_CORRELATION_ID];
-                if let (false, Some(value)) = (contract.contains(&name.as_str()), value.as_str()) {
-                    headers = headers.insert(Header {
-                        key: name,
-                        value: Some(value),
-                    });
-                }
-            }
-        }
-        let mut record = FutureRecord::to(&row.topic)
-            .key(&row.key)
-            .payload(payload)
-            .headers(headers);
-        loop {
-            match producer.send_result(record) {
-                Ok(future) => return Ok(future),
-                // librdkafka's local queue is full: wait for deliveries to drain it.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((error, _)) => return Err(error),
-            }
-        }
     }
 
     /// A fatal idempotent-producer error poisons the instance: drop it and start a new one. The
@@ -958,6 +970,94 @@ impl Publisher {
             }
         }
     }
+}
+
+async fn enqueue(producer: &FutureProducer, row: &Claimed) -> Enqueued {
+    let Some(payload) = &row.payload else {
+        return Err(KafkaError::MessageProduction(
+            RDKafkaErrorCode::InvalidMessage,
+        ));
+    };
+    // The contract's three headers first (absent ones empty, as before), then whatever else
+    // the publisher gave (outbox.publish's `headers`).
+    let header = |name: &str| {
+        row.headers
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    let mut headers = OwnedHeaders::new_with_capacity(3);
+    for name in [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_CORRELATION_ID] {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(header(name)),
+        });
+    }
+    if let Some(extra) = row.headers.as_object() {
+        for (name, value) in extra {
+            let contract = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_CORRELATION_ID];
+            if let (false, Some(value)) = (contract.contains(&name.as_str()), value.as_str()) {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+        }
+    }
+    let mut record = FutureRecord::to(&row.topic)
+        .key(&row.key)
+        .payload(payload)
+        .headers(headers);
+    loop {
+        match producer.send_result(record) {
+            Ok(future) => return Ok(future),
+            // librdkafka's local queue is full: wait for deliveries to drain it.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
+}
+
+/// Enqueues what a batch claimed during the sends of the batch before may send at once: the
+/// rows of every key that batch has no row of (`busy_keys`). The rest waits for the batch before
+/// to be acknowledged, as before: each key's rows still reach Kafka in id order, and a failure
+/// there still holds its key back ([`Batch::hold_behind`]). Returns how many were enqueued.
+///
+/// Waiting for the batch before made an event wait for up to two acknowledgements: its batch
+/// was claimed during one and sent after it. Nothing is sent early from a batch with a `solo`
+/// row (sent alone, after everything before it), or with a topic not known to exist yet.
+async fn send_early(
+    batch: &mut Batch,
+    producer: &FutureProducer,
+    known_topics: &HashSet<String>,
+    busy_keys: &HashSet<String>,
+) -> usize {
+    let rows = &mut batch.rows;
+    let early = |r: &Claimed| !busy_keys.contains(&r.key);
+    if !rows.iter().any(early)
+        || rows
+            .iter()
+            .any(|r| r.solo || !known_topics.contains(&r.topic))
+    {
+        return 0;
+    }
+    // Before the first send: the spans rewrite each event's `traceparent`.
+    let (span, per_event) = batch_spans(rows);
+    let mut sent = 0;
+    for (i, row) in rows.iter_mut().enumerate() {
+        if early(row) {
+            row.early = Some(enqueue(producer, row).instrument(span.clone()).await);
+            sent += 1;
+            if i % ENQUEUE_SLICE == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    batch.spans = Some((span, per_event));
+    sent
 }
 
 /// Reads the next batch; cloned into the task that claims during a batch's sends.
@@ -1012,6 +1112,7 @@ impl Claimer {
                 created_at: r.get(6),
                 solo: r.get::<_, Option<bool>>(7).unwrap_or(false),
                 retried: true,
+                early: None,
             })
             .collect();
         let mut handled = rows.len();
@@ -1062,6 +1163,7 @@ impl Claimer {
                     created_at: r.get(5),
                     solo: false,
                     retried: false,
+                    early: None,
                 }),
             }
         }
@@ -1074,6 +1176,7 @@ impl Claimer {
             held,
             handled,
             cursor: next,
+            spans: None,
         })
     }
 }
@@ -1419,5 +1522,60 @@ mod tests {
                 assert_eq!(next.id_done, id_done, "{e:?}");
             }
         }
+    }
+
+    fn claimed(id: i64, key: &str, retried: bool) -> Claimed {
+        Claimed {
+            id,
+            topic: "orders".into(),
+            key: key.into(),
+            payload: Some("{}".into()),
+            headers: Value::Null,
+            attempts: 0,
+            created_at: Utc::now(),
+            solo: false,
+            retried,
+            early: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_claimed_during_a_failed_one_holds_back_the_failed_keys_and_leaves_their_unsent_rows()
+    {
+        let mut batch = Batch {
+            rows: vec![
+                claimed(3, "a", true),
+                claimed(10, "a", false),
+                claimed(11, "b", false),
+                claimed(12, "a", false),
+                claimed(13, "c", false),
+            ],
+            held: vec![],
+            handled: 5,
+            cursor: cursor(),
+            spans: None,
+        };
+        batch.hold_behind(&HashSet::from(["a", "c"]));
+        let sent: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+        let held: Vec<(i64, &str)> = batch.held.iter().map(|h| (h.id, h.key.as_str())).collect();
+        assert_eq!(sent, [11]);
+        assert_eq!(held, [(10, "a"), (12, "a"), (13, "c")]);
+        // The unsent row stays in `unsent` for a later claim: not handled by this batch.
+        assert_eq!(batch.handled, 4);
+    }
+
+    #[test]
+    fn a_batch_claimed_during_a_good_one_is_unchanged() {
+        let mut batch = Batch {
+            rows: vec![claimed(3, "a", true), claimed(10, "b", false)],
+            held: vec![],
+            handled: 2,
+            cursor: cursor(),
+            spans: None,
+        };
+        batch.hold_behind(&HashSet::new());
+        assert_eq!(batch.rows.len(), 2);
+        assert!(batch.held.is_empty());
+        assert_eq!(batch.handled, 2);
     }
 }
