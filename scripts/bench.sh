@@ -28,6 +28,8 @@
 #                                       own transaction (--clients 32); goal: at least 80 %
 #   scripts/bench.sh e2e [args]         [plots] POST /messages → webhook received at the
 #                                       notifier, p50/p99 at --rates (500,2000) for --duration (10s)
+#                                       each after a --warm-up (2s) at that rate (counted back,
+#                                       left out of p50/p99/max and the stages)
 #   scripts/bench.sh --help             this text
 #
 # debezium fetches Kafka Connect 4.1.1 (connect-runtime, -json, -transforms) and Debezium
@@ -184,7 +186,10 @@ rootLogger.level = WARN
 rootLogger.appenderRef.file.ref = file
 EOF
   log "starting Kafka Connect $KAFKA_VERSION standalone on :$CONNECT_PORT (log: $CONNECT_DIR/connect.log)"
-  java -Xms256m -Xmx1g -XX:+UseG1GC -Dlog4j2.configurationFile="$CONNECT_DIR/log4j2.properties" \
+  # The JVM options of Kafka's own connect-standalone.sh (as the broker's in scripts/stack.sh).
+  java -Xms256m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+    -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$CONNECT_DIR/log4j2.properties" \
     -cp "$CONNECT_HOME/libs/*" org.apache.kafka.connect.cli.ConnectStandalone \
     "$CONNECT_DIR/worker.properties" >"$CONNECT_DIR/connect.out" 2>&1 &
   CONNECT_PID=$!
